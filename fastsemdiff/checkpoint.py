@@ -1,0 +1,165 @@
+"""Sharded, resumable training checkpoints with torch.distributed.checkpoint (DCP).
+
+Each checkpoint is a folder ``checkpoints/step_NNNNNNN`` written first under a temporary name and
+renamed once every rank has finished, so an interrupted save never replaces a good checkpoint.
+DCP's stock reader unpickles its metadata and non-tensor items; the reader and planner here only
+accept DCP's own metadata classes and load items with ``weights_only=True``.
+"""
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from .config import Config
+from .errors import CheckpointError
+
+META_FILE = "meta.json"
+# Config keys that change parameter shapes or meaning: a checkpoint only resumes into the same values.
+ARCH_KEYS = ("model.preset", "model.patch_size", "model.hidden_size", "model.depth", "model.num_heads",
+             "model.mlp_ratio", "model.qk_norm", "model.cond_merge", "encoder.time_conditioned", "encoder.depth",
+             "encoder.dim", "encoder.regularizer", "data.image_size", "data.channels")
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles DCP metadata only: its dataclasses, torch sizes/dtypes and plain containers."""
+
+    _builtins = {"set", "frozenset", "dict", "list", "tuple", "int", "float", "str", "bytes", "bool", "slice"}
+    _allowed = {("collections", "OrderedDict"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
+                ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath")}
+
+    def find_class(self, module: str, name: str):
+        if module.startswith("torch.distributed.checkpoint") or (module == "builtins" and name in self._builtins):
+            return super().find_class(module, name)
+        if (module, name) in self._allowed:
+            return super().find_class(module, name)
+        if module == "torch":
+            obj = getattr(torch, name, None)
+            if name == "Size" or isinstance(obj, (torch.dtype, torch.layout, torch.memory_format)):
+                return obj
+        raise pickle.UnpicklingError(f"checkpoint metadata refers to {module}.{name}, which is not allowed")
+
+
+class SafeReader(FileSystemReader):
+    def read_metadata(self, *args: Any, **kwargs: Any):
+        path = self._get_metadata_path(kwargs.get("rank"))
+        with self.fs.create_stream(path, "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+        if getattr(metadata, "storage_meta", None) is None:
+            from torch.distributed.checkpoint.metadata import StorageMeta
+
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class SafePlanner(DefaultLoadPlanner):
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        obj = torch.load(value, weights_only=True)
+        if self.flatten_state_dict:
+            from torch.distributed.checkpoint._nested_dict import set_element  # noqa: PLC0415
+
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = obj
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def checkpoint_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temporary folders of interrupted saves are ignored)."""
+    root = checkpoint_dir(run_dir)
+    if not root.is_dir():
+        return []
+    done = [p for p in root.glob("step_*") if (p / META_FILE).is_file()]
+    return sorted(done, key=lambda p: int(p.name.split("_")[1]))
+
+
+def latest_checkpoint(run_dir: Path) -> Optional[Path]:
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def _state(model, optimizer, ema: dict[str, torch.Tensor]) -> dict[str, Any]:
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    return {"model": model_sd, "optim": optim_sd, "ema": ema}
+
+
+def save_checkpoint(run_dir: Path, step: int, model, optimizer, ema: dict[str, torch.Tensor], cfg: Config,
+                    keep_last: int) -> Path:
+    """Collective: every rank calls it. Returns the final folder."""
+    root = checkpoint_dir(run_dir)
+    final = root / f"step_{step:07d}"
+    tmp = root / f".tmp_step_{step:07d}"
+    if _rank() == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    _barrier()
+    dcp.save(_state(model, optimizer, ema), checkpoint_id=str(tmp))
+    _barrier()
+    if _rank() == 0:
+        (tmp / META_FILE).write_text(json.dumps({"step": step, "config": cfg.to_dict()}, indent=2))
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        for old in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def _get(d: dict, dotted: str):
+    section, key = dotted.split(".")
+    return d.get(section, {}).get(key)
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads((Path(path) / META_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"checkpoint {path} has no readable {META_FILE} (corrupt or incomplete): {e}") from None
+
+
+def check_compatible(meta: dict[str, Any], cfg: Config, path: Path) -> None:
+    now = cfg.to_dict()
+    diffs = [f"{k}: checkpoint {_get(meta['config'], k)!r} vs now {_get(now, k)!r}"
+             for k in ARCH_KEYS if _get(meta["config"], k) != _get(now, k)]
+    if diffs:
+        raise CheckpointError(
+            f"checkpoint {path} is from a different model config ({'; '.join(diffs)}); resume with the "
+            "run's own config.yaml, or start a new run_dir"
+        )
+
+
+def load_checkpoint(path: Path, model, optimizer, ema: dict[str, torch.Tensor], cfg: Config) -> int:
+    """Collective: restore model, optimizer and EMA in place from ``path``; returns the step."""
+    meta = read_meta(path)
+    check_compatible(meta, cfg, path)
+    state = _state(model, optimizer, ema)
+    try:
+        dcp.load(state, storage_reader=SafeReader(str(path)), planner=SafePlanner())
+    except Exception as e:  # DCP wraps per-rank failures in its own exception types
+        raise CheckpointError(f"checkpoint {path} could not be read (corrupt or incomplete?): "
+                              f"{str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__}") from None
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    return int(meta["step"])

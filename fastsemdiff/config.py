@@ -1,0 +1,250 @@
+"""Typed configuration: dataclasses, a YAML file and ``key=value`` overrides.
+
+Every key is checked against the dataclasses, so a typo fails at start with the list of valid keys
+instead of being silently ignored hours into a run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem the user can fix (unknown key, wrong type, bad value)."""
+
+
+# Preset name -> (hidden size, depth, heads). S..XL follow the DiT paper; tiny is sized for 2 CPU cores.
+PRESETS: dict[str, tuple[int, int, int]] = {
+    "tiny": (128, 4, 4),
+    "S": (384, 12, 6),
+    "B": (768, 12, 12),
+    "L": (1024, 24, 16),
+    "XL": (1152, 28, 16),
+}
+
+
+@dataclass
+class ModelConfig:
+    """The denoiser DiT and what it shares with the encoder (width, heads, patch size)."""
+
+    preset: str = "tiny"
+    patch_size: int = 7  # 28x28 Fashion-MNIST -> 16 tokens: the CPU default; use 2 or 4 on GPUs
+    hidden_size: Optional[int] = None  # None: from the preset
+    depth: Optional[int] = None
+    num_heads: Optional[int] = None
+    mlp_ratio: float = 4.0
+    qk_norm: bool = False
+    cond_merge: str = "add"  # add | concat: how Linear(z) joins the timestep embedding
+    z_dropout: float = 0.1  # probability of replacing z by the learned null vector
+    backend: str = "auto"  # auto | torch (fused backends arrive with the kernels)
+
+    def resolved(self) -> tuple[int, int, int]:
+        """(hidden, depth, heads) after applying the preset."""
+        if self.preset not in PRESETS:
+            raise ConfigError(f"model.preset={self.preset!r} is unknown; choose one of {sorted(PRESETS)}")
+        hidden, depth, heads = PRESETS[self.preset]
+        return (self.hidden_size or hidden, self.depth or depth, self.num_heads or heads)
+
+
+@dataclass
+class EncoderConfig:
+    """The timestep-dependent encoder E(x0, t) -> z in R^dim."""
+
+    input: str = "clean"  # clean: E(x0, t) | noisy: E(x_t, t)
+    time_conditioned: bool = True  # false: a diffae-style static code E(x0)
+    normalize: bool = True  # L2-normalise z (the "directional vector")
+    depth: Optional[int] = None  # None: half the denoiser's depth
+    dim: int = 128
+    regularizer: str = "none"  # none | l1 | kl
+    reg_weight: float = 1e-5
+
+
+@dataclass
+class DiffusionConfig:
+    schedule: str = "vp-cosine"  # vp-cosine | vp-linear | ve | flow
+    prediction: str = "eps"  # eps | v | x0 | velocity
+    lambda_cons: float = 0.1  # weight of the sequential-consistency term
+    cons_step: float = 0.05  # |t' - t| is drawn uniformly up to this
+
+
+@dataclass
+class DataConfig:
+    source: str = "fashion-mnist"  # fashion-mnist | folder
+    path: str = "/usr/share/datasets/fashion-mnist"
+    image_size: int = 28
+    channels: int = 1
+    hflip: bool = True
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = "runs/fmnist-tiny"
+    steps: int = 2000
+    batch_size: int = 256  # global, split over ranks
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
+    warmup_steps: int = 100
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    seed: int = 0
+    parallel: str = "auto"  # auto | fsdp | ddp | single
+    compile: str = "auto"  # auto (on for CUDA) | on | off
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
+    threads: int = 0  # torch intra-op threads on CPU; 0 keeps torch's default
+    log_every: int = 20
+    ckpt_every: int = 500
+    keep_last: int = 2
+    probe_every: int = 0  # quick kNN probe every N steps; 0 turns it off
+    resume: bool = False
+    progress: bool = True
+
+
+@dataclass
+class EvalConfig:
+    ts: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.5, 0.7])
+    batch_size: int = 1000
+    probe_epochs: int = 60
+    knn_k: int = 20
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    def validate(self) -> "Config":
+        choices = {
+            "model.cond_merge": (self.model.cond_merge, {"add", "concat"}),
+            "model.backend": (self.model.backend, {"auto", "torch"}),
+            "encoder.input": (self.encoder.input, {"clean", "noisy"}),
+            "encoder.regularizer": (self.encoder.regularizer, {"none", "l1", "kl"}),
+            "diffusion.schedule": (self.diffusion.schedule, {"vp-cosine", "vp-linear", "ve", "flow"}),
+            "diffusion.prediction": (self.diffusion.prediction, {"eps", "v", "x0", "velocity"}),
+            "data.source": (self.data.source, {"fashion-mnist", "folder"}),
+            "train.parallel": (self.train.parallel, {"auto", "fsdp", "ddp", "single"}),
+            "train.compile": (self.train.compile, {"auto", "on", "off"}),
+            "train.precision": (self.train.precision, {"auto", "bf16", "fp32"}),
+        }
+        for key, (value, allowed) in choices.items():
+            if value not in allowed:
+                raise ConfigError(f"{key}={value!r} is not valid; choose one of {sorted(allowed)}")
+        hidden, depth, heads = self.model.resolved()
+        if hidden % heads:
+            raise ConfigError(f"model hidden size {hidden} is not divisible by num_heads {heads}")
+        if self.data.image_size % self.model.patch_size:
+            raise ConfigError(
+                f"data.image_size={self.data.image_size} is not divisible by model.patch_size="
+                f"{self.model.patch_size}; choose a patch size that divides the image size"
+            )
+        if not 0.0 <= self.model.z_dropout < 1.0:
+            raise ConfigError(f"model.z_dropout={self.model.z_dropout} must be in [0, 1)")
+        if self.train.steps < 1 or self.train.batch_size < 1:
+            raise ConfigError("train.steps and train.batch_size must be positive")
+        if any(not 0.0 <= t <= 1.0 for t in self.eval.ts):
+            raise ConfigError(f"eval.ts={self.eval.ts} must lie in [0, 1] (0 = clean, 1 = pure noise)")
+        return self
+
+
+# Short aliases accepted on the command line.
+ALIASES = {"preset": "model.preset", "steps": "train.steps", "run_dir": "train.run_dir"}
+
+
+def valid_keys() -> list[str]:
+    return [f"{section}.{name}" for section, sub in _field_types(Config).items() for name in _field_types(sub)]
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(key: str, value: Any, typ: Any) -> Any:
+    """Check ``value`` against the annotation ``typ``; ints are accepted where floats are expected."""
+    origin = typing.get_origin(typ)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(typ) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(key, value, args[0])
+    if origin is list:
+        (inner,) = typing.get_args(typ)
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        return [_coerce(key, v, inner) for v in value]
+    if typ is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if typ is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)  # e.g. preset=S is fine, model.preset=1 reads as "1" and fails validation
+    if isinstance(value, typ) and not (typ is int and isinstance(value, bool)):
+        return value
+    raise ConfigError(f"{key}={value!r} has the wrong type: expected {getattr(typ, '__name__', typ)}")
+
+
+def _set(cfg: Config, key: str, value: Any) -> None:
+    key = ALIASES.get(key, key)
+    parts = key.split(".")
+    if len(parts) != 2:
+        raise ConfigError(f"unknown config key {key!r}; valid keys: {', '.join(valid_keys())}")
+    section, name = parts
+    hints = _field_types(Config)
+    if section not in hints or name not in _field_types(hints[section]):
+        raise ConfigError(f"unknown config key {key!r}; valid keys: {', '.join(valid_keys())}")
+    sub = getattr(cfg, section)
+    setattr(sub, name, _coerce(key, value, _field_types(type(sub))[name]))
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, prefix + k + "."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def from_dict(d: dict[str, Any]) -> Config:
+    cfg = Config()
+    for k, v in _flatten(d).items():
+        _set(cfg, k, v)
+    return cfg
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
+    """Defaults, then the YAML file, then ``key=value`` overrides (values parsed as YAML scalars)."""
+    cfg = Config()
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections to keys")
+        for k, v in _flatten(data).items():
+            _set(cfg, k, v)
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        k, v = item.split("=", 1)
+        _set(cfg, k.strip(), yaml.safe_load(v) if v.strip() else "")
+    return cfg.validate()

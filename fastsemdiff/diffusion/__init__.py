@@ -1,0 +1,7 @@
+"""Schedules, prediction targets and samplers."""
+from .predictions import PREDICTIONS, target, to_x0_eps
+from .samplers import ddim_sample, ode_sample, sample
+from .schedules import SCHEDULES, Schedule, get_schedule
+
+__all__ = ["PREDICTIONS", "target", "to_x0_eps", "ddim_sample", "ode_sample", "sample", "SCHEDULES",
+           "Schedule", "get_schedule"]

@@ -1,0 +1,75 @@
+"""The timestep-dependent encoder E(x, t) -> z: a ViT built from the denoiser's adaLN block."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..nn import DiTBlock, PatchEmbed, TimestepEmbedder
+from .dit import init_dit_weights
+
+
+class TimeEncoder(nn.Module):
+    """Patch tokens pass adaLN blocks conditioned on t only, are mean-pooled, LayerNorm-ed and mapped to d.
+
+    ``time_conditioned=False`` replaces the timestep embedding by one learned vector (a static,
+    diffae-style code). With ``variational`` the head emits mean and log-variance (VDRL's KL form).
+    """
+
+    def __init__(self, input_size: int, patch_size: int, in_channels: int, hidden_size: int, depth: int,
+                 num_heads: int, out_dim: int, mlp_ratio: float = 4.0, time_conditioned: bool = True,
+                 normalize: bool = True, variational: bool = False, qk_norm: bool = False, backend: str = "auto"):
+        super().__init__()
+        self.out_dim, self.time_conditioned = out_dim, time_conditioned
+        self.normalize, self.variational = normalize, variational
+        self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
+        if time_conditioned:
+            self.t_embedder = TimestepEmbedder(hidden_size, backend=backend)
+        else:
+            self.static_cond = nn.Parameter(torch.zeros(hidden_size))
+        self.blocks = nn.ModuleList(
+            DiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm=qk_norm, backend=backend) for _ in range(depth)
+        )
+        self.norm = nn.LayerNorm(hidden_size, eps=1e-6)
+        self.head = nn.Linear(hidden_size, out_dim * (2 if variational else 1))
+        init_dit_weights(self)
+        for block in self.blocks:
+            block.adaLN_modulation.zero_()
+        if not time_conditioned:
+            nn.init.normal_(self.static_cond, std=0.02)
+
+    def _cond(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if self.time_conditioned:
+            return self.t_embedder(t)
+        return self.static_cond.to(x.dtype).expand(x.shape[0], -1)
+
+    def features(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Pooled, normalised tokens [B, hidden] before the head."""
+        c = self._cond(x, t)
+        h = self.x_embedder(x)
+        for block in self.blocks:
+            h = block(h, c)
+        return self.norm(h.mean(dim=1))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor,
+                generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Returns z [B, d] and the statistics the regulariser needs (``mu``/``logvar`` when variational).
+
+        In training a variational encoder samples z = mu + std * n; in eval mode it returns mu.
+        """
+        out = self.head(self.features(x, t))
+        stats: dict[str, torch.Tensor] = {}
+        if self.variational:
+            mu, logvar = out.float().chunk(2, dim=-1)
+            logvar = logvar.clamp(-30.0, 20.0)
+            stats = {"mu": mu, "logvar": logvar}
+            if self.training:
+                noise = torch.randn(mu.shape, device=mu.device, dtype=mu.dtype, generator=generator)
+                out = mu + (0.5 * logvar).exp() * noise
+            else:
+                out = mu
+        if self.normalize:
+            out = F.normalize(out.float(), dim=-1)
+        return out, stats

@@ -1,0 +1,167 @@
+"""SemanticDiffusion: the encoder and the denoiser joined by the diffusion process and one loss.
+
+The denoiser can only remove the irreducible part of its error with information about x0 that comes
+through z = E(x0, t), so the encoder learns what denoising at time t needs (DRL's argument), at every t.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import Config
+from ..diffusion import get_schedule, sample, target, to_x0_eps
+from .dit import DiT
+from .encoder import TimeEncoder
+
+TimeArg = Union[float, torch.Tensor]
+
+
+def images_to_model_range(images: torch.Tensor) -> torch.Tensor:
+    """uint8 0..255 or float 0..1 -> float32 in [-1, 1]."""
+    if images.dtype == torch.uint8:
+        return images.float() / 127.5 - 1.0
+    if not images.is_floating_point():
+        raise TypeError(f"images must be uint8 (0..255) or float (0..1), got {images.dtype}")
+    return images.float() * 2.0 - 1.0
+
+
+class SemanticDiffusion(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        m, e, d = cfg.model, cfg.encoder, cfg.data
+        hidden, depth, heads = m.resolved()
+        self.image_shape = (d.channels, d.image_size, d.image_size)
+        self.encoder = TimeEncoder(
+            d.image_size, m.patch_size, d.channels, hidden, e.depth or max(1, depth // 2), heads, e.dim,
+            mlp_ratio=m.mlp_ratio, time_conditioned=e.time_conditioned, normalize=e.normalize,
+            variational=e.regularizer == "kl", qk_norm=m.qk_norm, backend=m.backend,
+        )
+        self.denoiser = DiT(
+            d.image_size, m.patch_size, d.channels, hidden, depth, heads, mlp_ratio=m.mlp_ratio, z_dim=e.dim,
+            cond_merge=m.cond_merge, qk_norm=m.qk_norm, backend=m.backend,
+        )
+        self.schedule = get_schedule(cfg.diffusion.schedule)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    # ----------------------------------------------------------------------------------------- training
+    def encoder_input(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        return x0 if self.cfg.encoder.input == "clean" else self.schedule.add_noise(x0, t, eps)
+
+    def forward(self, x0: torch.Tensor, generator: Optional[torch.Generator] = None
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The training loss (``forward`` so that FSDP and DDP wrap the whole step)."""
+        return self.loss(x0, generator)
+
+    def loss(self, x0: torch.Tensor, generator: Optional[torch.Generator] = None
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One self-conditional denoising loss on a batch x0 in [-1, 1]; returns (loss, detached parts)."""
+        cfg, sch = self.cfg, self.schedule
+        B, dev = x0.shape[0], x0.device
+        t = sch.sample_t(B, dev, generator)
+        eps = torch.randn(x0.shape, device=dev, generator=generator)
+        x_t = sch.add_noise(x0, t, eps)
+
+        z, stats = self.encoder(self.encoder_input(x0, t, eps), t, generator=generator)
+        drop = torch.rand(B, device=dev, generator=generator) < cfg.model.z_dropout
+        out = self.denoiser(x_t, t, z, drop)
+        mse = (out.float() - target(cfg.diffusion.prediction, sch, t, x0, eps)).pow(2).mean()
+        parts = {"mse": mse.detach()}
+        loss = mse
+
+        needs_cons = cfg.encoder.time_conditioned or cfg.encoder.input == "noisy"
+        if cfg.diffusion.lambda_cons > 0 and needs_cons:
+            step = (torch.rand(B, device=dev, generator=generator) * 2 - 1) * cfg.diffusion.cons_step
+            t2 = (t + step).clamp(sch.t_min, sch.t_max)
+            with torch.no_grad():
+                z2, _ = self.encoder(self.encoder_input(x0, t2, eps), t2, generator=generator)
+            cons = (1 - F.cosine_similarity(z.float(), z2.float(), dim=-1)).mean()
+            loss = loss + cfg.diffusion.lambda_cons * cons
+            parts["cons"] = cons.detach()
+
+        reg = cfg.encoder.regularizer
+        if reg == "l1":
+            r = z.float().abs().sum(-1).mean()
+        elif reg == "kl":
+            mu, logvar = stats["mu"], stats["logvar"]
+            r = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(-1).mean()
+        if reg != "none":
+            loss = loss + cfg.encoder.reg_weight * r
+            parts["reg"] = r.detach()
+        return loss, parts
+
+    # --------------------------------------------------------------------------------------- embeddings
+    def _prepare(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dim() != 4 or tuple(images.shape[1:]) != self.image_shape:
+            c, h, w = self.image_shape
+            raise ValueError(f"images must be [B, {c}, {h}, {w}] (uint8 0..255 or float 0..1), "
+                             f"got {list(images.shape)}")
+        return images_to_model_range(images.to(self.device))
+
+    def _times(self, t: TimeArg, n: int) -> torch.Tensor:
+        t = torch.as_tensor(t, dtype=torch.float32, device=self.device)
+        t = t.expand(n) if t.dim() == 0 else t
+        if t.shape != (n,):
+            raise ValueError(f"t must be a float or a [{n}] tensor, got shape {list(t.shape)}")
+        if (t < 0).any() or (t > 1).any():
+            raise ValueError("t is the diffusion time as a fraction in [0, 1] (0 = clean, 1 = pure noise)")
+        return t
+
+    @torch.no_grad()
+    def embed(self, images: torch.Tensor, t: TimeArg = 0.0, batch_size: int = 1024) -> torch.Tensor:
+        """z_t = E(x0, t) for images [B, C, H, W]; returns float32 [B, d] on the model's device.
+
+        With ``encoder.input=noisy`` the noise comes from a fixed seed, so embeddings are repeatable.
+        """
+        x = self._prepare(images)
+        t = self._times(t, x.shape[0])
+        outs = []
+        gen = torch.Generator(self.device).manual_seed(0)
+        for i in range(0, x.shape[0], batch_size):
+            x0, tb = x[i:i + batch_size], t[i:i + batch_size]
+            eps = torch.randn(x0.shape, device=self.device, generator=gen)
+            z, _ = self.encoder(self.encoder_input(x0, tb, eps), tb)
+            outs.append(z.float())
+        return torch.cat(outs)
+
+    def embed_multi(self, images: torch.Tensor, ts: Sequence[float], batch_size: int = 1024) -> torch.Tensor:
+        """The sampled "infinite-dimensional" code: z at each t of ``ts`` concatenated, [B, len(ts) * d]."""
+        return torch.cat([self.embed(images, float(t), batch_size) for t in ts], dim=-1)
+
+    @torch.no_grad()
+    def denoiser_features(self, images: torch.Tensor, t: float, block: int, seed: int = 0) -> torch.Tensor:
+        """DDAE features: the unconditional denoiser's tokens after ``block``, mean-pooled, at time t."""
+        x0 = self._prepare(images)
+        tt = self._times(t, x0.shape[0])
+        eps = torch.randn(x0.shape, device=self.device, generator=torch.Generator(self.device).manual_seed(seed))
+        h = self.denoiser(self.schedule.add_noise(x0, tt, eps), tt, None, return_block=block)
+        return h.mean(dim=1).float()
+
+    # --------------------------------------------------------------------------------------- generation
+    @torch.no_grad()
+    def generate(self, n: int, z: Optional[torch.Tensor] = None, steps: int = 50, sampler: str = "auto",
+                 seed: int = 0) -> torch.Tensor:
+        """Samples in [0, 1]: conditioned on z [n, d], or unconditional (the null embedding) when z is None."""
+        if z is not None and z.shape[0] != n:
+            raise ValueError(f"z has {z.shape[0]} rows for {n} samples")
+
+        def denoise(x, t):
+            out = self.denoiser(x, t, z).float()
+            return to_x0_eps(self.cfg.diffusion.prediction, self.schedule, t, x, out)
+
+        gen = torch.Generator(self.device).manual_seed(seed)
+        x = sample(denoise, self.schedule, (n, *self.image_shape), steps, sampler, gen, self.device)
+        return ((x + 1) / 2).clamp(0, 1)
+
+    @torch.no_grad()
+    def reconstruct(self, images: torch.Tensor, t: float = 0.0, steps: int = 50, seed: int = 0) -> torch.Tensor:
+        """x0 -> z_t -> sample -> x0_hat: what the embedding keeps of the image."""
+        z = self.embed(images, t)
+        return self.generate(images.shape[0], z, steps, seed=seed)

@@ -1,0 +1,21 @@
+"""Drop-in DiT layers with a ``backend=`` switch; the torch path defines each layer's meaning."""
+from .attention import Attention, Mlp
+from .backend import BACKENDS, resolve_backend
+from .block import AdaLNModulation, DiTBlock, FinalLayer
+from .embedding import PatchEmbed, TimestepEmbedder, sincos_pos_embed_2d, timestep_embedding
+from .norm import (
+    GatedResidual,
+    GatedResidualModulatedNorm,
+    ModulatedLayerNorm,
+    gated_residual_modulated_norm_ref,
+    gated_residual_ref,
+    modulate,
+    modulated_layer_norm_ref,
+)
+
+__all__ = [
+    "BACKENDS", "resolve_backend", "Attention", "Mlp", "AdaLNModulation", "DiTBlock", "FinalLayer",
+    "PatchEmbed", "TimestepEmbedder", "sincos_pos_embed_2d", "timestep_embedding", "GatedResidual",
+    "GatedResidualModulatedNorm", "ModulatedLayerNorm", "gated_residual_modulated_norm_ref",
+    "gated_residual_ref", "modulate", "modulated_layer_norm_ref",
+]

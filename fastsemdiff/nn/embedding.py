@@ -1,0 +1,82 @@
+"""Patch and timestep embeddings (DiT's x_embedder / t_embedder, same state-dict keys)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import nn
+
+from .backend import check_backend
+
+
+def sincos_pos_embed_2d(dim: int, grid: int) -> torch.Tensor:
+    """Fixed 2-D sine-cosine positions, [grid*grid, dim]: half the channels encode rows, half columns."""
+    if dim % 4:
+        raise ValueError(f"2-D sin-cos positions need a width divisible by 4, got {dim}")
+
+    def axis(pos: np.ndarray, d: int) -> np.ndarray:
+        omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
+        angles = np.outer(pos.reshape(-1), omega)
+        return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+
+    rows, cols = np.meshgrid(np.arange(grid, dtype=np.float64), np.arange(grid, dtype=np.float64), indexing="ij")
+    emb = np.concatenate([axis(rows, dim // 2), axis(cols, dim // 2)], axis=1)
+    return torch.from_numpy(emb).float()
+
+
+class PatchEmbed(nn.Module):
+    """[B, C, H, W] -> [B, (H/p)*(W/p), D] by a strided convolution, plus fixed sin-cos positions."""
+
+    def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int):
+        super().__init__()
+        if img_size % patch_size:
+            raise ValueError(
+                f"image size {img_size} is not divisible by patch size {patch_size}; "
+                "choose a patch size that divides the image size"
+            )
+        self.img_size, self.patch_size, self.in_chans = img_size, patch_size, in_chans
+        self.grid = img_size // patch_size
+        self.num_patches = self.grid**2
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.register_buffer("pos_embed", sincos_pos_embed_2d(embed_dim, self.grid)[None], persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1:] != (self.in_chans, self.img_size, self.img_size):
+            raise ValueError(
+                f"expected images of shape [B, {self.in_chans}, {self.img_size}, {self.img_size}], "
+                f"got {list(x.shape)}"
+            )
+        return self.proj(x).flatten(2).transpose(1, 2) + self.pos_embed.to(x.dtype)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of (scaled) times t [B] -> [B, dim] in fp32: cos of the first half, sin of the second."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb
+
+
+class TimestepEmbedder(nn.Module):
+    """t in [0, 1] -> [B, hidden]. Times are scaled by ``time_scale`` (1000, DDPM's step count) before the
+    sinusoid, so the frequencies resolve neighbouring steps as in DiT."""
+
+    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256, time_scale: float = 1000.0,
+                 backend: str = "auto"):
+        super().__init__()
+        self.backend = check_backend(backend)
+        self.frequency_embedding_size = frequency_embedding_size
+        self.time_scale = time_scale
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_embedding_size, hidden_size),
+            nn.SiLU(),
+            nn.Linear(hidden_size, hidden_size),
+        )
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        freq = timestep_embedding(t * self.time_scale, self.frequency_embedding_size)
+        return self.mlp(freq.to(self.mlp[0].weight.dtype))

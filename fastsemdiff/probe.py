@@ -1,0 +1,123 @@
+"""Evaluation math on feature tensors: linear probe, weighted kNN, the accuracy-vs-t plot.
+
+Nothing here knows about models, so embeddings, DDAE features and raw pixels all go through the same
+code, and a baseline differs from the method only in its features.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+
+KNN_TEMPERATURE = 0.07  # InstDisc's temperature for turning cosine similarities into vote weights
+
+
+def standardize(train: torch.Tensor, test: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale every feature by the train statistics only, so the test set leaks nothing into the probe.
+
+    The std is clamped at 1e-6 so constant features (e.g. always-black border pixels) stay finite.
+    """
+    train, test = train.float(), test.float()
+    std, mean = torch.std_mean(train, dim=0, correction=0)
+    std = std.clamp_min(1e-6)
+    return (train - mean) / std, (test - mean) / std
+
+
+def _num_classes(*labels: torch.Tensor) -> int:
+    return int(max(int(y.max()) for y in labels if y.numel())) + 1
+
+
+def _top1(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    return 100.0 * (logits.argmax(dim=1) == labels).float().mean().item()
+
+
+def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
+                 num_classes: Optional[int] = None, weight_decay: float = 1e-4, max_iter: int = 150) -> dict:
+    """Top-1 (%) of multinomial logistic regression on standardised features.
+
+    Full-batch L-BFGS with a strong-Wolfe line search from a zero init: no learning rate, batch size or
+    seed to tune, and the same features always give the same number. The loss is the mean cross-entropy
+    plus ``weight_decay / 2 * ||W||^2`` (the bias is not penalised). Works inside ``inference_mode``.
+    """
+    if train_x.shape[0] != train_y.shape[0] or test_x.shape[0] != test_y.shape[0]:
+        raise ValueError("features and labels must have the same number of rows")
+    classes = num_classes or _num_classes(train_y, test_y)
+    # Inference tensors cannot be saved for backward; leaving inference mode makes fresh, normal ones.
+    with torch.inference_mode(False), torch.enable_grad():
+        x, xt = standardize(train_x.clone(), test_x.clone())
+        y, yt = train_y.clone().long().to(x.device), test_y.clone().long().to(xt.device)
+        layer = torch.nn.Linear(x.shape[1], classes, device=x.device)
+        torch.nn.init.zeros_(layer.weight)
+        torch.nn.init.zeros_(layer.bias)
+        opt = torch.optim.LBFGS(layer.parameters(), lr=1.0, max_iter=max_iter,
+                                tolerance_grad=1e-6, tolerance_change=1e-9, line_search_fn="strong_wolfe")
+
+        def closure() -> torch.Tensor:
+            opt.zero_grad(set_to_none=False)
+            loss = F.cross_entropy(layer(x), y) + 0.5 * weight_decay * layer.weight.pow(2).sum()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        with torch.no_grad():
+            return {"top1": _top1(layer(xt), yt), "train_top1": _top1(layer(x), y)}
+
+
+def knn_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
+                 k: int = 20, chunk: int = 2048) -> float:
+    """Top-1 (%) of the InstDisc weighted kNN: cosine neighbours, each voting with exp(sim / 0.07).
+
+    Test rows go in chunks, so the similarity matrix held at once is only ``chunk x n_train``.
+    """
+    train = F.normalize(train_x.float(), dim=1)
+    labels = train_y.long().to(train.device)
+    classes = _num_classes(train_y, test_y)
+    k = min(k, train.shape[0])
+    correct = 0
+    for i in range(0, test_x.shape[0], chunk):
+        query = F.normalize(test_x[i:i + chunk].float().to(train.device), dim=1)
+        sim, idx = (query @ train.T).topk(k, dim=1)
+        votes = torch.zeros(query.shape[0], classes, device=train.device)
+        votes.scatter_add_(1, labels[idx], (sim / KNN_TEMPERATURE).exp())
+        correct += (votes.argmax(dim=1).cpu() == test_y[i:i + chunk].cpu()).sum().item()
+    return 100.0 * correct / max(1, test_x.shape[0])
+
+
+def class_balanced_subset(labels: torch.Tensor, per_class: int, seed: int = 0) -> torch.Tensor:
+    """Sorted indices of ``per_class`` random examples of every class, for label-efficiency probes."""
+    labels = labels.cpu().long()
+    gen = torch.Generator().manual_seed(seed)
+    picks = []
+    for c in labels.unique().tolist():
+        members = (labels == c).nonzero().flatten()
+        if len(members) < per_class:
+            raise ValueError(f"class {c} has only {len(members)} examples, fewer than per_class={per_class}")
+        picks.append(members[torch.randperm(len(members), generator=gen)[:per_class]])
+    return torch.cat(picks).sort().values
+
+
+def plot_accuracy_vs_t(rows: list[dict], path: Union[str, Path], baselines: Optional[dict[str, float]] = None
+                       ) -> None:
+    """PNG of linear-probe and kNN accuracy against t (rows of {t, linear, knn}), baselines dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on a server; must precede the pyplot import
+    import matplotlib.pyplot as plt
+
+    ts = [r["t"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(ts, [r["linear"] for r in rows], marker="o", label="linear probe")
+    ax.plot(ts, [r["knn"] for r in rows], marker="s", label="kNN")
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (name, value) in enumerate((baselines or {}).items()):
+        ax.axhline(value, linestyle="--", linewidth=1, color=colors[(i + 2) % len(colors)], label=name)
+    ax.set_xlabel("diffusion time t (0 = clean)")
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_title("Embedding accuracy vs diffusion time")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=120)
+    plt.close(fig)

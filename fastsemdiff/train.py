@@ -1,0 +1,201 @@
+"""Training entry point: ``torchrun -m fastsemdiff.train [--config F.yaml] [--resume] [key=value ...]``.
+
+Read top to bottom: config -> runtime -> data -> model -> (resume) -> loop -> export. Every source of
+randomness in a step (batch indices, flips, t, noise, z-dropout) is drawn from generators seeded by
+(seed, step, rank), so a resumed run repeats the uninterrupted one exactly.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import yaml
+from tqdm import tqdm
+
+from . import checkpoint as ckpt
+from . import distributed
+from .config import Config, ConfigError, load_config
+from .data import DatasetError, DeviceImageDataset, load_split, mix_seed
+from .errors import CheckpointError, TrainingDiverged
+from .export import save_weights
+from .models import SemanticDiffusion
+from .probe import knn_accuracy
+
+
+def lr_at(step: int, cfg: Config) -> float:
+    """Linear warmup, then cosine decay to 10% of the peak."""
+    tc = cfg.train
+    if step < tc.warmup_steps:
+        return tc.lr * (step + 1) / tc.warmup_steps
+    progress = (step - tc.warmup_steps) / max(1, tc.steps - tc.warmup_steps)
+    return tc.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def ema_decay_at(step: int, cfg: Config) -> float:
+    """EMA decay with a warm start, so short runs are not dominated by the initial weights."""
+    return min(cfg.train.ema_decay, (1 + step) / (10 + step))
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+class QuickProbe:
+    """kNN accuracy of z at t = 0 on a fixed small labelled subset: a cheap signal during training."""
+
+    def __init__(self, cfg: Config, device: torch.device, n_train: int = 2000, n_test: int = 1000):
+        d = cfg.data
+        self.train = [x[:n_train] for x in load_split(d.source, d.path, "train", d.image_size, d.channels)]
+        try:
+            self.test = [x[:n_test] for x in load_split(d.source, d.path, "test", d.image_size, d.channels)]
+        except DatasetError:  # a folder without a test split: hold out part of train instead
+            self.test = [x[n_train:n_train + n_test] for x in load_split(d.source, d.path, "train", d.image_size,
+                                                                          d.channels)]
+
+    @torch.no_grad()
+    def __call__(self, model: SemanticDiffusion) -> float:
+        sharded = hasattr(model, "unshard")  # FSDP2: the root's own parameters are gathered only in forward
+        if sharded:
+            model.unshard()
+        model.eval()
+        ztr, zte = model.embed(self.train[0], 0.0).cpu(), model.embed(self.test[0], 0.0).cpu()
+        model.train()
+        if sharded:
+            model.reshard()
+        return knn_accuracy(ztr, self.train[1], zte, self.test[1], k=20)
+
+
+def parse_args(argv: Optional[list[str]]) -> tuple[Config, bool]:
+    p = argparse.ArgumentParser(prog="python -m fastsemdiff.train", description=__doc__.splitlines()[0])
+    p.add_argument("--config", help="YAML file with sections model, encoder, diffusion, data, train, eval")
+    p.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
+    p.add_argument("overrides", nargs="*", help="key=value, e.g. train.steps=100 model.preset=S")
+    args = p.parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    return cfg, args.resume or cfg.train.resume
+
+
+def train(cfg: Config, resume: bool = False) -> Path:
+    tc = cfg.train
+    rt = distributed.setup(tc.parallel, tc.precision, tc.threads)
+    run_dir = Path(tc.run_dir)
+    if tc.batch_size % rt.world_size:
+        raise ConfigError(f"train.batch_size={tc.batch_size} is not divisible by the {rt.world_size} processes")
+    local_batch = tc.batch_size // rt.world_size
+
+    # ---- resume guard: never silently start over a run that has checkpoints
+    latest = ckpt.latest_checkpoint(run_dir)
+    if resume and latest is None:
+        raise CheckpointError(f"--resume given but {ckpt.checkpoint_dir(run_dir)} holds no complete checkpoint")
+    if not resume and latest is not None:
+        raise CheckpointError(f"{run_dir} already holds checkpoints (latest {latest.name}); pass --resume to "
+                              "continue it, or choose a new train.run_dir")
+
+    # ---- data: the whole uint8 split lives on the training device
+    d = cfg.data
+    images, labels = load_split(d.source, d.path, "train", d.image_size, d.channels)
+    data = DeviceImageDataset(images, labels, rt.device)
+    probe = QuickProbe(cfg, rt.device) if tc.probe_every else None
+
+    # ---- model, identical on every rank before sharding
+    torch.manual_seed(tc.seed)
+    core = SemanticDiffusion(cfg).to(rt.device)
+    use_compile = tc.compile == "on" or (tc.compile == "auto" and rt.device.type == "cuda")
+    model = distributed.wrap(core, rt, use_compile)
+    params = [p for p in model.parameters() if p.requires_grad]
+    names = [n for n, p in core.named_parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay,
+                                  fused=rt.device.type == "cuda")
+    ema = {n: p.detach().clone() for n, p in zip(names, params)}
+    ema_list = list(ema.values())
+
+    start = 0
+    if resume:
+        start = ckpt.load_checkpoint(latest, model, optimizer, ema, cfg)
+    if rt.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        n_params = sum(p.numel() for p in core.parameters())
+        print(f"fastsemdiff: {n_params / 1e6:.2f}M parameters, {rt.parallel} on {rt.world_size} x {rt.device.type}, "
+              f"{len(data)} images, steps {start}->{tc.steps}, run dir {run_dir}", flush=True)
+
+    autocast = (torch.autocast(rt.device.type, dtype=rt.dtype) if rt.dtype and rt.parallel != "fsdp"
+                else contextlib.nullcontext())
+    metrics = open(run_dir / "metrics.jsonl", "a") if rt.is_main else None
+    bar = tqdm(total=tc.steps, initial=start, disable=not (rt.is_main and tc.progress), dynamic_ncols=True)
+    finite = torch.ones((), dtype=torch.bool, device=rt.device)
+    last_good = latest if resume else None
+    t_log, n_log, loss_sum = time.perf_counter(), 0, torch.zeros((), device=rt.device)
+
+    model.train()
+    for step in range(start, tc.steps):
+        gen = torch.Generator(rt.device).manual_seed(mix_seed(tc.seed, step, rt.rank, 1))
+        x0, _ = data.batch(step, local_batch, rt.rank, rt.world_size, tc.seed, d.hflip)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        with autocast:
+            loss, parts = model(x0, gen)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        torch._foreach_lerp_(ema_list, [p.detach() for p in params], 1.0 - ema_decay_at(step, cfg))
+        finite &= torch.isfinite(loss.detach())
+        loss_sum += loss.detach()
+        n_log += 1
+        done = step + 1
+
+        if done % tc.log_every == 0 or done == tc.steps or done % tc.ckpt_every == 0:
+            if not bool(finite):
+                raise TrainingDiverged(
+                    f"loss became NaN/inf between steps {done - n_log} and {done}; the last good checkpoint is "
+                    f"{last_good or 'none (no checkpoint was written yet)'}. Lower train.lr or raise train.warmup_steps."
+                )
+            elapsed = time.perf_counter() - t_log
+            rec = {"step": done, "loss": float(loss_sum) / n_log, "lr": lr_at(step, cfg),
+                   "grad_norm": float(full_tensor(grad_norm)), "img_per_s": n_log * tc.batch_size / elapsed,
+                   **{k: float(v) for k, v in parts.items()}}
+            if probe and done % tc.probe_every == 0:
+                rec["knn_t0"] = probe(core)
+            if metrics:
+                metrics.write(json.dumps(rec) + "\n")
+                metrics.flush()
+            bar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{rec['img_per_s']:.0f}")
+            t_log, n_log, loss_sum = time.perf_counter(), 0, torch.zeros((), device=rt.device)
+        bar.update(1)
+        if done % tc.ckpt_every == 0 or done == tc.steps:
+            last_good = ckpt.save_checkpoint(run_dir, done, model, optimizer, ema, cfg, tc.keep_last)
+    bar.close()
+
+    # ---- export the EMA weights (gathered from the shards) with the config
+    full = {n: full_tensor(e) for n, e in ema.items()}  # collective under FSDP: every rank gathers
+    if rt.is_main:
+        path = save_weights(full, cfg, run_dir / "model.safetensors")
+        print(f"fastsemdiff: wrote {path}", flush=True)
+        metrics.close()
+    if dist.is_initialized():
+        dist.barrier()
+    return run_dir
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    try:
+        cfg, resume = parse_args(argv)
+        train(cfg, resume)
+    except (ConfigError, DatasetError, CheckpointError, TrainingDiverged) as e:
+        print(f"fastsemdiff.train: error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    finally:
+        distributed.cleanup()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""The evaluation CLIs: run_probe on a tiny untrained model, image grids, and eval/embed/sample end to end."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastsemdiff.config import load_config
+from fastsemdiff.data import DEFAULT_PATH, load_split
+from fastsemdiff.eval import format_table, main as eval_main, run_probe
+from fastsemdiff.models.semantic import SemanticDiffusion
+from fastsemdiff.sample import grid_size, save_image_grid
+
+FAST = ["model.hidden_size=32", "model.depth=2", "model.num_heads=2", "encoder.dim=16", "model.patch_size=7"]
+TS = [0.0, 0.5]
+
+has_fmnist = pytest.mark.skipif(
+    not Path(DEFAULT_PATH).is_dir(), reason=f"Fashion-MNIST not installed at {DEFAULT_PATH} (dataset-fashion-mnist)"
+)
+has_export = pytest.mark.skipif(
+    importlib.util.find_spec("fastsemdiff.export") is None, reason="fastsemdiff.export (save_model) not there yet"
+)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return SemanticDiffusion(load_config(None, FAST)).eval()
+
+
+@pytest.fixture(scope="module")
+def run_dir(model, tmp_path_factory):
+    """A run directory with an exported untrained model, as training would leave it."""
+    from fastsemdiff.export import save_model
+
+    path = tmp_path_factory.mktemp("run")
+    save_model(model, model.cfg, path / "model.safetensors")
+    return path
+
+
+@has_fmnist
+def test_run_probe_fields_and_ranges(model):
+    train_x, train_y = load_split("fashion-mnist", DEFAULT_PATH, "train", 28, 1)
+    test_x, test_y = load_split("fashion-mnist", DEFAULT_PATH, "test", 28, 1)
+    result = run_probe(model, train_x[:200], train_y[:200], test_x[:100], test_y[:100], TS, batch_size=64,
+                       knn_k=5, progress=False)
+    assert [r["t"] for r in result["per_t"]] == TS
+    accuracies = [v for r in result["per_t"] for k, v in r.items() if k != "t"]
+    accuracies += [result[key][k] for key in ("best_t", "multi_t", "raw_pixels") for k in ("linear", "knn")]
+    assert all(0.0 <= a <= 100.0 for a in accuracies)
+    assert result["best_t"]["linear"] == max(r["linear"] for r in result["per_t"])
+    assert result["multi_t"]["ts"] == TS and result["multi_t"]["dim"] == len(TS) * 16
+    assert result["embedding_dim"] == 16
+    assert (result["n_train"], result["n_test"]) == (200, 100)
+    assert result["seconds"] > 0
+    assert result["raw_pixels"]["linear"] > 50  # pixels already separate Fashion-MNIST well
+    json.dumps(result)  # probe.json must be writable as is
+    assert "multi-t" in format_table(result) and "pixels" in format_table(result)
+
+
+@pytest.mark.parametrize("channels, mode", [(1, "L"), (3, "RGB")])
+def test_save_image_grid_size_and_mode(tmp_path, channels, mode):
+    images = torch.rand(5, channels, 12, 10)
+    path = tmp_path / "grid.png"
+    save_image_grid(images, path, nrow=3)
+    with Image.open(path) as img:
+        assert img.format == "PNG" and img.mode == mode
+        assert img.size == grid_size(5, 12, 10, nrow=3)
+    assert grid_size(5, 12, 10, nrow=3) == (2 * (3 * 12 + 2), 2 * (2 * 14 + 2))
+
+
+def test_missing_model_is_a_clear_error(tmp_path, capsys):
+    for command in (["probe", "--run", str(tmp_path)], ["probe", "--run", str(tmp_path / "nope")]):
+        with pytest.raises(SystemExit) as exc:
+            eval_main(command)
+        message = str(exc.value.code)
+        assert "model.safetensors" in message and "--run" in message
+    assert "train" in message or "does not exist" in message
+
+
+@has_export
+def test_missing_data_is_a_clear_error(model, tmp_path):
+    from fastsemdiff.config import load_config as load
+    from fastsemdiff.export import save_model
+
+    cfg = load(None, FAST + [f"data.path={tmp_path / 'no-data'}"])
+    save_model(model, cfg, tmp_path / "model.safetensors")
+    with pytest.raises(SystemExit) as exc:
+        eval_main(["probe", "--run", str(tmp_path), "--device", "cpu"])
+    assert "Fashion-MNIST" in str(exc.value.code) and "does not exist" in str(exc.value.code)
+
+
+@has_fmnist
+@has_export
+def test_eval_probe_cli(run_dir, tmp_path, capsys):
+    eval_main(["probe", "--run", str(run_dir), "--ts", "0", "0.5", "--device", "cpu", "--batch-size", "64",
+               "--out", str(tmp_path), "--limit-train", "200", "--limit-test", "100"])
+    result = json.loads((tmp_path / "probe.json").read_text())
+    assert {"per_t", "best_t", "multi_t", "raw_pixels", "embedding_dim", "n_train", "n_test", "seconds"} <= set(result)
+    assert (result["n_train"], result["n_test"]) == (200, 100)
+    assert (tmp_path / "probe.png").read_bytes()[:4] == b"\x89PNG"
+    out = capsys.readouterr().out
+    assert "best t" in out and "pixels" in out and "total" in out
+
+
+@has_fmnist
+@has_export
+def test_embed_cli(run_dir, tmp_path):
+    from fastsemdiff.embed import main as embed_main
+
+    out = tmp_path / "z.npz"
+    embed_main(["--run", str(run_dir), "--out", str(out), "--ts", "0", "0.3", "--limit", "10", "--device", "cpu"])
+    data = np.load(out)
+    assert data["z"].shape == (10, 2 * 16) and data["labels"].shape == (10,)
+    assert data["ts"].tolist() == pytest.approx([0.0, 0.3])
+
+
+@has_fmnist
+@has_export
+def test_sample_cli(run_dir, tmp_path):
+    from fastsemdiff.sample import main as sample_main
+
+    sample_main(["--run", str(run_dir), "--out", str(tmp_path), "--n", "4", "--steps", "2", "--device", "cpu"])
+    with Image.open(tmp_path / "samples.png") as img:
+        assert img.size == grid_size(4, 28, 28, nrow=2) and img.mode == "L"
+    with Image.open(tmp_path / "reconstructions.png") as img:
+        assert img.size == grid_size(8, 28, 28, nrow=2)

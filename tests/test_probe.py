@@ -1,0 +1,86 @@
+"""Probe math on synthetic features: separable blobs are solved, random labels are not."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastsemdiff.probe import class_balanced_subset, knn_accuracy, linear_probe, plot_accuracy_vs_t, standardize
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def blobs(n_per_class: int, classes: int = 10, dim: int = 50, spread: float = 6.0, means_seed: int = 0,
+          noise_seed: int = 0):
+    """Gaussian blobs (unit noise) around random class means; the same means_seed gives the same classes."""
+    means = torch.randn(classes, dim, generator=torch.Generator().manual_seed(means_seed)) * spread
+    gen = torch.Generator().manual_seed(noise_seed)
+    y = torch.arange(classes).repeat_interleave(n_per_class)
+    y = y[torch.randperm(len(y), generator=gen)]
+    return means[y] + torch.randn(len(y), dim, generator=gen), y
+
+
+@pytest.fixture(scope="module")
+def separable():
+    return (*blobs(100, noise_seed=1), *blobs(30, noise_seed=2))
+
+
+def test_linear_probe_separates_blobs(separable):
+    result = linear_probe(*separable)
+    assert set(result) == {"top1", "train_top1"}
+    assert result["top1"] > 95 and result["train_top1"] > 95
+
+
+def test_linear_probe_is_deterministic_and_works_in_inference_mode(separable):
+    first = linear_probe(*separable, max_iter=20)
+    with torch.inference_mode():
+        second = linear_probe(*separable, max_iter=20)
+    assert first == second
+
+
+def test_knn_separates_blobs(separable):
+    assert knn_accuracy(*separable, k=20) > 95
+
+
+def test_random_labels_give_chance():
+    gen = torch.Generator().manual_seed(3)
+    train_x, test_x = torch.randn(1000, 50, generator=gen), torch.randn(500, 50, generator=gen)
+    train_y, test_y = torch.randint(0, 10, (1000,), generator=gen), torch.randint(0, 10, (500,), generator=gen)
+    assert linear_probe(train_x, train_y, test_x, test_y)["top1"] < 25
+    assert knn_accuracy(train_x, train_y, test_x, test_y) < 25
+
+
+def test_standardize_uses_train_statistics():
+    gen = torch.Generator().manual_seed(0)
+    train = torch.randn(500, 8, generator=gen, dtype=torch.float64) * 5 + 3
+    train[:, 0] = 7.0  # a constant feature must stay finite
+    test = torch.randn(50, 8, generator=gen) * 5 + 3
+    s_train, s_test = standardize(train, test)
+    assert s_train.dtype == s_test.dtype == torch.float32
+    assert torch.allclose(s_train.mean(0), torch.zeros(8), atol=1e-4)
+    assert torch.allclose(s_train[:, 1:].std(0, correction=0), torch.ones(7), atol=1e-4)
+    assert torch.isfinite(s_test).all()
+    mean, std = train.float().mean(0), train.float().std(0, correction=0).clamp_min(1e-6)
+    assert torch.allclose(s_test, (test - mean) / std, atol=1e-4)
+
+
+def test_knn_k1_on_its_own_training_set_is_perfect():
+    x, y = blobs(20, spread=0.5, noise_seed=4)  # overlapping classes: only the self-match makes it 100%
+    assert knn_accuracy(x, y, x, y, k=1, chunk=64) == 100.0
+
+
+def test_class_balanced_subset_counts():
+    labels = torch.tensor([0] * 10 + [1] * 7 + [2] * 12)
+    idx = class_balanced_subset(labels, per_class=5, seed=0)
+    assert idx.dtype == torch.int64 and len(idx.unique()) == 15
+    assert torch.bincount(labels[idx]).tolist() == [5, 5, 5]
+    assert torch.equal(idx, class_balanced_subset(labels, per_class=5, seed=0))
+    assert not torch.equal(idx, class_balanced_subset(labels, per_class=5, seed=1))
+    with pytest.raises(ValueError, match="class 1"):
+        class_balanced_subset(labels, per_class=8, seed=0)
+
+
+def test_plot_writes_a_png(tmp_path):
+    rows = [{"t": 0.0, "linear": 80.0, "knn": 78.0}, {"t": 0.3, "linear": 84.0, "knn": 81.0}]
+    path = tmp_path / "acc.png"
+    plot_accuracy_vs_t(rows, path, {"raw pixels": 84.2})
+    assert path.read_bytes()[:8] == PNG_MAGIC
