@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -111,7 +112,6 @@ class TrainConfig:
 class EvalConfig:
     ts: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.5, 0.7])
     batch_size: int = 1000
-    probe_epochs: int = 60
     knn_k: int = 20
 
 
@@ -147,8 +147,20 @@ class Config:
             if value not in allowed:
                 raise ConfigError(f"{key}={value!r} is not valid; choose one of {sorted(allowed)}")
         hidden, depth, heads = self.model.resolved()
+        positive = {
+            "model.hidden_size": hidden, "model.depth": depth, "model.num_heads": heads,
+            "model.patch_size": self.model.patch_size, "data.image_size": self.data.image_size,
+            "data.channels": self.data.channels, "encoder.dim": self.encoder.dim,
+        }
+        if self.encoder.depth is not None:
+            positive["encoder.depth"] = self.encoder.depth
+        for key, value in positive.items():
+            if value < 1:
+                raise ConfigError(f"{key}={value} must be a positive integer")
         if hidden % heads:
             raise ConfigError(f"model hidden size {hidden} is not divisible by num_heads {heads}")
+        if hidden % 4:
+            raise ConfigError(f"model hidden size {hidden} must be divisible by 4 (2-D sin-cos positions)")
         if self.data.image_size % self.model.patch_size:
             raise ConfigError(
                 f"data.image_size={self.data.image_size} is not divisible by model.patch_size="
@@ -175,6 +187,9 @@ def _field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+_FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 def _coerce(key: str, value: Any, typ: Any) -> Any:
     """Check ``value`` against the annotation ``typ``; ints are accepted where floats are expected."""
     origin = typing.get_origin(typ)
@@ -190,6 +205,8 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
         return [_coerce(key, v, inner) for v in value]
     if typ is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if typ is float and isinstance(value, str) and _FLOAT_RE.fullmatch(value.strip()):
+        return float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string
     if typ is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)  # e.g. preset=S is fine, model.preset=1 reads as "1" and fails validation
     if isinstance(value, typ) and not (typ is int and isinstance(value, bool)):

@@ -62,8 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--n", type=int, default=64, help="number of samples and of reconstructions")
     parser.add_argument("--steps", type=int, default=50, help="sampler steps")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--t", type=float, default=0.0, help="diffusion time of the embedding z_t to reconstruct from")
-    X
+    parser.add_argument("--t", type=float, default=0.0, help="time t of the embedding z_t to reconstruct from")
+    parser.add_argument("--sampler", default="auto", choices=["auto", "ddim", "euler", "heun"],
+                        help="auto: DDIM for VP schedules, Heun otherwise")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: the best available)")
     return parser
 

@@ -85,10 +85,9 @@ def test_missing_model_is_a_clear_error(tmp_path, capsys):
 
 @has_export
 def test_missing_data_is_a_clear_error(model, tmp_path):
-    from fastsemdiff.config import load_config as load
     from fastsemdiff.export import save_model
 
-    cfg = load(None, FAST + [f"data.path={tmp_path / 'no-data'}"])
+    cfg = load_config(None, FAST + [f"data.path={tmp_path / 'no-data'}"])
     save_model(model, cfg, tmp_path / "model.safetensors")
     with pytest.raises(SystemExit) as exc:
         eval_main(["probe", "--run", str(tmp_path), "--device", "cpu"])

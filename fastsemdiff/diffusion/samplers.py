@@ -46,7 +46,8 @@ def _velocity(denoise: Denoise, schedule: Schedule, x, t):
 
 @torch.no_grad()
 def ode_sample(denoise: Denoise, schedule: Schedule, x: torch.Tensor, steps: int, method: str = "heun"):
-    """Euler or Heun (2nd order, Euler on the last step) from t_max to 0; returns the final x0 estimate."""
+    """Euler or Heun (2nd order, Euler on the last step) from t_max to 0; returns x at t = 0 (for VE that
+    still holds sigma(0) = 0.01 of noise)."""
     if method not in ("euler", "heun"):
         raise ValueError(f"unknown ODE method {method!r}; choose euler or heun")
     ts = time_grid(schedule, steps, x.device)

@@ -51,9 +51,15 @@ class VPCosine(Schedule):
 
     def alpha_sigma(self, t):
         t = t.float() if not t.is_floating_point() else t
-        f0 = math.cos(self.s / (1 + self.s) * math.pi / 2)
-        alpha = (self._f(t) / f0).clamp(0.0, 1.0)
-        return alpha, (1 - alpha**2).clamp_min(0.0).sqrt()
+        k = math.pi / (2 * (1 + self.s))
+        f0 = math.cos(self.s * k)
+        f = self._f(t)
+        alpha = (f / f0).clamp(0.0, 1.0)
+        # sigma^2 = 1 - alpha^2 = (f0 - f)(f0 + f) / f0^2 with f0 - f = 2 sin((t + 2s) k / 2) sin(t k / 2):
+        # no cancellation near t = 0, where 1 - alpha**2 in fp32 loses most digits of sigma.
+        diff = 2 * torch.sin((t + 2 * self.s) * (k / 2)) * torch.sin(t * (k / 2))
+        sigma = ((diff * (f0 + f)).clamp_min(0.0).sqrt() / f0).clamp(max=1.0)
+        return alpha, sigma
 
     def derivatives(self, t):
         f0 = math.cos(self.s / (1 + self.s) * math.pi / 2)
@@ -75,8 +81,9 @@ class VPLinear(Schedule):
         return -(self.b0 * t + 0.5 * (self.b1 - self.b0) * t**2)
 
     def alpha_sigma(self, t):
-        abar = torch.exp(self._log_abar(t))
-        return abar.sqrt(), (1 - abar).clamp_min(0.0).sqrt()
+        log_abar = self._log_abar(t)
+        # 1 - abar as -expm1(log abar): exact near t = 0, where 1 - exp(.) in fp32 cancels
+        return torch.exp(0.5 * log_abar), (-torch.expm1(log_abar)).clamp_min(0.0).sqrt()
 
     def derivatives(self, t):
         a, s = self.alpha_sigma(t)

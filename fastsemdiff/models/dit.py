@@ -90,6 +90,9 @@ class DiT(nn.Module):
                 drop: Optional[torch.Tensor] = None, return_block: Optional[int] = None) -> torch.Tensor:
         """Returns the prediction [B, C, H, W], or with ``return_block=k`` the tokens after block k
         (DDAE-style features)."""
+        if return_block is not None and not 0 <= return_block < len(self.blocks):
+            raise ValueError(f"return_block={return_block} is out of range; "
+                             f"the DiT has blocks 0..{len(self.blocks) - 1}")
         c = self.condition(t, z, drop)
         h = self.x_embedder(x)
         for i, block in enumerate(self.blocks):

@@ -53,19 +53,21 @@ class TimeEncoder(nn.Module):
             h = block(h, c)
         return self.norm(h.mean(dim=1))
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor,
-                generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, generator: Optional[torch.Generator] = None,
+                sample: Optional[bool] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Returns z [B, d] and the statistics the regulariser needs (``mu``/``logvar`` when variational).
 
-        In training a variational encoder samples z = mu + std * n; in eval mode it returns mu.
+        A variational encoder samples z = mu + std * n when ``sample`` (default: in training mode), else
+        returns mu.
         """
+        sample = self.training if sample is None else sample
         out = self.head(self.features(x, t))
         stats: dict[str, torch.Tensor] = {}
         if self.variational:
             mu, logvar = out.float().chunk(2, dim=-1)
             logvar = logvar.clamp(-30.0, 20.0)
             stats = {"mu": mu, "logvar": logvar}
-            if self.training:
+            if sample:
                 noise = torch.randn(mu.shape, device=mu.device, dtype=mu.dtype, generator=generator)
                 out = mu + (0.5 * logvar).exp() * noise
             else:

@@ -110,7 +110,7 @@ class SemanticDiffusion(nn.Module):
         t = t.expand(n) if t.dim() == 0 else t
         if t.shape != (n,):
             raise ValueError(f"t must be a float or a [{n}] tensor, got shape {list(t.shape)}")
-        if (t < 0).any() or (t > 1).any():
+        if not ((t >= 0) & (t <= 1)).all():  # written so that NaN fails too
             raise ValueError("t is the diffusion time as a fraction in [0, 1] (0 = clean, 1 = pure noise)")
         return t
 
@@ -127,7 +127,7 @@ class SemanticDiffusion(nn.Module):
         for i in range(0, x.shape[0], batch_size):
             x0, tb = x[i:i + batch_size], t[i:i + batch_size]
             eps = torch.randn(x0.shape, device=self.device, generator=gen)
-            z, _ = self.encoder(self.encoder_input(x0, tb, eps), tb)
+            z, _ = self.encoder(self.encoder_input(x0, tb, eps), tb, sample=False)
             outs.append(z.float())
         return torch.cat(outs)
 
