@@ -7,10 +7,13 @@ accept DCP's own metadata classes and load items with ``weights_only=True``.
 """
 from __future__ import annotations
 
+import dataclasses
+import enum
 import io
 import json
 import pickle
 import shutil
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -18,6 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
@@ -39,8 +43,15 @@ class _MetadataUnpickler(pickle.Unpickler):
                 ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath")}
 
     def find_class(self, module: str, name: str):
-        if module.startswith("torch.distributed.checkpoint") or (module == "builtins" and name in self._builtins):
+        if module == "builtins" and name in self._builtins:
             return super().find_class(module, name)
+        if module.startswith("torch.distributed.checkpoint") and "." not in name:
+            # Only DCP's own data classes: not any attribute of its modules (e.g. the ``os`` they import,
+            # reachable through a dotted name), nor functions or classes with side effects.
+            obj = getattr(sys.modules.get(module), name, None)
+            if (isinstance(obj, type) and obj.__module__.startswith("torch.distributed.checkpoint")
+                    and (dataclasses.is_dataclass(obj) or issubclass(obj, enum.Enum))):
+                return obj
         if (module, name) in self._allowed:
             return super().find_class(module, name)
         if module == "torch":
@@ -128,6 +139,19 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, ema: dict[str, t
     return final
 
 
+_ADVICE = "delete that folder to resume from the previous checkpoint, or start a new train.run_dir"
+
+
+def _reason(e: BaseException) -> str:
+    """One short line for an exception, unwrapping DCP's per-rank CheckpointException."""
+    if isinstance(e, CheckpointException) and e.failures:
+        e = next(iter(e.failures.values()))[0]
+    if isinstance(e, pickle.UnpicklingError) and "Weights only load failed" in str(e):
+        return "UnpicklingError: an item is damaged, or holds pickled objects other than tensors, which are refused"
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {first[:300]}" if first else type(e).__name__
+
+
 def _get(d: dict, dotted: str):
     section, key = dotted.split(".")
     return d.get(section, {}).get(key)
@@ -135,9 +159,13 @@ def _get(d: dict, dotted: str):
 
 def read_meta(path: Path) -> dict[str, Any]:
     try:
-        return json.loads((Path(path) / META_FILE).read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        meta = json.loads((Path(path) / META_FILE).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"checkpoint {path} has no readable {META_FILE} (corrupt or incomplete): {e}") from None
+    if not (isinstance(meta, dict) and isinstance(meta.get("step"), int) and isinstance(meta.get("config"), dict)):
+        raise CheckpointError(f"checkpoint {path} has a corrupt {META_FILE}: it needs an integer 'step' and a "
+                              "'config' mapping")
+    return meta
 
 
 def check_compatible(meta: dict[str, Any], cfg: Config, path: Path) -> None:
@@ -155,11 +183,19 @@ def load_checkpoint(path: Path, model, optimizer, ema: dict[str, torch.Tensor], 
     """Collective: restore model, optimizer and EMA in place from ``path``; returns the step."""
     meta = read_meta(path)
     check_compatible(meta, cfg, path)
+    reader = SafeReader(str(path))
+    # Read the metadata once here: DCP itself retries a failed read and logs each failure's traceback on
+    # the root logger, so a corrupt file would bury the one-line error under tracebacks.
+    try:
+        reader.read_metadata()
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {path} is corrupt: its .metadata cannot be read ({_reason(e)}); "
+                              f"{_ADVICE}") from None
     state = _state(model, optimizer, ema)
     try:
-        dcp.load(state, storage_reader=SafeReader(str(path)), planner=SafePlanner())
-    except Exception as e:  # DCP wraps per-rank failures in its own exception types
-        raise CheckpointError(f"checkpoint {path} could not be read (corrupt or incomplete?): "
-                              f"{str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__}") from None
+        dcp.load(state, storage_reader=reader, planner=SafePlanner())
+    except (Exception, CheckpointException) as e:  # CheckpointException (per-rank failures) is a BaseException
+        raise CheckpointError(f"checkpoint {path} is corrupt or incomplete and cannot be read ({_reason(e)}); "
+                              f"{_ADVICE}") from None
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     return int(meta["step"])

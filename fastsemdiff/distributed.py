@@ -10,6 +10,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .config import ConfigError
+
 
 @dataclass
 class Runtime:
@@ -39,7 +41,8 @@ def setup(parallel: str, precision: str, threads: int) -> Runtime:
     if parallel == "auto":
         parallel = "fsdp" if world > 1 else "single"
     if parallel == "single" and world > 1:
-        raise SystemExit("train.parallel=single cannot run under torchrun with more than one process")
+        raise ConfigError(f"train.parallel=single cannot run under torchrun with {world} processes; use "
+                          "train.parallel=fsdp or ddp, or run one process")
     device = torch.device(f"cuda:{local_rank}") if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)

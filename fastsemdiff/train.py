@@ -148,15 +148,23 @@ def train(cfg: Config, resume: bool = False) -> Path:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         torch._foreach_lerp_(ema_list, [p.detach() for p in params], 1.0 - ema_decay_at(step, cfg))
-        finite &= torch.isfinite(loss.detach())
+        local_norm = grad_norm.to_local() if hasattr(grad_norm, "to_local") else grad_norm
+        finite &= torch.isfinite(loss.detach()) & torch.isfinite(local_norm)
         loss_sum += loss.detach()
         n_log += 1
         done = step + 1
 
         if done % tc.log_every == 0 or done == tc.steps or done % tc.ckpt_every == 0:
+            if rt.world_size > 1 and dist.is_initialized():
+                # One collective gives the mean loss over ranks and makes every rank take the same branch: a
+                # NaN seen by one rank alone would otherwise leave the others waiting in the next checkpoint.
+                summed = torch.stack([loss_sum, (~finite).float()])
+                dist.all_reduce(summed)
+                loss_sum, finite = summed[0] / rt.world_size, summed[1] == 0
             if not bool(finite):
                 raise TrainingDiverged(
-                    f"loss became NaN/inf between steps {done - n_log} and {done}; the last good checkpoint is "
+                    f"loss or gradient norm became NaN/inf between steps {done - n_log} and {done}; the last good "
+                    "checkpoint is "
                     f"{last_good or 'none (no checkpoint was written yet)'}. Lower train.lr or raise train.warmup_steps."
                 )
             elapsed = time.perf_counter() - t_log

@@ -15,12 +15,14 @@ class TimeEncoder(nn.Module):
     """Patch tokens pass adaLN blocks conditioned on t only, are mean-pooled, LayerNorm-ed and mapped to d.
 
     ``time_conditioned=False`` replaces the timestep embedding by one learned vector (a static,
-    diffae-style code). With ``variational`` the head emits mean and log-variance (VDRL's KL form).
+    diffae-style code). With ``open_gates`` the residual gates start at 1 rather than adaLN-Zero's 0: mean
+    pooling of identity blocks would only see the average patch, so a closed-gate encoder starts blind. With ``variational`` the head emits mean and log-variance (VDRL's KL form).
     """
 
     def __init__(self, input_size: int, patch_size: int, in_channels: int, hidden_size: int, depth: int,
                  num_heads: int, out_dim: int, mlp_ratio: float = 4.0, time_conditioned: bool = True,
-                 normalize: bool = True, variational: bool = False, qk_norm: bool = False, backend: str = "auto"):
+                 normalize: bool = True, variational: bool = False, qk_norm: bool = False, open_gates: bool = True,
+                 backend: str = "auto"):
         super().__init__()
         self.out_dim, self.time_conditioned = out_dim, time_conditioned
         self.normalize, self.variational = normalize, variational
@@ -37,6 +39,10 @@ class TimeEncoder(nn.Module):
         init_dit_weights(self)
         for block in self.blocks:
             block.adaLN_modulation.zero_()
+            if open_gates:  # start as a plain pre-LN ViT (gates 1, no modulation); t-modulation is learned
+                gate_bias = block.adaLN_modulation[1].bias.view(6, hidden_size)
+                nn.init.ones_(gate_bias[2])
+                nn.init.ones_(gate_bias[5])
         if not time_conditioned:
             nn.init.normal_(self.static_cond, std=0.02)
 
