@@ -185,6 +185,21 @@ def test_encoder_normalize_switch():
     assert_close(z, F.normalize(z_raw, dim=-1))  # same seed: the same network up to the normalisation
 
 
+def test_encoder_starts_as_plain_vit_with_open_gates():
+    """Gates start at 1 (blocks are not the identity), shift/scale at 0; open_gates=False is adaLN-Zero."""
+    torch.manual_seed(0)
+    args = dict(input_size=16, patch_size=4, in_channels=3, hidden_size=32, depth=2, num_heads=2, out_dim=12)
+    enc = TimeEncoder(**args)
+    x, c = torch.randn(2, 16, 32, generator=gen(30)), torch.randn(2, 32, generator=gen(31))
+    for blk in enc.blocks:
+        bias = blk.adaLN_modulation[1].bias.view(6, 32)
+        assert torch.equal(bias[[2, 5]], torch.ones(2, 32)) and torch.count_nonzero(bias[[0, 1, 3, 4]]) == 0
+        assert (blk(x, c) - x).abs().max() > 1e-2
+    closed = TimeEncoder(**args, open_gates=False)
+    for blk in closed.blocks:
+        assert_close(blk(x, c), x, rtol=0, atol=0)
+
+
 def test_encoder_time_conditioning_switch():
     x = images(4, 3, 16, seed=24)
     t1, t2 = torch.full((4,), 0.1), torch.full((4,), 0.9)
