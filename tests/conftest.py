@@ -55,6 +55,15 @@ def write_fake_fmnist(folder: Path, n_train: int = N_TRAIN, n_test: int = N_TEST
     return folder
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small ops on 2 shared cores: one intra-op thread avoids oversubscription stalls (~100x on tiny models)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def fake_fmnist(tmp_path_factory) -> Path:
     return write_fake_fmnist(tmp_path_factory.mktemp("fake-fmnist"))

@@ -20,20 +20,9 @@ from fastsemdiff.diffusion import (
     to_x0_eps,
 )
 
+from helpers import gen
+
 NAMES = ["vp-cosine", "vp-linear", "ve", "flow"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small ops on 2 shared cores: one intra-op thread avoids oversubscription stalls."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 def alpha_sigma_by_hand(name: str, t: float) -> tuple[float, float]:

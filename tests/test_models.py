@@ -12,20 +12,9 @@ from fastsemdiff.config import load_config
 from fastsemdiff.diffusion import get_schedule
 from fastsemdiff.models import DiT, SemanticDiffusion, TimeEncoder, images_to_model_range, patchify, unpatchify
 
+from helpers import gen
+
 TINY = ["model.hidden_size=32", "model.depth=2", "model.num_heads=2", "encoder.dim=16"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls on 2 shared cores: one intra-op thread is ~100x faster than two oversubscribed ones."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 def tiny(*overrides: str, seed: int = 0) -> SemanticDiffusion:

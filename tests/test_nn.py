@@ -23,20 +23,9 @@ from fastsemdiff.nn import (
     timestep_embedding,
 )
 
+from helpers import gen
+
 EPS = 1e-6
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small ops on 2 shared cores: one intra-op thread avoids oversubscription stalls."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 def rand(*shape, seed: int, scale: float = 1.0, dtype=torch.float32) -> torch.Tensor:
