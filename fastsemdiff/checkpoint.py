@@ -14,6 +14,7 @@ import json
 import pickle
 import shutil
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -127,7 +128,9 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, ema: dict[str, t
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
     _barrier()
-    dcp.save(_state(model, optimizer, ema), checkpoint_id=str(tmp))
+    with warnings.catch_warnings():  # single process: DCP warns that it saves without a process group
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save(_state(model, optimizer, ema), checkpoint_id=str(tmp))
     _barrier()
     if _rank() == 0:
         (tmp / META_FILE).write_text(json.dumps({"step": step, "config": cfg.to_dict()}, indent=2))
