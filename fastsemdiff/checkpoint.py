@@ -95,6 +95,29 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _data_state_name(rank: int, world_size: int) -> str:
+    return f"data_rank{rank:04d}_of{world_size:04d}.bin"
+
+
+def load_data_state(path: Path, rank: int, world_size: int) -> Optional[bytes]:
+    """This rank's saved data-stream state, or None when the checkpoint has none for this world size.
+
+    A stream saved with another number of processes read other shards, so it cannot be continued:
+    the stream then starts afresh (with a warning), while weights and optimizer still resume.
+    """
+    file = Path(path) / _data_state_name(rank, world_size)
+    if file.is_file():
+        return file.read_bytes()
+    if rank == 0 and any(Path(path).glob("data_rank*.bin")):
+        warnings.warn(f"{path} holds data-stream states for another number of processes; the image stream starts "
+                      f"a new pass instead of continuing where it stopped", stacklevel=2)
+    return None
+
+
 def checkpoint_dir(run_dir: Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
@@ -119,8 +142,12 @@ def _state(model, optimizer, ema: dict[str, torch.Tensor]) -> dict[str, Any]:
 
 
 def save_checkpoint(run_dir: Path, step: int, model, optimizer, ema: dict[str, torch.Tensor], cfg: Config,
-                    keep_last: int) -> Path:
-    """Collective: every rank calls it. Returns the final folder."""
+                    keep_last: int, data_state: Optional[bytes] = None) -> Path:
+    """Collective: every rank calls it. Returns the final folder.
+
+    ``data_state`` is this rank's data-stream state (DALI's reader checkpoint); it is written into the
+    same temporary folder, so it appears with the weights or not at all.
+    """
     root = checkpoint_dir(run_dir)
     final = root / f"step_{step:07d}"
     tmp = root / f".tmp_step_{step:07d}"
@@ -131,6 +158,9 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, ema: dict[str, t
     with warnings.catch_warnings():  # single process: DCP warns that it saves without a process group
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.save(_state(model, optimizer, ema), checkpoint_id=str(tmp))
+    if data_state is not None:
+        tmp.mkdir(parents=True, exist_ok=True)
+        (tmp / _data_state_name(_rank(), _world_size())).write_bytes(data_state)
     _barrier()
     if _rank() == 0:
         (tmp / META_FILE).write_text(json.dumps({"step": step, "config": cfg.to_dict()}, indent=2))

@@ -77,11 +77,18 @@ class DiffusionConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "fashion-mnist"  # fashion-mnist | folder
+    source: str = "fashion-mnist"  # fashion-mnist | folder (image folder or file list) | npz (.npz/.npy arrays)
     path: str = "/usr/share/datasets/fashion-mnist"
     image_size: int = 28
     channels: int = 1
     hflip: bool = True
+    loader: str = "auto"  # folders: auto (DALI if installed, else torch) | dali | torch; arrays stay on the device
+    workers: int = 2  # DALI threads or DataLoader worker processes of the streaming loaders
+    crop: str = "center"  # streaming loaders: center (short side to image_size) | random (random resized crop)
+    crop_scale: list[float] = field(default_factory=lambda: [0.35, 1.0])  # area range of the random crop
+    bad_images: str = "skip"  # skip (and count) | error: what an unreadable image file does
+    mixed_channels: str = "convert"  # convert | error: a folder mixing grey and colour images
+    verify: str = "decode"  # decode | header: how the start-up scan checks each image file
 
 
 @dataclass
@@ -138,7 +145,12 @@ class Config:
             "encoder.regularizer": (self.encoder.regularizer, {"none", "l1", "kl"}),
             "diffusion.schedule": (self.diffusion.schedule, {"vp-cosine", "vp-linear", "ve", "flow"}),
             "diffusion.prediction": (self.diffusion.prediction, {"eps", "v", "x0", "velocity"}),
-            "data.source": (self.data.source, {"fashion-mnist", "folder"}),
+            "data.source": (self.data.source, {"fashion-mnist", "folder", "npz"}),
+            "data.loader": (self.data.loader, {"auto", "dali", "torch"}),
+            "data.crop": (self.data.crop, {"center", "random"}),
+            "data.bad_images": (self.data.bad_images, {"skip", "error"}),
+            "data.mixed_channels": (self.data.mixed_channels, {"convert", "error"}),
+            "data.verify": (self.data.verify, {"decode", "header"}),
             "train.parallel": (self.train.parallel, {"auto", "fsdp", "ddp", "single"}),
             "train.compile": (self.train.compile, {"auto", "on", "off"}),
             "train.precision": (self.train.precision, {"auto", "bf16", "fp32"}),
@@ -166,6 +178,11 @@ class Config:
                 f"data.image_size={self.data.image_size} is not divisible by model.patch_size="
                 f"{self.model.patch_size}; choose a patch size that divides the image size"
             )
+        lo, hi = (self.data.crop_scale + [0.0, 0.0])[:2]
+        if len(self.data.crop_scale) != 2 or not 0.0 < lo <= hi <= 1.0:
+            raise ConfigError(f"data.crop_scale={self.data.crop_scale} must be [min, max] with 0 < min <= max <= 1")
+        if self.data.workers < 0:
+            raise ConfigError(f"data.workers={self.data.workers} must be >= 0")
         if not 0.0 <= self.model.z_dropout < 1.0:
             raise ConfigError(f"model.z_dropout={self.model.z_dropout} must be in [0, 1)")
         if self.train.steps < 1 or self.train.batch_size < 1:

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from . import checkpoint as ckpt
 from . import distributed
 from .config import Config, ConfigError, load_config
-from .data import DatasetError, DeviceImageDataset, load_split, mix_seed
+from .data import DatasetError, build_train_data, load_split, mix_seed
 from .errors import CheckpointError, TrainingDiverged
 from .export import save_weights
 from .models import SemanticDiffusion
@@ -99,10 +99,11 @@ def train(cfg: Config, resume: bool = False) -> Path:
         raise CheckpointError(f"{run_dir} already holds checkpoints (latest {latest.name}); pass --resume to "
                               "continue it, or choose a new train.run_dir")
 
-    # ---- data: the whole uint8 split lives on the training device
+    # ---- data: arrays live on the device; image folders stream through DALI (or PIL DataLoader workers)
     d = cfg.data
-    images, labels = load_split(d.source, d.path, "train", d.image_size, d.channels)
-    data = DeviceImageDataset(images, labels, rt.device)
+    say = (lambda msg: print(f"fastsemdiff: {msg}", flush=True)) if rt.is_main else (lambda msg: None)
+    data = build_train_data(d, batch_size=local_batch, rank=rt.rank, world_size=rt.world_size, seed=tc.seed,
+                            device=rt.device, say=say)
     probe = QuickProbe(cfg, rt.device) if tc.probe_every else None
 
     # ---- model, identical on every rank before sharding
@@ -120,12 +121,13 @@ def train(cfg: Config, resume: bool = False) -> Path:
     start = 0
     if resume:
         start = ckpt.load_checkpoint(latest, model, optimizer, ema, cfg)
+        data.load_state(ckpt.load_data_state(latest, rt.rank, rt.world_size))
     if rt.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         n_params = sum(p.numel() for p in core.parameters())
         print(f"fastsemdiff: {n_params / 1e6:.2f}M parameters, {rt.parallel} on {rt.world_size} x {rt.device.type}, "
-              f"{len(data)} images, steps {start}->{tc.steps}, run dir {run_dir}", flush=True)
+              f"{len(data)} images ({data.name} loader), steps {start}->{tc.steps}, run dir {run_dir}", flush=True)
 
     autocast = (torch.autocast(rt.device.type, dtype=rt.dtype) if rt.dtype and rt.parallel != "fsdp"
                 else contextlib.nullcontext())
@@ -138,7 +140,7 @@ def train(cfg: Config, resume: bool = False) -> Path:
     model.train()
     for step in range(start, tc.steps):
         gen = torch.Generator(rt.device).manual_seed(mix_seed(tc.seed, step, rt.rank, 1))
-        x0, _ = data.batch(step, local_batch, rt.rank, rt.world_size, tc.seed, d.hflip)
+        x0, _ = data.batch(step)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
         with autocast:
@@ -171,6 +173,8 @@ def train(cfg: Config, resume: bool = False) -> Path:
             rec = {"step": done, "loss": float(loss_sum) / n_log, "lr": lr_at(step, cfg),
                    "grad_norm": float(full_tensor(grad_norm)), "img_per_s": n_log * tc.batch_size / elapsed,
                    **{k: float(v) for k, v in parts.items()}}
+            if data.skipped:
+                rec["skipped_images"] = data.skipped
             if probe and done % tc.probe_every == 0:
                 rec["knn_t0"] = probe(core)
             if metrics:
@@ -180,8 +184,10 @@ def train(cfg: Config, resume: bool = False) -> Path:
             t_log, n_log, loss_sum = time.perf_counter(), 0, torch.zeros((), device=rt.device)
         bar.update(1)
         if done % tc.ckpt_every == 0 or done == tc.steps:
-            last_good = ckpt.save_checkpoint(run_dir, done, model, optimizer, ema, cfg, tc.keep_last)
+            last_good = ckpt.save_checkpoint(run_dir, done, model, optimizer, ema, cfg, tc.keep_last,
+                                             data_state=data.state())
     bar.close()
+    data.close()
 
     # ---- export the EMA weights (gathered from the shards) with the config
     full = {n: full_tensor(e) for n, e in ema.items()}  # collective under FSDP: every rank gathers

@@ -1,24 +1,31 @@
-"""Datasets: Fashion-MNIST and image folders read into uint8 tensors, batched on the device."""
+"""Datasets: Fashion-MNIST, .npz/.npy arrays and image folders, batched on the device or streamed (DALI, PIL)."""
 from __future__ import annotations
 
-from pathlib import Path
-
-import torch
-
+from .arrays import load_arrays
+from .dali_stream import dali_available
 from .device_dataset import DeviceImageDataset, mix_seed, to_model_range
 from .errors import DatasetError
 from .fashion_mnist import DEFAULT_PATH, load_fashion_mnist
 from .image_folder import ImageFolderData, load_image_folder, scan_image_folder
+from .loader import build_train_data, choose_loader
+from .splits import SOURCES, SPLITS, load_split
+from .verify import check_images
 
-SOURCES = ("fashion-mnist", "folder")
-SPLITS = ("train", "test")
+LOADERS = ("auto", "dali", "torch")
 
 __all__ = [
     "DEFAULT_PATH",
     "DatasetError",
     "DeviceImageDataset",
     "ImageFolderData",
+    "LOADERS",
     "SOURCES",
+    "SPLITS",
+    "build_train_data",
+    "check_images",
+    "choose_loader",
+    "dali_available",
+    "load_arrays",
     "load_fashion_mnist",
     "load_image_folder",
     "load_split",
@@ -26,39 +33,3 @@ __all__ = [
     "scan_image_folder",
     "to_model_range",
 ]
-
-
-def load_split(source: str, path: str, split: str, image_size: int, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images uint8 [N, C, S, S] and labels int64 [N] of one split, whatever the source (``data.*`` keys)."""
-    if split not in SPLITS:
-        raise DatasetError(f"split {split!r} is unknown; choose one of {list(SPLITS)}")
-    if source == "fashion-mnist":
-        if (image_size, channels) != (28, 1):
-            raise DatasetError(
-                f"Fashion-MNIST is 28x28 with 1 channel, but data.image_size={image_size} and "
-                f"data.channels={channels}; set data.image_size=28 data.channels=1"
-            )
-        return load_fashion_mnist(path, split)
-    if source == "folder":
-        data = load_image_folder(_split_folder(Path(path), split), image_size, channels)
-        return data.images, data.labels
-    raise DatasetError(f"data.source={source!r} is unknown; choose one of {list(SOURCES)}")
-
-
-def _split_folder(root: Path, split: str) -> Path:
-    """``root/<split>`` when root has both train/ and test/; otherwise root itself is the train split."""
-    if (root / "train").is_dir() and (root / "test").is_dir():
-        _, train_classes = scan_image_folder(root / "train")
-        _, test_classes = scan_image_folder(root / "test")
-        if train_classes != test_classes:
-            raise DatasetError(
-                f"{root}/train has classes {train_classes} but {root}/test has {test_classes}, so their labels "
-                f"would not match; give both splits the same class subfolders"
-            )
-        return root / split
-    if split == "test":
-        raise DatasetError(
-            f"image folder {str(root)!r} has no test split; to evaluate on held-out images, put them in "
-            f"{root}/test and the training images in {root}/train (each with the same class subfolders)"
-        )
-    return root

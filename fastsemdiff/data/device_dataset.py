@@ -57,8 +57,8 @@ class DeviceImageDataset:
         self.device = torch.device(device)
         self._images = images.to(self.device).contiguous()
         self._labels = labels.to(device=self.device, dtype=torch.int64)
-        self._perm_key: tuple[int, int] | None = None
-        self._perm: torch.Tensor | None = None
+        self._draws_key: tuple | None = None
+        self._draws: tuple[torch.Tensor, torch.Tensor | None] = (torch.empty(0), None)
 
     def __len__(self) -> int:
         return self._images.shape[0]
@@ -111,21 +111,33 @@ class DeviceImageDataset:
             raise DatasetError(f"rank={rank} is outside 0..{world_size - 1} for world_size={world_size}")
         if step < 0:
             raise DatasetError(f"step={step} must be >= 0")
-        start = (step % spe) * batch_size * world_size + rank * batch_size
-        index = self._permutation(seed, step // spe)[start : start + batch_size]
-        images = self._images.index_select(0, index)
-        labels = self._labels.index_select(0, index)
-        if hflip:
-            flip = torch.randint(0, 2, (batch_size,), generator=_cpu_generator(mix_seed(_FLIP_STREAM, seed, step, rank)))
-            flip = flip.to(device=self.device, dtype=torch.bool, non_blocking=True).view(-1, 1, 1, 1)
-            images = torch.where(flip, images.flip(-1), images)
+        index, flips = self._epoch_draws(seed, step // spe, rank, world_size, batch_size, hflip)
+        row = step % spe
+        images = self._images.index_select(0, index[row])
+        labels = self._labels.index_select(0, index[row])
+        if flips is not None:
+            images = torch.where(flips[row].view(-1, 1, 1, 1), images.flip(-1), images)
         return to_model_range(images), labels
 
-    def _permutation(self, seed: int, epoch: int) -> torch.Tensor:
-        """The epoch's order of all N indices, drawn on the CPU (same on every device), cached on the device."""
-        key = (seed, epoch)
-        if self._perm_key != key:
+    def _epoch_draws(self, seed: int, epoch: int, rank: int, world_size: int, batch_size: int,
+                     hflip: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """This rank's indices [steps, batch] and flips [steps, batch] for a whole epoch, on the device.
+
+        Drawn once per epoch on the CPU (the same numbers on every device type, and the same as a
+        per-step draw would give), so a training step does no host work and no host-to-device copy.
+        """
+        key = (seed, epoch, rank, world_size, batch_size, hflip)
+        if self._draws_key != key:
+            spe = self.steps_per_epoch(batch_size, world_size)
             perm = torch.randperm(len(self), generator=_cpu_generator(mix_seed(_PERMUTATION_STREAM, seed, epoch)))
-            self._perm = perm.to(self.device)
-            self._perm_key = key
-        return self._perm
+            g = batch_size * world_size
+            index = perm[: spe * g].view(spe, g)[:, rank * batch_size : (rank + 1) * batch_size]
+            flips = None
+            if hflip:
+                flips = torch.stack([
+                    torch.randint(0, 2, (batch_size,), generator=_cpu_generator(mix_seed(_FLIP_STREAM, seed, s, rank)))
+                    for s in range(epoch * spe, (epoch + 1) * spe)
+                ]).to(device=self.device, dtype=torch.bool)
+            self._draws = (index.contiguous().to(self.device), flips)
+            self._draws_key = key
+        return self._draws

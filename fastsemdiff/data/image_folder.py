@@ -41,9 +41,12 @@ def scan_image_folder(path: str | Path) -> tuple[list[tuple[Path, int]], list[st
     """(file, label) pairs in a stable order, and the class names, without decoding anything.
 
     Subfolders holding images are classes (label = index in sorted order, images found at any depth);
-    with no such subfolder, the folder's own images form the single class "all".
+    with no such subfolder, the folder's own images form the single class "all". A text file instead
+    of a folder is a file list (see ``read_file_list``).
     """
     root = Path(path)
+    if root.is_file() and root.suffix.lower() not in IMAGE_EXTENSIONS:
+        return read_file_list(root)
     if not root.is_dir():
         what = "is not a folder" if root.exists() else "does not exist"
         raise DatasetError(f"image folder {str(root)!r} {what}; point data.path=... at a folder of images")
@@ -114,3 +117,26 @@ def _decode(file: Path, size: int, mode: str) -> np.ndarray:
     left, top = (new_w - size) // 2, (new_h - size) // 2
     img = img.crop((left, top, left + size, top + size))
     return np.asarray(img, dtype=np.uint8)
+
+
+def read_file_list(list_file: Path) -> tuple[list[tuple[Path, int]], list[str]]:
+    """A file list: one ``relative/or/absolute/path [label]`` per line (``#`` comments), relative to the list's folder.
+
+    Labels are non-negative integers (0 when left out); the class names are the labels as text.
+    """
+    pairs: list[tuple[Path, int]] = []
+    for number, line in enumerate(list_file.read_text().splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, _, label = line.rpartition(" ") if line.rsplit(" ", 1)[-1].isdigit() and " " in line else (line, "", "0")
+        file = Path(name.strip())
+        pairs.append((file if file.is_absolute() else list_file.parent / file, int(label)))
+    if not pairs:
+        raise DatasetError(f"file list {str(list_file)!r} names no images; write one 'path label' per line")
+    missing = [str(f) for f, _ in pairs if not f.is_file()]
+    if missing:
+        raise DatasetError(f"file list {str(list_file)!r} names {len(missing)} file(s) that do not exist, e.g. "
+                           f"{missing[0]}; paths are relative to the list's folder, fix or remove those lines")
+    classes = sorted({label for _, label in pairs})
+    return pairs, [str(c) for c in classes]
