@@ -17,7 +17,7 @@ from .torch_stream import steps_per_epoch
 from .verify import CheckedImages
 
 _READER = "Reader"
-_SEED_MASK = (1 << 31) - 1
+_SEED_MASK = (1 << 31) - 1  # DALI seeds are 32-bit signed
 
 
 def dali_available() -> bool:
@@ -102,14 +102,18 @@ class DaliStream:
         device_id = (self.device.index if self.device.index is not None else torch.cuda.current_device()) \
             if decoder == "mixed" else None
         size, scale = self.size, self.crop_scale
+        # DALI reshuffles after each epoch with a fixed seed of its own, so the list it starts from is
+        # permuted here with ours (the same on every rank, which keeps the shards disjoint).
+        order = torch.randperm(len(self.checked), generator=torch.Generator().manual_seed(mix_seed(3, self.seed)))
+        file_list = [self.checked.files[i] for i in order.tolist()]
+        label_list = [self.checked.labels[i] for i in order.tolist()]
         image_type = types.GRAY if self.channels == 1 else types.RGB
 
         @pipeline_def(enable_checkpointing=True)
         def pipeline():
             encoded, labels = fn.readers.file(
-                files=self.checked.files, labels=self.checked.labels, name=_READER,
-                shard_id=self.rank, num_shards=self.world_size, shuffle_after_epoch=True,
-                seed=mix_seed(3, self.seed) & _SEED_MASK,  # the same on every rank: one global shuffle
+                files=file_list, labels=label_list, name=_READER, shard_id=self.rank, num_shards=self.world_size,
+                shuffle_after_epoch=True,
             )
             if self.crop == "random":
                 images = fn.decoders.image_random_crop(encoded, device=decoder, output_type=image_type,
