@@ -118,10 +118,10 @@ class DaliStream:
             if self.crop == "random":
                 images = fn.decoders.image_random_crop(encoded, device=decoder, output_type=image_type,
                                                        random_area=scale, random_aspect_ratio=[3 / 4, 4 / 3])
-                images = fn.resize(images, size=[size, size], interp_type=types.INTERP_CUBIC, antialias=True)
+                images = fn.resize(images, size=[size, size], interp_type=types.INTERP_LINEAR, antialias=True)
             else:
                 images = fn.decoders.image(encoded, device=decoder, output_type=image_type)
-                images = fn.resize(images, resize_shorter=size, interp_type=types.INTERP_CUBIC, antialias=True)
+                images = fn.resize(images, resize_shorter=size, interp_type=types.INTERP_LINEAR, antialias=True)
             mirror = fn.random.coin_flip() if self.hflip else 0
             images = fn.crop_mirror_normalize(images, crop=[size, size], dtype=types.FLOAT, output_layout="CHW",
                                               mean=[127.5] * self.channels, std=[127.5] * self.channels,
