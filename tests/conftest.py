@@ -23,6 +23,11 @@ import numpy as np
 import pytest
 import torch
 
+# Triton kernels run on a CPU-only machine only under the interpreter, which is chosen when a kernel is
+# defined (first import of fastsemdiff.kernels): set it before any test module can import them.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))

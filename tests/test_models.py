@@ -28,7 +28,7 @@ def wake_(module: torch.nn.Module, std: float = 0.05, seed: int = 1) -> torch.nn
     g = gen(seed)
     with torch.no_grad():
         for name, p in module.named_parameters():
-            if "adaLN_modulation" in name or "final_layer.linear" in name:
+            if "adaLN_modulation" in name or "adaLN_stack" in name or "final_layer.linear" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * std)
     return module
 
@@ -76,8 +76,7 @@ def test_dit_output_shape_and_zero_at_init():
     assert out.shape == (4, 3, 16, 16)
     assert torch.count_nonzero(out) == 0  # adaLN-Zero with a zeroed final layer: the design
     assert torch.count_nonzero(dit(x, t, None)) == 0
-    for blk in dit.blocks:
-        assert torch.count_nonzero(blk.adaLN_modulation[1].weight) == 0
+    assert torch.count_nonzero(dit.adaLN_stack.weight) == 0 and torch.count_nonzero(dit.adaLN_stack.bias) == 0
     assert torch.count_nonzero(dit.final_layer.linear.weight) == 0
     assert torch.count_nonzero(dit.z_embedder.weight) > 0
 
@@ -147,8 +146,8 @@ def test_dit_return_block_features():
     x, t, z = torch.randn(2, 3, 16, 16, generator=gen(20)), torch.rand(2, generator=gen(21)), torch.randn(2, 8)
     c = dit.condition(t, z, None)
     h = dit.x_embedder(x)
-    for k, blk in enumerate(dit.blocks):
-        h = blk(h, c)
+    for k, (blk, mod) in enumerate(zip(dit.blocks, dit.block_modulations(c))):
+        h = blk(h, c, mod)
         assert_close(dit(x, t, z, return_block=k), h)
     assert dit(x, t, z, return_block=0).shape == (2, 16, 32)
     for bad in (3, -1, 10):
@@ -180,13 +179,17 @@ def test_encoder_starts_as_plain_vit_with_open_gates():
     args = dict(input_size=16, patch_size=4, in_channels=3, hidden_size=32, depth=2, num_heads=2, out_dim=12)
     enc = TimeEncoder(**args)
     x, c = torch.randn(2, 16, 32, generator=gen(30)), torch.randn(2, 32, generator=gen(31))
-    for blk in enc.blocks:
+    assert torch.count_nonzero(enc.adaLN_stack.weight) == 0
+    for blk, bias, mod in zip(enc.blocks, enc.adaLN_stack.block_bias(), enc.block_modulations(c)):
+        assert torch.equal(bias[[2, 5]], torch.ones(2, 32)) and torch.count_nonzero(bias[[0, 1, 3, 4]]) == 0
+        assert (blk(x, c, mod) - x).abs().max() > 1e-2
+    closed = TimeEncoder(**args, open_gates=False)
+    for blk, mod in zip(closed.blocks, closed.block_modulations(c)):
+        assert_close(blk(x, c, mod), x, rtol=0, atol=0)
+    per_block = TimeEncoder(**args, adaln="per_block")  # the same initialisation in DiT's layout
+    for blk in per_block.blocks:
         bias = blk.adaLN_modulation[1].bias.view(6, 32)
         assert torch.equal(bias[[2, 5]], torch.ones(2, 32)) and torch.count_nonzero(bias[[0, 1, 3, 4]]) == 0
-        assert (blk(x, c) - x).abs().max() > 1e-2
-    closed = TimeEncoder(**args, open_gates=False)
-    for blk in closed.blocks:
-        assert_close(blk(x, c), x, rtol=0, atol=0)
 
 
 def test_encoder_time_conditioning_switch():

@@ -163,10 +163,10 @@ def test_dit_block_adaln_zero_is_identity_and_randomised_is_not():
     block.adaLN_modulation.zero_()
     assert_close(block(x, c), x, rtol=0, atol=0)
     # the blocks as the DiT constructs them are adaLN-Zero too
-    dit = DiT(16, 4, 3, C, 2, heads, z_dim=8)
-    for blk in dit.blocks:
-        assert torch.count_nonzero(blk.adaLN_modulation[1].weight) == 0
-        assert_close(blk(x, c), x, rtol=0, atol=0)
+    for adaln in ("stacked", "per_block"):
+        dit = DiT(16, 4, 3, C, 2, heads, z_dim=8, adaln=adaln)
+        for blk, mod in zip(dit.blocks, dit.block_modulations(c)):
+            assert_close(blk(x, c, mod), x, rtol=0, atol=0)
     with torch.no_grad():
         block.adaLN_modulation[1].weight.normal_(0, 0.2, generator=gen(43))
         block.adaLN_modulation[1].bias.normal_(0, 0.2, generator=gen(44))
@@ -369,3 +369,54 @@ def test_unknown_backend_is_rejected():
     # explicit torch backend gives the same numbers as auto
     x, s, c = rand(2, 3, 8, seed=91), rand(2, 8, seed=92), rand(2, 8, seed=93)
     assert_close(ModulatedLayerNorm(8, backend="torch")(x, s, c), ModulatedLayerNorm(8)(x, s, c))
+
+
+# ------------------------------------------------------------------------------- stacked adaLN
+def test_stacked_adaln_equals_per_block_modulations():
+    """One product for all blocks gives each block exactly what its own AdaLNModulation would."""
+    from fastsemdiff.nn import AdaLNModulation, StackedAdaLNModulation
+
+    depth, C = 3, 24
+    per_block = [AdaLNModulation(C, 6) for _ in range(depth)]
+    stacked = StackedAdaLNModulation(depth, C, 6)
+    with torch.no_grad():
+        for i, m in enumerate(per_block):
+            m[1].weight.normal_(0, 0.3, generator=gen(60 + i))
+            m[1].bias.normal_(0, 0.3, generator=gen(70 + i))
+        stacked.weight.copy_(torch.cat([m[1].weight for m in per_block]))
+        stacked.bias.copy_(torch.cat([m[1].bias for m in per_block]))
+    c = rand(4, C, seed=61)
+    for got, m in zip(stacked(c), per_block):
+        for a, b in zip(got, m(c)):
+            assert a.shape == (4, C)
+            assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("src,dst", [("per_block", "stacked"), ("stacked", "per_block")])
+def test_adaln_layouts_load_into_each_other(src, dst):
+    """A state dict of either layout loads into a model of the other (converted on load) and the two
+    models compute the same function; the converter round-trips exactly."""
+    from fastsemdiff.nn import convert_adaln_state_dict
+
+    torch.manual_seed(0)
+    a = DiT(16, 4, 3, 32, 3, 2, z_dim=8, adaln=src)
+    with torch.no_grad():
+        for name, p in a.named_parameters():
+            if "adaLN" in name:
+                p.normal_(0, 0.2, generator=gen(len(name)))
+    b = DiT(16, 4, 3, 32, 3, 2, z_dim=8, adaln=dst)
+    b.load_state_dict(a.state_dict())
+    x, t, z = rand(2, 3, 16, 16, seed=62), torch.rand(2, generator=gen(63)), rand(2, 8, seed=64)
+    assert_close(b(x, t, z), a(x, t, z), rtol=1e-5, atol=1e-6)
+    sd = a.state_dict()
+    other = "stacked" if src == "per_block" else "per_block"
+    back = convert_adaln_state_dict(convert_adaln_state_dict(dict(sd), "", 3, other), "", 3, src)
+    assert set(back) == set(sd) and all(torch.equal(back[k], sd[k]) for k in sd)
+    assert set(b.state_dict()) == set(convert_adaln_state_dict(dict(sd), "", 3, dst))
+
+
+def test_block_without_own_modulation_needs_mod():
+    block = DiTBlock(16, 2, modulation=False)
+    assert block.adaLN_modulation is None
+    with pytest.raises(ValueError, match="mod="):
+        block(rand(1, 4, 16, seed=65), rand(1, 16, seed=66))

@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..nn import DiTBlock, FinalLayer, PatchEmbed, TimestepEmbedder
+from ..nn import BlockStack, DiTBlock, FinalLayer, PatchEmbed, TimestepEmbedder
 
 
 def init_dit_weights(module: nn.Module) -> None:
@@ -43,17 +43,19 @@ def patchify(x: torch.Tensor, patch: int) -> torch.Tensor:
     return torch.einsum("bchpwq->bhwpqc", x).reshape(B, (H // patch) * (W // patch), patch * patch * C)
 
 
-class DiT(nn.Module):
+class DiT(BlockStack, nn.Module):
     """D(x_t, t, z): predicts the diffusion target from the noisy image, the time and an embedding.
 
     Conditioning c = TimestepEmbedder(t) + Linear(z) (``cond_merge="add"``) or
     Linear([TimestepEmbedder(t), Linear(z)]) (``"concat"``). Rows of z flagged in ``drop`` are replaced
-    by a learned null vector, so the same network also denoises without an embedding.
+    by a learned null vector, so the same network also denoises without an embedding. With
+    ``adaln="stacked"`` (default) the blocks' adaLN weights form one matrix (``adaLN_stack``) applied once
+    per step; ``"per_block"`` keeps DiT's per-block layout (either loads into either).
     """
 
     def __init__(self, input_size: int, patch_size: int, in_channels: int, hidden_size: int, depth: int,
                  num_heads: int, mlp_ratio: float = 4.0, z_dim: Optional[int] = None, cond_merge: str = "add",
-                 qk_norm: bool = False, backend: str = "auto"):
+                 qk_norm: bool = False, backend: str = "auto", adaln: str = "stacked", rms_norm: bool = False):
         super().__init__()
         self.in_channels, self.patch_size, self.z_dim, self.cond_merge = in_channels, patch_size, z_dim, cond_merge
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
@@ -63,13 +65,12 @@ class DiT(nn.Module):
             self.null_z = nn.Parameter(torch.randn(z_dim) / z_dim**0.5)
             if cond_merge == "concat":
                 self.cond_proj = nn.Linear(2 * hidden_size, hidden_size)
-        self.blocks = nn.ModuleList(
-            DiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm=qk_norm, backend=backend) for _ in range(depth)
-        )
-        self.final_layer = FinalLayer(hidden_size, patch_size, in_channels, backend=backend)
+        blocks = [DiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm=qk_norm, backend=backend,
+                           modulation=adaln == "per_block", rms_norm=rms_norm) for _ in range(depth)]
+        self._init_blocks(blocks, hidden_size, adaln)
+        self.final_layer = FinalLayer(hidden_size, patch_size, in_channels, backend=backend, rms_norm=rms_norm)
         init_dit_weights(self)
-        for block in self.blocks:
-            block.adaLN_modulation.zero_()
+        self.zero_adaln_()
         self.final_layer.adaLN_modulation.zero_()
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
@@ -95,8 +96,8 @@ class DiT(nn.Module):
                              f"the DiT has blocks 0..{len(self.blocks) - 1}")
         c = self.condition(t, z, drop)
         h = self.x_embedder(x)
-        for i, block in enumerate(self.blocks):
-            h = block(h, c)
+        for i, (block, mod) in enumerate(zip(self.blocks, self.block_modulations(c))):
+            h = block(h, c, mod)
             if i == return_block:
                 return h
         return unpatchify(self.final_layer(h, c), self.patch_size, self.in_channels)

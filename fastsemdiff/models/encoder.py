@@ -7,11 +7,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..nn import DiTBlock, PatchEmbed, TimestepEmbedder
+from ..nn import BlockStack, DiTBlock, PatchEmbed, TimestepEmbedder
 from .dit import init_dit_weights
 
 
-class TimeEncoder(nn.Module):
+class TimeEncoder(BlockStack, nn.Module):
     """Patch tokens pass adaLN blocks conditioned on t only, are mean-pooled, LayerNorm-ed and mapped to d.
 
     ``time_conditioned=False`` replaces the timestep embedding by one learned vector (a static,
@@ -22,7 +22,7 @@ class TimeEncoder(nn.Module):
     def __init__(self, input_size: int, patch_size: int, in_channels: int, hidden_size: int, depth: int,
                  num_heads: int, out_dim: int, mlp_ratio: float = 4.0, time_conditioned: bool = True,
                  normalize: bool = True, variational: bool = False, qk_norm: bool = False, open_gates: bool = True,
-                 backend: str = "auto"):
+                 backend: str = "auto", adaln: str = "stacked", rms_norm: bool = False):
         super().__init__()
         self.out_dim, self.time_conditioned = out_dim, time_conditioned
         self.normalize, self.variational = normalize, variational
@@ -31,18 +31,15 @@ class TimeEncoder(nn.Module):
             self.t_embedder = TimestepEmbedder(hidden_size, backend=backend)
         else:
             self.static_cond = nn.Parameter(torch.zeros(hidden_size))
-        self.blocks = nn.ModuleList(
-            DiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm=qk_norm, backend=backend) for _ in range(depth)
-        )
+        blocks = [DiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm=qk_norm, backend=backend,
+                           modulation=adaln == "per_block", rms_norm=rms_norm) for _ in range(depth)]
+        self._init_blocks(blocks, hidden_size, adaln)
         self.norm = nn.LayerNorm(hidden_size, eps=1e-6)
         self.head = nn.Linear(hidden_size, out_dim * (2 if variational else 1))
         init_dit_weights(self)
-        for block in self.blocks:
-            block.adaLN_modulation.zero_()
-            if open_gates:  # start as a plain pre-LN ViT (gates 1, no modulation); t-modulation is learned
-                gate_bias = block.adaLN_modulation[1].bias.view(6, hidden_size)
-                nn.init.ones_(gate_bias[2])
-                nn.init.ones_(gate_bias[5])
+        self.zero_adaln_()
+        if open_gates:  # start as a plain pre-LN ViT (gates 1, no modulation); t-modulation is learned
+            self.open_gates_()
         if not time_conditioned:
             nn.init.normal_(self.static_cond, std=0.02)
 
@@ -55,8 +52,8 @@ class TimeEncoder(nn.Module):
         """Pooled, normalised tokens [B, hidden] before the head."""
         c = self._cond(x, t)
         h = self.x_embedder(x)
-        for block in self.blocks:
-            h = block(h, c)
+        for block, mod in zip(self.blocks, self.block_modulations(c)):
+            h = block(h, c, mod)
         return self.norm(h.mean(dim=1))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, generator: Optional[torch.Generator] = None,

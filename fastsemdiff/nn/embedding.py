@@ -7,7 +7,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .backend import check_backend
+from .. import ops
+from .backend import check_backend, resolve_backend
 
 
 def sincos_pos_embed_2d(dim: int, grid: int) -> torch.Tensor:
@@ -57,7 +58,7 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     args = t.float()[:, None] * freqs[None]
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:
-        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+        emb = torch.cat([emb, emb.new_zeros(emb.shape[0], 1)], dim=-1)
     return emb
 
 
@@ -78,5 +79,10 @@ class TimestepEmbedder(nn.Module):
         )
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        freq = timestep_embedding(t * self.time_scale, self.frequency_embedding_size)
+        scaled = t * self.time_scale
+        backend = resolve_backend(self.backend, t)
+        if backend == "torch":
+            freq = timestep_embedding(scaled, self.frequency_embedding_size)
+        else:
+            freq = ops.timestep_embedding(scaled, self.frequency_embedding_size, backend=backend)
         return self.mlp(freq.to(self.mlp[0].weight.dtype))

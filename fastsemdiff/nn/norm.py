@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import ops
 from .backend import check_backend, resolve_backend
 
 
@@ -24,11 +25,17 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + _per_token(scale)) + _per_token(shift)
 
 
-def modulated_layer_norm_ref(x, shift, scale, weight=None, bias=None, eps: float = 1e-6):
-    """LN(x) * (1 + scale) + shift, statistics in fp32, output in x's dtype."""
-    y = F.layer_norm(x.float(), x.shape[-1:], None if weight is None else weight.float(),
-                     None if bias is None else bias.float(), eps)
-    return modulate(y, _per_token(shift).float(), _per_token(scale).float()).to(x.dtype)
+def modulated_layer_norm_ref(x, shift, scale, weight=None, bias=None, eps: float = 1e-6, rms: bool = False):
+    """norm(x) [* weight + bias] * (1 + scale) + shift with norm = LayerNorm (or RMSNorm with ``rms``),
+    statistics in fp32 (fp64 for fp64 inputs), output in x's dtype."""
+    acc = torch.promote_types(x.dtype, torch.float32)
+    w = None if weight is None else weight.to(acc)
+    if rms:
+        y = F.rms_norm(x.to(acc), x.shape[-1:], w, eps)
+        y = y if bias is None else y + bias.to(acc)
+    else:
+        y = F.layer_norm(x.to(acc), x.shape[-1:], w, None if bias is None else bias.to(acc), eps)
+    return modulate(y, _per_token(shift).to(acc), _per_token(scale).to(acc)).to(x.dtype)
 
 
 def gated_residual_ref(x, h, gate):
@@ -36,27 +43,42 @@ def gated_residual_ref(x, h, gate):
     return x + _per_token(gate) * h
 
 
-def gated_residual_modulated_norm_ref(x, h, gate, shift, scale, weight=None, bias=None, eps: float = 1e-6):
-    """(x + gate * h, LN(x + gate * h) * (1 + scale) + shift)."""
-    x_out = gated_residual_ref(x, h, gate)
-    return x_out, modulated_layer_norm_ref(x_out, shift, scale, weight, bias, eps)
+def gated_residual_modulated_norm_ref(x, h, gate, shift, scale, weight=None, bias=None, eps: float = 1e-6,
+                                      rms: bool = False):
+    """(x + gate * h, norm(x + gate * h) * (1 + scale) + shift), the sum in x's dtype."""
+    x_out = gated_residual_ref(x, h, gate).to(x.dtype)
+    return x_out, modulated_layer_norm_ref(x_out, shift, scale, weight, bias, eps, rms)
 
 
 class ModulatedLayerNorm(nn.Module):
-    """``LN(x) * (1 + scale) + shift``: DiT's ``modulate(norm(x), shift, scale)`` as one layer."""
+    """``LN(x) * (1 + scale) + shift``: DiT's ``modulate(norm(x), shift, scale)`` as one layer.
 
-    def __init__(self, dim: int, eps: float = 1e-6, elementwise_affine: bool = False, backend: str = "auto"):
+    ``rms=True`` normalises by the root mean square instead (LightningDiT's RMSNorm block). On the
+    ``triton`` backend a ``[B, N, C]`` input runs the fused kernel, forward and backward.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6, elementwise_affine: bool = False, backend: str = "auto",
+                 rms: bool = False):
         super().__init__()
-        self.dim, self.eps, self.backend = dim, eps, check_backend(backend)
+        self.dim, self.eps, self.backend, self.rms = dim, eps, check_backend(backend), rms
         self.weight: Optional[nn.Parameter] = nn.Parameter(torch.ones(dim)) if elementwise_affine else None
-        self.bias: Optional[nn.Parameter] = nn.Parameter(torch.zeros(dim)) if elementwise_affine else None
+        self.bias: Optional[nn.Parameter] = (nn.Parameter(torch.zeros(dim)) if elementwise_affine and not rms
+                                             else None)
+
+    def _fused(self, x: torch.Tensor) -> Optional[str]:
+        """The fused backend for this input, or None for the reference path."""
+        backend = resolve_backend(self.backend, x)
+        return backend if backend != "torch" and x.dim() == 3 else None
 
     def forward(self, x, shift, scale):
-        resolve_backend(self.backend)
-        return modulated_layer_norm_ref(x, shift, scale, self.weight, self.bias, self.eps)
+        fused = self._fused(x)
+        if fused:
+            return ops.modulated_layer_norm(x, shift, scale, self.weight, self.bias, self.eps, self.rms, fused)
+        return modulated_layer_norm_ref(x, shift, scale, self.weight, self.bias, self.eps, self.rms)
 
     def extra_repr(self) -> str:
-        return f"{self.dim}, eps={self.eps}, elementwise_affine={self.weight is not None}, backend={self.backend}"
+        return (f"{self.dim}, eps={self.eps}, elementwise_affine={self.weight is not None}, rms={self.rms}, "
+                f"backend={self.backend}")
 
 
 class GatedResidual(nn.Module):
@@ -75,5 +97,9 @@ class GatedResidualModulatedNorm(ModulatedLayerNorm):
     ``(x + gate * h, LN(x + gate * h) * (1 + scale) + shift)``."""
 
     def forward(self, x, h, gate, shift, scale):
-        resolve_backend(self.backend)
-        return gated_residual_modulated_norm_ref(x, h, gate, shift, scale, self.weight, self.bias, self.eps)
+        fused = self._fused(x)
+        if fused:
+            return ops.gated_residual_modulated_norm(x, h, gate, shift, scale, self.weight, self.bias, self.eps,
+                                                     self.rms, fused)
+        return gated_residual_modulated_norm_ref(x, h, gate, shift, scale, self.weight, self.bias, self.eps,
+                                                 self.rms)

@@ -1,0 +1,215 @@
+"""The modulated norm and the gated residual + modulated norm as ``torch.library`` custom ops with autograd.
+
+Ops (on 2-D rows; see ``kernels/modulated_layer_norm.py`` for the layout; ``R = M // tokens_per_mod_row``):
+
+* ``fastsemdiff::modulated_norm_fwd(x[M, C], shift[R, C], scale[R, C], weight[C]?, bias[C]?, eps,
+  tokens_per_mod_row, rms, backend) -> (y, mean[M] fp32, rstd[M] fp32)``
+* ``fastsemdiff::gated_residual_modulated_norm_fwd(x, h, gate[R, C], shift, scale, weight?, bias?, eps,
+  tokens_per_mod_row, rms, backend) -> (x_out, y, mean, rstd)``
+* ``fastsemdiff::modulated_norm_bwd`` / ``gated_residual_modulated_norm_bwd``: their backwards.
+  Gradients of absent inputs come back as empty ``[0]`` tensors (a custom op cannot return None).
+
+``backend`` names the kernels that run the op: ``"triton"`` (``fastsemdiff.kernels``). The user-facing
+functions ``modulated_layer_norm`` and ``gated_residual_modulated_norm`` take ``x [B, N, C]`` with DiT's
+modulation shapes; the Triton kernels are imported on the first call, so ``TRITON_INTERPRET`` may still
+be set after ``fastsemdiff`` has been imported.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+FUSED_BACKENDS = ("triton",)
+
+
+def _kernels(backend: str):
+    if backend != "triton":
+        raise ValueError(f"fused modulated norm: unknown backend {backend!r}; choose one of {FUSED_BACKENDS}")
+    from fastsemdiff.kernels import modulated_layer_norm as kernels  # decides interpreter-or-GPU on first import
+
+    return kernels
+
+
+def _or_empty(t: Optional[Tensor], like: Tensor) -> Tensor:
+    return t if t is not None else like.new_empty(0)
+
+
+def _none_if_absent(grad: Tensor, given: Optional[Tensor]) -> Optional[Tensor]:
+    return grad if given is not None else None
+
+
+# ------------------------------------------------------------------------------- modulated norm
+@torch.library.custom_op("fastsemdiff::modulated_norm_fwd", mutates_args=())
+def modulated_norm_fwd(x: Tensor, shift: Tensor, scale: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                       eps: float, tokens_per_mod_row: int, rms: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    _, y, mean, rstd = _kernels(backend).modulated_norm_fwd(x, shift, scale, weight, bias, eps, tokens_per_mod_row, rms)
+    return y, mean, rstd
+
+
+@modulated_norm_fwd.register_fake
+def _(x, shift, scale, weight, bias, eps, tokens_per_mod_row, rms, backend):
+    M, C = x.shape
+    torch._check(scale.shape == shift.shape and scale.shape[-1] == C, lambda: "shift/scale must be [R, C]")
+    return x.new_empty(M, C), x.new_empty(M, dtype=torch.float32), x.new_empty(M, dtype=torch.float32)
+
+
+@torch.library.custom_op("fastsemdiff::modulated_norm_bwd", mutates_args=())
+def modulated_norm_bwd(dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, scale: Tensor, weight: Optional[Tensor],
+                       bias: Optional[Tensor], tokens_per_mod_row: int, rms: bool, backend: str
+                       ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    dx, _, _, dshift, dscale, dw, db = _kernels(backend).modulated_norm_bwd(
+        dy, x, mean, rstd, scale, weight, bias, tokens_per_mod_row, rms)
+    return dx, dshift, dscale, _or_empty(dw, x), _or_empty(db, x)
+
+
+@modulated_norm_bwd.register_fake
+def _(dy, x, mean, rstd, scale, weight, bias, tokens_per_mod_row, rms, backend):
+    return (torch.empty_like(x, memory_format=torch.contiguous_format), scale.new_empty(scale.shape),
+            scale.new_empty(scale.shape), weight.new_empty(weight.shape) if weight is not None else x.new_empty(0),
+            bias.new_empty(bias.shape) if bias is not None else x.new_empty(0))
+
+
+def _mn_setup(ctx, inputs, output):
+    x, shift, scale, weight, bias, eps, tokens_per_mod_row, rms, backend = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, scale, weight, bias, mean, rstd)
+    ctx.args = (tokens_per_mod_row, rms, backend)
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _mn_backward(ctx, dy, _dmean, _drstd):
+    x, scale, weight, bias, mean, rstd = ctx.saved_tensors
+    dx, dshift, dscale, dw, db = modulated_norm_bwd(dy.contiguous(), x, mean, rstd, scale, weight, bias, *ctx.args)
+    return dx, dshift, dscale, _none_if_absent(dw, weight), _none_if_absent(db, bias), None, None, None, None
+
+
+modulated_norm_fwd.register_autograd(_mn_backward, setup_context=_mn_setup)
+
+
+# ------------------------------------------------------------------------ gated residual + norm
+@torch.library.custom_op("fastsemdiff::gated_residual_modulated_norm_fwd", mutates_args=())
+def gated_residual_modulated_norm_fwd(x: Tensor, h: Tensor, gate: Tensor, shift: Tensor, scale: Tensor,
+                                      weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+                                      tokens_per_mod_row: int, rms: bool, backend: str
+                                      ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _kernels(backend).modulated_norm_fwd(x, shift, scale, weight, bias, eps, tokens_per_mod_row, rms, h, gate)
+
+
+@gated_residual_modulated_norm_fwd.register_fake
+def _(x, h, gate, shift, scale, weight, bias, eps, tokens_per_mod_row, rms, backend):
+    M, C = x.shape
+    torch._check(h.shape == x.shape, lambda: "h must be shaped like x")
+    torch._check(gate.shape == scale.shape and shift.shape == scale.shape, lambda: "gate/shift/scale must be [R, C]")
+    f32 = torch.float32
+    return x.new_empty(M, C), x.new_empty(M, C), x.new_empty(M, dtype=f32), x.new_empty(M, dtype=f32)
+
+
+@torch.library.custom_op("fastsemdiff::gated_residual_modulated_norm_bwd", mutates_args=())
+def gated_residual_modulated_norm_bwd(dx_out: Tensor, dy: Tensor, x_out: Tensor, h: Tensor, gate: Tensor,
+                                      mean: Tensor, rstd: Tensor, scale: Tensor, weight: Optional[Tensor],
+                                      bias: Optional[Tensor], tokens_per_mod_row: int, rms: bool, backend: str
+                                      ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    dx, dh, dgate, dshift, dscale, dw, db = _kernels(backend).modulated_norm_bwd(
+        dy, x_out, mean, rstd, scale, weight, bias, tokens_per_mod_row, rms, dx_out, h, gate)
+    return dx, dh, dgate, dshift, dscale, _or_empty(dw, x_out), _or_empty(db, x_out)
+
+
+@gated_residual_modulated_norm_bwd.register_fake
+def _(dx_out, dy, x_out, h, gate, mean, rstd, scale, weight, bias, tokens_per_mod_row, rms, backend):
+    mod = scale.new_empty(scale.shape)
+    return (x_out.new_empty(x_out.shape), x_out.new_empty(x_out.shape), mod, mod.clone(), mod.clone(),
+            weight.new_empty(weight.shape) if weight is not None else x_out.new_empty(0),
+            bias.new_empty(bias.shape) if bias is not None else x_out.new_empty(0))
+
+
+def _gr_setup(ctx, inputs, output):
+    x, h, gate, shift, scale, weight, bias, eps, tokens_per_mod_row, rms, backend = inputs
+    x_out, _, mean, rstd = output
+    ctx.save_for_backward(x_out, h, gate, scale, weight, bias, mean, rstd)
+    ctx.args = (tokens_per_mod_row, rms, backend)
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _gr_backward(ctx, dx_out, dy, _dmean, _drstd):
+    x_out, h, gate, scale, weight, bias, mean, rstd = ctx.saved_tensors
+    dx_out = torch.zeros_like(x_out) if dx_out is None else dx_out.contiguous()
+    dy = torch.zeros_like(x_out) if dy is None else dy.contiguous()
+    dx, dh, dgate, dshift, dscale, dw, db = gated_residual_modulated_norm_bwd(
+        dx_out, dy, x_out, h, gate, mean, rstd, scale, weight, bias, *ctx.args)
+    return (dx, dh, dgate, dshift, dscale, _none_if_absent(dw, weight), _none_if_absent(db, bias),
+            None, None, None, None)
+
+
+gated_residual_modulated_norm_fwd.register_autograd(_gr_backward, setup_context=_gr_setup)
+
+
+# ------------------------------------------------------------------------ user-facing functions
+def _mod_rows(mods: dict[str, Tensor], B: int, N: int, C: int, x_shape) -> tuple[list[Tensor], int]:
+    """DiT's modulation shapes -> ``[R, C]`` rows sharing one row stride, and tokens_per_mod_row.
+
+    Each of ``[B, C]``, ``[B, 1, C]`` (per-sample) or ``[B, N, C]`` (per-token); a batch of 1 broadcasts.
+    If any is per-token, all are expanded to per-token. Chunked views of one adaLN output stay views.
+    """
+    mods = {k: (m.unsqueeze(1) if m.dim() == 2 else m) for k, m in mods.items()}
+    for name, m in mods.items():
+        if m.dim() != 3 or m.shape[-1] != C or m.shape[0] not in (1, B) or m.shape[1] not in (1, N):
+            raise ValueError(f"{name} must be [B, C], [B, 1, C] or [B, N, C] for x {tuple(x_shape)}; "
+                             f"got {tuple(m.shape)}")
+    per_token = N > 1 and any(m.shape[1] == N for m in mods.values())
+    dtype = mods["scale"].dtype
+    for m in mods.values():
+        dtype = torch.promote_types(dtype, m.dtype)
+    shape = (B, N if per_token else 1, C)
+    rows = [m.to(dtype).expand(shape).reshape(-1, C) for m in mods.values()]
+    rows = [r if r.stride(-1) == 1 else r.contiguous() for r in rows]
+    if len({r.stride(0) for r in rows}) > 1 and rows[0].shape[0] > 1:
+        rows = [r.contiguous() for r in rows]
+    return rows, 1 if per_token else N
+
+
+def _affine(weight: Optional[Tensor], bias: Optional[Tensor]):
+    if weight is not None and bias is not None and weight.dtype != bias.dtype:
+        dtype = torch.promote_types(weight.dtype, bias.dtype)
+        weight, bias = weight.to(dtype), bias.to(dtype)
+    return (None if weight is None else weight.contiguous()), (None if bias is None else bias.contiguous())
+
+
+def _tokens(x: Tensor, name: str = "x") -> Tensor:
+    if x.dim() != 3:
+        raise ValueError(f"{name} must be [B, N, C], got {tuple(x.shape)}")
+    x2d = x.reshape(-1, x.shape[-1])
+    return x2d if x2d.stride(-1) == 1 else x2d.contiguous()
+
+
+def modulated_layer_norm(x: Tensor, shift: Tensor, scale: Tensor, weight: Optional[Tensor] = None,
+                         bias: Optional[Tensor] = None, eps: float = 1e-6, rms: bool = False,
+                         backend: str = "triton") -> Tensor:
+    """``norm(x) [* weight + bias] * (1 + scale) + shift`` on the fused kernels (LayerNorm, or RMSNorm).
+
+    ``x`` is ``[B, N, C]`` (any strides); ``shift``/``scale`` ``[B, C]``, ``[B, 1, C]`` or ``[B, N, C]``.
+    Statistics are fp32; the result has x's dtype and shape. Differentiable in every tensor input.
+    """
+    x2d = _tokens(x)
+    B, N, C = x.shape
+    (shift, scale), t = _mod_rows({"shift": shift, "scale": scale}, B, N, C, x.shape)
+    weight, bias = _affine(weight, bias)
+    y, _, _ = modulated_norm_fwd(x2d, shift, scale, weight, bias, float(eps), t, rms, backend)
+    return y.view(B, N, C)
+
+
+def gated_residual_modulated_norm(x: Tensor, h: Tensor, gate: Tensor, shift: Tensor, scale: Tensor,
+                                  weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+                                  eps: float = 1e-6, rms: bool = False, backend: str = "triton"
+                                  ) -> tuple[Tensor, Tensor]:
+    """``(x + gate * h, norm(x + gate * h) [* weight + bias] * (1 + scale) + shift)`` in one pass."""
+    x2d, h2d = _tokens(x), _tokens(h, "h")
+    B, N, C = x.shape
+    if h.shape != x.shape:
+        raise ValueError(f"h must be shaped like x {tuple(x.shape)}, got {tuple(h.shape)}")
+    (gate, shift, scale), t = _mod_rows({"gate": gate, "shift": shift, "scale": scale}, B, N, C, x.shape)
+    weight, bias = _affine(weight, bias)
+    x_out, y, _, _ = gated_residual_modulated_norm_fwd(x2d, h2d.to(x.dtype), gate, shift, scale, weight, bias,
+                                                       float(eps), t, rms, backend)
+    return x_out.view(B, N, C), y.view(B, N, C)

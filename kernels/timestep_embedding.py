@@ -1,0 +1,48 @@
+"""The sinusoidal timestep embedding, ``[cos(t * f_j), sin(t * f_j)]`` with ``f_j = max_period^(-j / half)``.
+
+One program per time step writes the whole fp32 row (any ``dim``; an odd ``dim`` ends in a zero column),
+so the embedding is one launch instead of torch's arange/exp/outer/cos/sin/cat chain.
+Launcher only; the custom op lives in ``fastsemdiff.ops.timestep_embedding``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from . import modulated_layer_norm as _mln  # shares its interpreter flag and test hooks
+
+
+@triton.jit
+def _timestep_embedding_kernel(T, OUT, stride_t, half, neg_log_period_over_half, dim, BLOCK_D: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_D)
+    t = tl.load(T + row * stride_t).to(tl.float32)
+    is_sin = cols >= half
+    j = tl.where(is_sin, cols - half, cols).to(tl.float32)
+    arg = t * tl.exp(j * neg_log_period_over_half)
+    emb = tl.where(is_sin, tl.sin(arg), tl.cos(arg))
+    emb = tl.where(cols < 2 * half, emb, 0.0)
+    tl.store(OUT + row * dim + cols, emb, mask=cols < dim)
+
+
+def timestep_embedding_fwd(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """``t`` [B] (any float dtype) -> fp32 [B, dim], as ``fastsemdiff.nn.timestep_embedding``."""
+    if t.device.type == "cpu" and not _mln.INTERPRETED:
+        raise RuntimeError("the Triton timestep-embedding kernel got a CPU tensor outside the Triton interpreter: "
+                           "set TRITON_INTERPRET=1 before fastsemdiff.kernels is imported, or use backend='torch'")
+    if t.dim() != 1:
+        raise ValueError(f"timestep_embedding: t must be [B], got {tuple(t.shape)}")
+    if dim < 1:
+        raise ValueError(f"timestep_embedding: dim must be positive, got {dim}")
+    out = _mln._new((t.shape[0], dim), torch.float32, t.device)
+    half = dim // 2
+    if t.shape[0] == 0:
+        return out
+    _timestep_embedding_kernel[(t.shape[0],)](
+        t, out, t.stride(0), half, -math.log(max_period) / max(half, 1), dim,
+        BLOCK_D=triton.next_power_of_2(dim), num_warps=4 if dim <= 1024 else 8,
+    )
+    return out
