@@ -13,6 +13,21 @@ extras=""
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".${extras}"
 
+# The CUDA C++ extension (csrc/ -> fastsemdiff._C) builds against the installed torch, so the package is
+# installed once more without build isolation: setup.py builds the extension where nvcc and a CUDA build of
+# torch are present and otherwise says why in one line (FASTSEMDIFF_BUILD_CUDA=0 skips it, =1 insists).
+if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda; fi
+.venv/bin/python -m pip install --quiet --disable-pip-version-check "setuptools>=64" wheel ninja
+build_log=$(mktemp)
+if ! .venv/bin/python -m pip install -v --disable-pip-version-check --no-build-isolation --no-deps -e . \
+        >"$build_log" 2>&1; then
+    tail -n 80 "$build_log" >&2
+    echo "setup: installing fastsemdiff (and building fastsemdiff._C) failed; the end of its log is above" >&2
+    exit 1
+fi
+sed -n 's/^[[:space:]]*\(fastsemdiff: .*\)$/\1/p' "$build_log" | awk '!seen[$0]++'  # the build's own lines
+rm -f "$build_log"
+
 data=/usr/share/datasets/fashion-mnist
 if [ ! -f "$data/train-images-idx3-ubyte.gz" ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
