@@ -18,15 +18,9 @@ from fastsemdiff.ops import gated_residual_modulated_norm  # noqa: E402
 
 from kernel_helpers import DEVICE, DTYPES, EPS, KINDS, check_op, grads_of, mod_shape, randn  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("poison_kernel_outputs")
+
 NAMES = ["x_out", "y", "x", "h", "gate", "shift", "scale", "weight", "bias"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def poison_outputs():
-    before = K.POISON_OUTPUTS
-    K.POISON_OUTPUTS = True
-    yield
-    K.POISON_OUTPUTS = before
 
 
 def make_inputs(B, N, C, kind, affine, dtype, seed=0, rms=False):

@@ -22,19 +22,13 @@ from fastsemdiff.ops import modulated_layer_norm  # noqa: E402
 from helpers import gen  # noqa: E402
 from kernel_helpers import DEVICE, DTYPES, EPS, KINDS, check_op, mod_shape, randn  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("poison_kernel_outputs")
+
 if DEVICE.type == "cpu" and not K.INTERPRETED:
     raise RuntimeError("fastsemdiff.kernels was imported before TRITON_INTERPRET=1 was set, so its Triton "
                        "kernels cannot run on this CPU-only machine")
 
 NAMES = ["y", "x", "shift", "scale", "weight", "bias"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def poison_outputs():
-    before = K.POISON_OUTPUTS
-    K.POISON_OUTPUTS = True
-    yield
-    K.POISON_OUTPUTS = before
 
 
 def make_inputs(B, N, C, kind, affine, dtype, seed=0, rms=False):

@@ -8,20 +8,13 @@ import torch
 
 pytest.importorskip("triton")
 
-from fastsemdiff.kernels import modulated_layer_norm as K  # noqa: E402
 from fastsemdiff.nn import TimestepEmbedder, timestep_embedding  # noqa: E402
 from fastsemdiff.ops import timestep_embedding as fused_timestep_embedding  # noqa: E402
 
 from helpers import gen  # noqa: E402
 from kernel_helpers import DEVICE  # noqa: E402
 
-
-@pytest.fixture(autouse=True, scope="module")
-def poison_outputs():
-    before = K.POISON_OUTPUTS
-    K.POISON_OUTPUTS = True
-    yield
-    K.POISON_OUTPUTS = before
+pytestmark = pytest.mark.usefixtures("poison_kernel_outputs")
 
 
 def times(B: int, seed: int, dtype=torch.float32) -> torch.Tensor:
