@@ -44,7 +44,7 @@ class ModelConfig:
     qk_norm: bool = False
     cond_merge: str = "add"  # add | concat: how Linear(z) joins the timestep embedding
     z_dropout: float = 0.1  # probability of replacing z by the learned null vector
-    backend: str = "auto"  # auto | torch | triton: auto picks the fused Triton kernels on CUDA, torch on CPU
+    backend: str = "auto"  # auto | torch | triton | cuda: auto picks the fused kernels on CUDA, torch on CPU
     adaln: str = "stacked"  # stacked (all blocks' adaLN in one matrix product) | per_block (DiT's layout)
     rms_norm: bool = False  # RMSNorm instead of LayerNorm in the blocks (LightningDiT-style)
 
@@ -142,7 +142,7 @@ class Config:
     def validate(self) -> "Config":
         choices = {
             "model.cond_merge": (self.model.cond_merge, {"add", "concat"}),
-            "model.backend": (self.model.backend, {"auto", "torch", "triton"}),
+            "model.backend": (self.model.backend, {"auto", "torch", "triton", "cuda"}),
             "model.adaln": (self.model.adaln, {"stacked", "per_block"}),
             "encoder.input": (self.encoder.input, {"clean", "noisy"}),
             "encoder.regularizer": (self.encoder.regularizer, {"none", "l1", "kl"}),

@@ -119,7 +119,8 @@ def test_image_size_not_divisible_by_patch():
     ("model.cond_merge=mul", ["add", "concat"]),
     ("encoder.regularizer=l2", ["kl", "l1", "none"]),
     ("encoder.input=blurred", ["clean", "noisy"]),
-    ("model.backend=cuda", ["auto", "torch"]),
+    ("model.backend=cutlass", ["auto", "cuda", "torch", "triton"]),
+    ("model.adaln=shared", ["per_block", "stacked"]),
 ])
 def test_invalid_choice_lists_choices(override, choices):
     with pytest.raises(ConfigError) as e:

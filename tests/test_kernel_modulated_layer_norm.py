@@ -232,3 +232,22 @@ def test_opcheck(per_token, rms):
     _, _, mean, rstd = K.modulated_norm_fwd(x2, shift, scale, w, b, EPS, t, rms)
     torch.library.opcheck(bwd, (dy2, x2, mean, rstd, scale, w, b, t, rms, "triton"))
     torch.library.opcheck(bwd, (dy2, x2, mean, rstd, scale, None, None, t, rms, "triton"))
+
+
+def test_cuda_backend_without_extension_says_why(monkeypatch):
+    """backend='cuda' where fastsemdiff._C cannot be used: a clear error naming the reason and the way out."""
+    from fastsemdiff.ops import _cuda
+
+    monkeypatch.setattr(_cuda, "_loaded", True)
+    monkeypatch.setattr(_cuda, "_ops", None)
+    monkeypatch.setattr(_cuda, "_reason", "fastsemdiff._C was not built (test)")
+    with pytest.raises(RuntimeError, match=r"backend='cuda': fastsemdiff._C was not built.*'triton'"):
+        resolve_backend("cuda", randn(2, 3, 8, seed=1))
+    assert resolve_backend("auto", randn(2, 3, 8, seed=1), "modulated_layer_norm") in ("torch", "triton")
+
+
+def test_cuda_launchers_fall_back_to_triton_off_gpu():
+    """The 'cuda' op backend runs Triton for inputs the CUDA kernels do not take (here: CPU tensors)."""
+    (x, shift, scale, w, b), _ = make_inputs(2, 5, 100, "BC", True, torch.float32, seed=150)
+    got = modulated_layer_norm(x, shift, scale, w, b, eps=EPS, backend="cuda")
+    assert_close(got, modulated_layer_norm_ref(x, shift, scale, w, b, eps=EPS), rtol=1e-5, atol=1e-5)

@@ -80,7 +80,7 @@ class TimestepEmbedder(nn.Module):
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         scaled = t * self.time_scale
-        backend = resolve_backend(self.backend, t)
+        backend = resolve_backend(self.backend, t, "timestep_embedding")
         if backend == "torch":
             freq = timestep_embedding(scaled, self.frequency_embedding_size)
         else:

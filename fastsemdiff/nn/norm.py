@@ -65,13 +65,13 @@ class ModulatedLayerNorm(nn.Module):
         self.bias: Optional[nn.Parameter] = (nn.Parameter(torch.zeros(dim)) if elementwise_affine and not rms
                                              else None)
 
-    def _fused(self, x: torch.Tensor) -> Optional[str]:
+    def _fused(self, x: torch.Tensor, op: str) -> Optional[str]:
         """The fused backend for this input, or None for the reference path."""
-        backend = resolve_backend(self.backend, x)
+        backend = resolve_backend(self.backend, x, op)
         return backend if backend != "torch" and x.dim() == 3 else None
 
     def forward(self, x, shift, scale):
-        fused = self._fused(x)
+        fused = self._fused(x, "modulated_layer_norm")
         if fused:
             return ops.modulated_layer_norm(x, shift, scale, self.weight, self.bias, self.eps, self.rms, fused)
         return modulated_layer_norm_ref(x, shift, scale, self.weight, self.bias, self.eps, self.rms)
@@ -97,7 +97,7 @@ class GatedResidualModulatedNorm(ModulatedLayerNorm):
     ``(x + gate * h, LN(x + gate * h) * (1 + scale) + shift)``."""
 
     def forward(self, x, h, gate, shift, scale):
-        fused = self._fused(x)
+        fused = self._fused(x, "gated_residual_modulated_norm")
         if fused:
             return ops.gated_residual_modulated_norm(x, h, gate, shift, scale, self.weight, self.bias, self.eps,
                                                      self.rms, fused)

@@ -9,7 +9,8 @@ Ops (on 2-D rows; see ``kernels/modulated_layer_norm.py`` for the layout; ``R = 
 * ``fastsemdiff::modulated_norm_bwd`` / ``gated_residual_modulated_norm_bwd``: their backwards.
   Gradients of absent inputs come back as empty ``[0]`` tensors (a custom op cannot return None).
 
-``backend`` names the kernels that run the op: ``"triton"`` (``fastsemdiff.kernels``). The user-facing
+``backend`` names the kernels that run the op: ``"triton"`` (``fastsemdiff.kernels``) or ``"cuda"`` (the
+``fastsemdiff._C`` extension; inputs it does not take run on Triton). The user-facing
 functions ``modulated_layer_norm`` and ``gated_residual_modulated_norm`` take ``x [B, N, C]`` with DiT's
 modulation shapes; the Triton kernels are imported on the first call, so ``TRITON_INTERPRET`` may still
 be set after ``fastsemdiff`` has been imported.
@@ -21,15 +22,54 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-FUSED_BACKENDS = ("triton",)
+FUSED_BACKENDS = ("triton", "cuda")
 
 
-def _kernels(backend: str):
-    if backend != "triton":
-        raise ValueError(f"fused modulated norm: unknown backend {backend!r}; choose one of {FUSED_BACKENDS}")
+def _triton():
     from fastsemdiff.kernels import modulated_layer_norm as kernels  # decides interpreter-or-GPU on first import
 
     return kernels
+
+
+class _CudaLaunchers:
+    """The CUDA extension's norm ops behind the Triton launchers' signatures; inputs the CUDA kernels do not
+    take (C not a multiple of 8, unaligned rows, CPU tensors) run on Triton instead."""
+
+    @staticmethod
+    def modulated_norm_fwd(x, shift, scale, weight, bias, eps, tokens_per_mod_row, rms, h=None, gate=None):
+        from . import _cuda
+
+        if _cuda.norm_unsupported_reason(x, shift, scale, h, gate) is not None:
+            return _triton().modulated_norm_fwd(x, shift, scale, weight, bias, eps, tokens_per_mod_row, rms, h, gate)
+        if h is None:
+            return (None, *_cuda.load().mln_fwd(x, shift, scale, weight, bias, eps, tokens_per_mod_row, rms))
+        return tuple(_cuda.load().grmln_fwd(x, h, gate, shift, scale, weight, bias, eps, tokens_per_mod_row, rms))
+
+    @staticmethod
+    def modulated_norm_bwd(dy, x, mean, rstd, scale, weight, bias, tokens_per_mod_row, rms, dx_out=None, h=None,
+                           gate=None):
+        from . import _cuda
+
+        if _cuda.norm_unsupported_reason(x, dy, scale, dx_out, h, gate) is not None:
+            return _triton().modulated_norm_bwd(dy, x, mean, rstd, scale, weight, bias, tokens_per_mod_row, rms,
+                                                dx_out, h, gate)
+        C = _cuda.load()
+        if h is None:
+            dx, dshift, dscale, dw, db = C.mln_bwd(dy, x, mean, rstd, scale, weight, bias, tokens_per_mod_row, rms)
+            dh = dgate = None
+        else:
+            dx, dh, dgate, dshift, dscale, dw, db = C.grmln_bwd(dx_out, dy, x, h, gate, mean, rstd, scale, weight,
+                                                                bias, tokens_per_mod_row, rms)
+        return (dx, dh, dgate, dshift, dscale, dw if weight is not None else None,
+                db if bias is not None else None)
+
+
+def _kernels(backend: str):
+    if backend == "triton":
+        return _triton()
+    if backend == "cuda":
+        return _CudaLaunchers
+    raise ValueError(f"fused modulated norm: unknown backend {backend!r}; choose one of {FUSED_BACKENDS}")
 
 
 def _or_empty(t: Optional[Tensor], like: Tensor) -> Tensor:

@@ -9,8 +9,13 @@ from torch import Tensor
 
 @torch.library.custom_op("fastsemdiff::timestep_embedding", mutates_args=())
 def timestep_embedding_op(t: Tensor, dim: int, max_period: float, backend: str) -> Tensor:
-    if backend != "triton":
-        raise ValueError(f"timestep_embedding: unknown fused backend {backend!r}; choose 'triton'")
+    if backend == "cuda":
+        from . import _cuda
+
+        if _cuda.available() and t.is_cuda:
+            return _cuda.load().timestep_embedding(t, dim, max_period)
+    elif backend != "triton":
+        raise ValueError(f"timestep_embedding: unknown fused backend {backend!r}; choose 'triton' or 'cuda'")
     from fastsemdiff.kernels.timestep_embedding import timestep_embedding_fwd
 
     return timestep_embedding_fwd(t, dim, max_period)
