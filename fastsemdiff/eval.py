@@ -3,8 +3,12 @@
     python -m fastsemdiff.eval probe --run RUN_DIR [--ts 0 0.1 0.3] [--device cpu] [--batch-size N]
                                      [--out DIR] [--limit-train N] [--limit-test N]
 
-Writes probe.json and probe.png into the run directory (or --out) and prints a table. The raw-pixel
-baseline goes through the same probe code, so the gap to it is what the encoder learned.
+Writes probe.json, probe.png (accuracy against t for each method), embedding-2d.png and
+reconstructions.png into the run directory (or --out) and prints a table. Every baseline goes through
+the same probe code in the same run (``fastsemdiff.baselines``): raw pixels, PCA of the pixels at the
+embedding's width, the same architecture untrained, and DDAE features of the trained denoiser (block and
+t chosen on a held-out part of the train split); ``--baseline-run NAME=RUN_DIR`` adds separately trained
+models (e.g. the static encoder). Label efficiency: the same probes with 100 and 1,000 labelled images.
 """
 from __future__ import annotations
 
@@ -18,8 +22,10 @@ from typing import Optional, Sequence
 import torch
 from tqdm import tqdm
 
+from . import baselines
 from .data import DatasetError, load_split
 from .errors import CheckpointError
+from .plots import plot_embedding_2d, plot_reconstructions
 from .probe import knn_accuracy, linear_probe, plot_accuracy_vs_t
 
 MODEL_FILE = "model.safetensors"
@@ -94,40 +100,129 @@ def _probe(timer: _Timer, train_x, train_y, test_x, test_y, knn_k: int, classes:
     return linear, knn
 
 
+def _embed_grid(timer, model, train_images, test_images, ts, batch_size, progress, desc):
+    """z at every t for both splits: two lists of [N, d] tensors."""
+    train_z, test_z = [], []
+    for t in tqdm(ts, desc=desc, unit="t", disable=not progress):
+        with timer("embed"), torch.inference_mode():
+            train_z.append(model.embed(train_images, t, batch_size))
+            test_z.append(model.embed(test_images, t, batch_size))
+    return train_z, test_z
+
+
+def _probe_grid(timer, train_z, test_z, train_y, test_y, ts, knn_k, classes, part=""):
+    """Linear and kNN at each t and on the concatenation over t."""
+    per_t = []
+    for t, a, b in zip(ts, train_z, test_z):
+        linear, knn = _probe(timer, a, train_y, b, test_y, knn_k, classes, part)
+        per_t.append({"t": t, "linear": linear, "knn": knn})
+    if len(ts) > 1:
+        linear, knn = _probe(timer, torch.cat(train_z, 1), train_y, torch.cat(test_z, 1), test_y, knn_k, classes,
+                             f"{part}multi-t ")
+    else:  # one t: the concatenation is that t's embedding, already probed
+        linear, knn = per_t[0]["linear"], per_t[0]["knn"]
+    multi_t = {"ts": list(ts), "linear": linear, "knn": knn, "dim": sum(z.shape[1] for z in train_z)}
+    return per_t, dict(max(per_t, key=lambda r: r["linear"])), multi_t
+
+
+def _select_ddae(timer, model, train_images, train_labels, ts, batch_size, classes, progress):
+    """(block, t) of the DDAE features with the best linear probe on a held-out sixth of the train split
+    (no test images are used to choose), and the per-t validation accuracy of each t's best block."""
+    n = train_images.shape[0]
+    n_val = max(1, n // 6)
+    pick = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:min(n, 12000)]
+    fit, val = pick[n_val:] if len(pick) > n_val else pick, pick[:n_val]
+    scores = {}
+    for t in tqdm(ts, desc="DDAE block and t", unit="t", disable=not progress):
+        with timer("DDAE features"), torch.inference_mode():
+            feats = baselines.ddae_features(model, train_images[pick], t, batch_size)
+        pos = {int(i): k for k, i in enumerate(pick)}
+        fi, vi = torch.tensor([pos[int(i)] for i in fit]), torch.tensor([pos[int(i)] for i in val])
+        for block, f in enumerate(feats):
+            with timer("DDAE selection"):
+                scores[(block, t)] = linear_probe(f[fi], train_labels[fit], f[vi], train_labels[val],
+                                                  num_classes=classes)["top1"]
+    block, t = max(scores, key=scores.get)
+    return block, t, scores
+
+
 def run_probe(model, train_images: torch.Tensor, train_labels: torch.Tensor, test_images: torch.Tensor,
               test_labels: torch.Tensor, ts: Sequence[float], batch_size: int, knn_k: int,
-              progress: bool = True) -> dict:
-    """Linear-probe and kNN top-1 (%) at every t, for all t concatenated, and for raw pixels."""
+              progress: bool = True, with_baselines: bool = True, baseline_runs: Optional[dict] = None,
+              label_sizes: Sequence[int] = (100, 1000)) -> dict:
+    """Linear-probe and kNN top-1 (%) of the embedding at every t, for all t concatenated, and the same for
+    every baseline (raw pixels always; PCA, untrained architecture, DDAE and ``baseline_runs`` models with
+    ``with_baselines``), plus label efficiency."""
     start = time.perf_counter()
     timer = _Timer()
     ts = [float(t) for t in ts]
     classes = int(max(train_labels.max(), test_labels.max())) + 1
-    per_t, train_z, test_z = [], [], []
-    for t in tqdm(ts, desc="probe over t", unit="t", disable=not progress):
-        with timer("embed"), torch.inference_mode():
-            train_z.append(model.embed(train_images, t, batch_size))
-            test_z.append(model.embed(test_images, t, batch_size))
-        linear, knn = _probe(timer, train_z[-1], train_labels, test_z[-1], test_labels, knn_k, classes)
-        per_t.append({"t": t, "linear": linear, "knn": knn})
+    dev = model.device
+    features: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # method -> (train, test), for label efficiency
 
-    if len(ts) > 1:
-        linear, knn = _probe(timer, torch.cat(train_z, 1), train_labels, torch.cat(test_z, 1), test_labels,
-                             knn_k, classes, "multi-t ")
-    else:  # one t: the concatenation is that t's embedding, already probed
-        linear, knn = per_t[0]["linear"], per_t[0]["knn"]
-    multi_t = {"ts": ts, "linear": linear, "knn": knn, "dim": sum(z.shape[1] for z in train_z)}
+    train_z, test_z = _embed_grid(timer, model, train_images, test_images, ts, batch_size, progress, "probe over t")
+    per_t, best_t, multi_t = _probe_grid(timer, train_z, test_z, train_labels, test_labels, ts, knn_k, classes)
+    k_best = ts.index(best_t["t"])
+    features["embedding, best t"] = (train_z[k_best], test_z[k_best])
+    features["embedding, multi-t"] = (torch.cat(train_z, 1), torch.cat(test_z, 1))
+    dim = train_z[0].shape[1]
+    del train_z, test_z
 
-    del train_z[:], test_z[:]  # free the embeddings before the (larger) pixel features
-    train_px = train_images.to(model.device).flatten(1).float() / 255.0
-    test_px = test_images.to(model.device).flatten(1).float() / 255.0
+    train_px, test_px = baselines.pixel_features(train_images, dev), baselines.pixel_features(test_images, dev)
     linear, knn = _probe(timer, train_px, train_labels, test_px, test_labels, knn_k, classes, "pixels ")
+    raw = {"linear": linear, "knn": knn, "dim": train_px.shape[1]}
+    features["raw pixels"] = (train_px, test_px)
+    result_baselines: dict = {}
+    if with_baselines:
+        with timer("PCA"):
+            pca_train, pca_test = baselines.pca_features(train_px, test_px, dim)
+        linear, knn = _probe(timer, pca_train, train_labels, pca_test, test_labels, knn_k, classes, "PCA ")
+        features["pixel PCA"] = (pca_train, pca_test)
+        result_baselines["pixel_pca"] = {"linear": linear, "knn": knn, "dim": dim}
+
+        fresh = baselines.untrained_like(model)
+        rz_train, rz_test = _embed_grid(timer, fresh, train_images, test_images, ts, batch_size, progress,
+                                        "untrained encoder")
+        r_per_t, r_best, r_multi = _probe_grid(timer, rz_train, rz_test, train_labels, test_labels, ts, knn_k,
+                                               classes, "untrained ")
+        features["untrained, multi-t"] = (torch.cat(rz_train, 1), torch.cat(rz_test, 1))
+        result_baselines["untrained_encoder"] = {"per_t": r_per_t, "best_t": r_best, "multi_t": r_multi}
+        del fresh, rz_train, rz_test
+
+        block, t_ddae, scores = _select_ddae(timer, model, train_images, train_labels, ts, batch_size, classes,
+                                             progress)
+        with timer("DDAE features"), torch.inference_mode():
+            f_train = baselines.ddae_features(model, train_images, t_ddae, batch_size)[block]
+            f_test = baselines.ddae_features(model, test_images, t_ddae, batch_size)[block]
+        linear, knn = _probe(timer, f_train, train_labels, f_test, test_labels, knn_k, classes, "DDAE ")
+        features["DDAE"] = (f_train, f_test)
+        result_baselines["ddae"] = {
+            "block": block, "t": t_ddae, "linear": linear, "knn": knn, "dim": f_train.shape[1],
+            "selection_val_linear": [{"block": b, "t": t, "linear": v} for (b, t), v in sorted(scores.items())],
+        }
+        for name, other in (baseline_runs or {}).items():
+            oz_train, oz_test = _embed_grid(timer, other, train_images, test_images, ts, batch_size, progress, name)
+            o_per_t, o_best, o_multi = _probe_grid(timer, oz_train, oz_test, train_labels, test_labels, ts, knn_k,
+                                                   classes, f"{name} ")
+            features[f"{name}, multi-t"] = (torch.cat(oz_train, 1), torch.cat(oz_test, 1))
+            result_baselines[name] = {"per_t": o_per_t, "best_t": o_best, "multi_t": o_multi}
+
+    label_eff: dict = {}
+    for n, idx in baselines.label_subsets(train_labels, tuple(label_sizes)).items():
+        label_eff[str(n)] = {}
+        for name, (ftr, fte) in features.items():
+            with timer("label efficiency"):
+                label_eff[str(n)][name] = linear_probe(ftr[idx.to(ftr.device)], train_labels[idx], fte, test_labels,
+                                                       num_classes=classes)["top1"]
 
     return {
         "per_t": per_t,
-        "best_t": dict(max(per_t, key=lambda r: r["linear"])),
+        "best_t": best_t,
         "multi_t": multi_t,
-        "raw_pixels": {"linear": linear, "knn": knn},
-        "embedding_dim": multi_t["dim"] // len(ts),
+        "raw_pixels": raw,
+        "baselines": result_baselines,
+        "label_efficiency": label_eff,
+        "embedding_dim": dim,
         "n_train": int(train_images.shape[0]),
         "n_test": int(test_images.shape[0]),
         "knn_k": knn_k,
@@ -137,7 +232,7 @@ def run_probe(model, train_images: torch.Tensor, train_labels: torch.Tensor, tes
 
 
 def format_table(result: dict) -> str:
-    """The probe result as aligned text: one row per t, then the summaries."""
+    """The probe result as aligned text: one row per t, then the summaries, the baselines and label efficiency."""
     lines = [f"{'t':>10} | {'linear %':>9} | {'kNN %':>7}", f"{'-' * 10}-+-{'-' * 9}-+-{'-' * 7}"]
     row = "{:>10} | {:9.2f} | {:7.2f}"
     for r in result["per_t"]:
@@ -147,7 +242,39 @@ def format_table(result: dict) -> str:
     lines.append(row.format("multi-t", m["linear"], m["knn"]) + f"   ({len(m['ts'])} ts, dim {m['dim']})")
     lines.append(row.format("best t", b["linear"], b["knn"]) + f"   (t = {b['t']:g})")
     lines.append(row.format("pixels", p["linear"], p["knn"]))
+    summary = [("embedding, multi-t", m["linear"], m["knn"], f"dim {m['dim']}"),
+               ("embedding, best t", b["linear"], b["knn"], f"t = {b['t']:g}"),
+               ("raw pixels", p["linear"], p["knn"], f"dim {p['dim']}")]
+    for name, r in result.get("baselines", {}).items():
+        if "multi_t" in r:
+            summary.append((f"{name}, multi-t", r["multi_t"]["linear"], r["multi_t"]["knn"], ""))
+            summary.append((f"{name}, best t", r["best_t"]["linear"], r["best_t"]["knn"], f"t = {r['best_t']['t']:g}"))
+        else:
+            where = f"block {r['block']}, t = {r['t']:g}" if "block" in r else f"dim {r['dim']}"
+            summary.append((name, r["linear"], r["knn"], where))
+    if len(summary) > 3:
+        lines += ["", f"{'method':<30} | {'linear %':>9} | {'kNN %':>7} |", "-" * 55]
+        lines += [f"{n:<30} | {lin:9.2f} | {knn:7.2f} | {note}" for n, lin, knn, note in summary]
+    for n, accs in result.get("label_efficiency", {}).items():
+        lines.append(f"\nlinear probe with {n} labelled images: "
+                     + ", ".join(f"{name} {acc:.2f}" for name, acc in accs.items()))
     return "\n".join(lines)
+
+
+def _curves(result: dict) -> dict[str, list[dict]]:
+    """Linear accuracy against t for every method that has one, for the plot."""
+    curves = {}
+    for name, r in result.get("baselines", {}).items():
+        if "per_t" in r:
+            curves[f"{name.replace('_', ' ')}, linear"] = r["per_t"]
+    ddae = result.get("baselines", {}).get("ddae")
+    if ddae:
+        best = {}
+        for row in ddae["selection_val_linear"]:
+            if row["linear"] > best.get(row["t"], {"linear": -1})["linear"]:
+                best[row["t"]] = row
+        curves["DDAE (best block, held-out train)"] = [{"t": t, "linear": r["linear"]} for t, r in sorted(best.items())]
+    return curves
 
 
 def probe_command(args: argparse.Namespace) -> dict:
@@ -161,17 +288,36 @@ def probe_command(args: argparse.Namespace) -> dict:
     print(f"probing {args.run}: {len(train_labels)} train / {len(test_labels)} test images, t in {ts}, "
           f"device {model.device}")
 
+    runs = {name: load_run(path, args.device) for name, path in (args.baseline_run or [])}
     result = run_probe(model, train_images, train_labels, test_images, test_labels, ts,
-                       args.batch_size or cfg.eval.batch_size, cfg.eval.knn_k)
+                       args.batch_size or cfg.eval.batch_size, cfg.eval.knn_k,
+                       with_baselines=not args.no_baselines, baseline_runs=runs)
     (out / "probe.json").write_text(json.dumps(result, indent=2) + "\n")
-    plot_accuracy_vs_t(result["per_t"], out / "probe.png", {
-        "raw pixels, linear": result["raw_pixels"]["linear"],
-        "raw pixels, kNN": result["raw_pixels"]["knn"],
-    })
+    flat = {"raw pixels, linear": result["raw_pixels"]["linear"], "raw pixels, kNN": result["raw_pixels"]["knn"]}
+    for name in ("pixel_pca", "ddae"):
+        if name in result["baselines"]:
+            flat[f"{name.replace('_', ' ')}, linear (chosen)"] = result["baselines"][name]["linear"]
+    plot_accuracy_vs_t(result["per_t"], out / "probe.png", flat, _curves(result))
+    with torch.inference_mode():
+        test_features = model.embed_multi(test_images, ts, args.batch_size or cfg.eval.batch_size)
+    plot_embedding_2d(baselines.project_2d(test_features).cpu(), test_labels, out / "embedding-2d.png")
+    if not args.no_baselines:
+        picks = test_images[:8]
+        with torch.inference_mode():
+            recon = model.reconstruct(picks, t=0.0, steps=args.recon_steps)
+        plot_reconstructions(picks, recon, out / "reconstructions.png")
     print(format_table(result))
     parts = ", ".join(f"{k} {v:.1f}s" for k, v in result["timings"].items())
-    print(f"total {result['seconds']:.1f} s ({parts}); wrote {out / 'probe.json'} and {out / 'probe.png'}")
+    print(f"total {result['seconds']:.1f} s ({parts}); wrote probe.json, probe.png, embedding-2d.png and "
+          f"reconstructions.png in {out}")
     return result
+
+
+def _name_and_run(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"{text!r}: write NAME=RUN_DIR, e.g. static=runs/static")
+    return name, path
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -185,6 +331,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="folder for probe.json and probe.png (default: the run directory)")
     p.add_argument("--limit-train", type=int, default=None, help="use only the first N train images (tests)")
     p.add_argument("--limit-test", type=int, default=None, help="use only the first N test images (tests)")
+    p.add_argument("--no-baselines", action="store_true", help="only the embedding and raw pixels (faster)")
+    p.add_argument("--baseline-run", type=_name_and_run, action="append", metavar="NAME=RUN_DIR",
+                   help="a separately trained model probed as a baseline (e.g. static=runs/static); repeatable")
+    p.add_argument("--recon-steps", type=int, default=25, help="sampler steps of the reconstruction grid")
     p.set_defaults(func=probe_command)
     return parser
 

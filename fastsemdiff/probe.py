@@ -101,9 +101,10 @@ def class_balanced_subset(labels: torch.Tensor, per_class: int, seed: int = 0) -
     return torch.cat(picks).sort().values
 
 
-def plot_accuracy_vs_t(rows: list[dict], path: Union[str, Path], baselines: Optional[dict[str, float]] = None
-                       ) -> None:
-    """PNG of linear-probe and kNN accuracy against t (rows of {t, linear, knn}), baselines dashed."""
+def plot_accuracy_vs_t(rows: list[dict], path: Union[str, Path], baselines: Optional[dict[str, float]] = None,
+                       curves: Optional[dict[str, list[dict]]] = None) -> None:
+    """PNG of linear-probe and kNN accuracy against t (rows of {t, linear, knn}); other methods' linear
+    accuracy against t (``curves``: name -> rows of {t, linear}) dotted, t-free baselines dashed."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on a server; must precede the pyplot import
@@ -114,11 +115,14 @@ def plot_accuracy_vs_t(rows: list[dict], path: Union[str, Path], baselines: Opti
     ax.plot(ts, [r["linear"] for r in rows], marker="o", label="linear probe")
     ax.plot(ts, [r["knn"] for r in rows], marker="s", label="kNN")
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, (name, value) in enumerate((baselines or {}).items()):
+    for i, (name, other) in enumerate((curves or {}).items()):
+        ax.plot([r["t"] for r in other], [r["linear"] for r in other], linestyle=":", marker=".",
+                color=colors[(i + 2) % len(colors)], label=name)
+    for i, (name, value) in enumerate((baselines or {}).items(), start=len(curves or {})):
         ax.axhline(value, linestyle="--", linewidth=1, color=colors[(i + 2) % len(colors)], label=name)
     ax.set_xlabel("diffusion time t (0 = clean)")
     ax.set_ylabel("top-1 accuracy (%)")
-    ax.set_title("Embedding accuracy vs diffusion time")
+    ax.set_title("Accuracy vs diffusion time" if curves else "Embedding accuracy vs diffusion time")
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize="small")
     fig.tight_layout()

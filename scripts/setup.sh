@@ -16,6 +16,12 @@ extras=""
 # The CUDA C++ extension (csrc/ -> fastsemdiff._C) builds against the installed torch, so the package is
 # installed once more without build isolation: setup.py builds the extension where nvcc and a CUDA build of
 # torch are present and otherwise says why in one line (FASTSEMDIFF_BUILD_CUDA=0 skips it, =1 insists).
+# A machine without a GPU has no use for the extension when training (2-3 minutes of build on 2 cores), so it
+# is built there only with --dev (the tests check the build) or when FASTSEMDIFF_BUILD_CUDA says so.
+if [ -z "${FASTSEMDIFF_BUILD_CUDA:-}" ] && [ -z "$extras" ] && ! nvidia-smi -L >/dev/null 2>&1; then
+    export FASTSEMDIFF_BUILD_CUDA=0
+    echo "setup: no GPU here, so the CUDA extension is not built (FASTSEMDIFF_BUILD_CUDA=1 builds it anyway)"
+fi
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda; fi
 .venv/bin/python -m pip install --quiet --disable-pip-version-check "setuptools>=64" wheel ninja
 build_log=$(mktemp)

@@ -98,13 +98,22 @@ def test_missing_data_is_a_clear_error(model, tmp_path):
 @has_export
 def test_eval_probe_cli(run_dir, tmp_path, capsys):
     eval_main(["probe", "--run", str(run_dir), "--ts", "0", "0.5", "--device", "cpu", "--batch-size", "64",
-               "--out", str(tmp_path), "--limit-train", "200", "--limit-test", "100"])
+               "--out", str(tmp_path), "--limit-train", "200", "--limit-test", "100", "--recon-steps", "2",
+               "--baseline-run", f"static={run_dir}"])
     result = json.loads((tmp_path / "probe.json").read_text())
     assert {"per_t", "best_t", "multi_t", "raw_pixels", "embedding_dim", "n_train", "n_test", "seconds"} <= set(result)
     assert (result["n_train"], result["n_test"]) == (200, 100)
-    assert (tmp_path / "probe.png").read_bytes()[:4] == b"\x89PNG"
+    for png in ("probe.png", "embedding-2d.png", "reconstructions.png"):
+        assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG", png
+    b = result["baselines"]
+    assert set(b) == {"pixel_pca", "untrained_encoder", "ddae", "static"}  # static: the --baseline-run model
+    assert b["pixel_pca"]["dim"] == 16 and 0 <= b["ddae"]["block"] < 2 and b["ddae"]["t"] in (0.0, 0.5)
+    assert set(result["label_efficiency"]) == {"100"}  # 200 images hold too few per class for 1,000
+    assert {"embedding, multi-t", "raw pixels", "pixel PCA", "DDAE", "static, multi-t"} <= set(
+        result["label_efficiency"]["100"])
     out = capsys.readouterr().out
     assert "best t" in out and "pixels" in out and "total" in out
+    assert "ddae" in out and "labelled images" in out
 
 
 @has_fmnist
