@@ -560,8 +560,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> adaln_fwd_impl(
   if (gated) {
     check_cuda(*h_in, x_in, op, "h");
     check_cuda(*gate_in, x_in, op, "gate");
-    TORCH_CHECK(h_in->scalar_type() == x_in.scalar_type(), op, ": h must have x's dtype ", x_in.scalar_type(),
-                ", got ", h_in->scalar_type());
+    TORCH_CHECK(at::isFloatingType(h_in->scalar_type()), op, ": h must be a floating tensor");
   }
   c10::cuda::CUDAGuard guard(x_in.device());
 
@@ -579,7 +578,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> adaln_fwd_impl(
   const at::Tensor x = rows_of(x_in, M, C, op, "x");
   const at::Tensor shift = rows_of(shift_in, mod_rows, C, op, "shift").to(md);
   const at::Tensor scale = rows_of(scale_in, mod_rows, C, op, "scale").to(md);
-  const at::Tensor h = gated ? rows_of(*h_in, M, C, op, "h") : at::Tensor();
+  // h of another dtype (e.g. a bf16 branch output on an fp32 residual stream) is read in x's dtype.
+  const at::Tensor h = gated ? rows_of(*h_in, M, C, op, "h").to(x.scalar_type()) : at::Tensor();
   const at::Tensor gate = gated ? rows_of(*gate_in, mod_rows, C, op, "gate").to(md) : at::Tensor();
   const at::Tensor w = param_f32(weight, x_in, C, op, "weight");
   const at::Tensor b = param_f32(bias, x_in, C, op, "bias");
@@ -655,14 +655,10 @@ BwdOut adaln_bwd_impl(const char* op, const at::Tensor* dx_out_in, const at::Ten
   check_cuda(mean_in, x_in, op, "mean");
   check_cuda(rstd_in, x_in, op, "rstd");
   check_cuda(scale_in, x_in, op, "scale");
-  TORCH_CHECK(dy_in.scalar_type() == x_in.scalar_type(), op, ": dy must have x's dtype ", x_in.scalar_type(),
-              ", got ", dy_in.scalar_type());
   if (gated) {
     check_cuda(*dx_out_in, x_in, op, "dx_out");
     check_cuda(*h_in, x_in, op, "h");
     check_cuda(*gate_in, x_in, op, "gate");
-    TORCH_CHECK(h_in->scalar_type() == x_in.scalar_type() && dx_out_in->scalar_type() == x_in.scalar_type(), op,
-                ": h and dx_out must have x_out's dtype ", x_in.scalar_type());
   }
   TORCH_CHECK(mean_in.scalar_type() == at::kFloat && rstd_in.scalar_type() == at::kFloat &&
                   mean_in.numel() == M && rstd_in.numel() == M,
@@ -678,6 +674,7 @@ BwdOut adaln_bwd_impl(const char* op, const at::Tensor* dx_out_in, const at::Ten
     out.dscale = at::zeros_like(scale_in, at::MemoryFormat::Contiguous);
     out.dshift = at::zeros_like(scale_in, at::MemoryFormat::Contiguous);
     if (gated) out.dgate = at::zeros_like(*gate_in, at::MemoryFormat::Contiguous);
+    if (gated) out.dh = at::empty({M, C}, opts.dtype(h_in->scalar_type()));
     out.dweight = (weight.has_value() && weight->defined()) ? at::zeros_like(*weight) : empty_param_grad(x_in);
     out.dbias = (bias.has_value() && bias->defined()) ? at::zeros_like(*bias) : empty_param_grad(x_in);
     return out;
@@ -688,10 +685,12 @@ BwdOut adaln_bwd_impl(const char* op, const at::Tensor* dx_out_in, const at::Ten
 
   const at::ScalarType md = gated ? mod_dtype(x_in, {gate_in, &scale_in}, op) : mod_dtype(x_in, {&scale_in}, op);
   const at::Tensor x = rows_of(x_in, M, C, op, "x");
-  const at::Tensor dy = rows_of(dy_in, M, C, op, "dy");
+  // dy, dx_out and h of another dtype are read in x's dtype (dh is returned in h's dtype).
+  const at::ScalarType xt = x.scalar_type();
+  const at::Tensor dy = rows_of(dy_in, M, C, op, "dy").to(xt);
   const at::Tensor scale = rows_of(scale_in, mod_rows, C, op, "scale").to(md);
-  const at::Tensor dx_out = gated ? rows_of(*dx_out_in, M, C, op, "dx_out") : at::Tensor();
-  const at::Tensor h = gated ? rows_of(*h_in, M, C, op, "h") : at::Tensor();
+  const at::Tensor dx_out = gated ? rows_of(*dx_out_in, M, C, op, "dx_out").to(xt) : at::Tensor();
+  const at::Tensor h = gated ? rows_of(*h_in, M, C, op, "h").to(xt) : at::Tensor();
   const at::Tensor gate = gated ? rows_of(*gate_in, mod_rows, C, op, "gate").to(md) : at::Tensor();
   const at::Tensor mean = mean_in.reshape({M}).contiguous();
   const at::Tensor rstd = rstd_in.reshape({M}).contiguous();
@@ -807,6 +806,7 @@ BwdOut adaln_bwd_impl(const char* op, const at::Tensor* dx_out_in, const at::Ten
     out.dscale = dscale_buf.view({groups, workers_per_group, C}).sum(1).to(scale_in.scalar_type());
     if (gated) out.dgate = dgate_buf.view({groups, workers_per_group, C}).sum(1).to(gate_in->scalar_type());
   }
+  if (gated && h_in->scalar_type() != x.scalar_type()) out.dh = out.dh.to(h_in->scalar_type());
   out.dweight = param_grad_or_empty(dw_part, weight, x_in);
   out.dbias = param_grad_or_empty(db_part, bias, x_in);
   return out;

@@ -174,6 +174,13 @@ def test_mixed_dtypes():
     check_mln(*mln_inputs(3, 7, 384, "BNC", True, torch.bfloat16, mod_dtype=torch.float16), rms=True)
 
 
+def test_branch_output_in_another_dtype():
+    """h in bf16 on an fp32 residual stream (autocast): h is read as fp32, dh comes back in bf16."""
+    inputs, dys = grmln_inputs(3, 7, 384, "BC", True, torch.float32)
+    inputs[1] = inputs[1].to(torch.bfloat16)
+    check_grmln(inputs, dys, rms=False)
+
+
 def test_strided_modulation_from_one_adaln_output():
     """shift/scale/gate as column chunks of one [B, 6C] tensor (DiT's adaLN output): read in place."""
     B, N, C = 3, 7, 384

@@ -19,10 +19,12 @@ Rows are ``x`` viewed as ``[M, C]``; ``shift``/``scale``/``gate`` are ``[M // to
 (``tokens_per_mod_row`` = N for per-sample modulation, 1 for per-token). ``dweight``/``dbias`` are empty
 fp32 ``[0]`` tensors where that parameter is None. Limits of the norm ops (anything else raises a
 RuntimeError; :func:`norm_unsupported_reason` checks them beforehand so a dispatcher can fall back):
-C a multiple of 8 and at most 8192; x (and h, dy, dx_out) float32, float16 or bfloat16 with one dtype;
-each [rows, C] operand with unit column stride (otherwise it is copied) starting at a 16-byte aligned
-address with a row stride of a multiple of 16 bytes. The modulation may have another float dtype (it is
-then read as fp32); weight/bias any float dtype.
+C a multiple of 8 and at most 8192; x float32, float16 or bfloat16; each [rows, C] operand with unit column
+stride (otherwise it is copied) starting at a 16-byte aligned address with a row stride of a multiple of
+16 bytes. Operands of another float dtype than x are converted to fresh tensors first (h, dy, dx_out to
+x's dtype, dh back to h's; the modulation to fp32 when not all of it has x's dtype); weight/bias any float
+dtype. Outputs: y, x_out, dx in x's dtype; dshift/dscale in scale's, dgate in gate's, dweight/dbias in
+the parameter's dtype.
 """
 from __future__ import annotations
 
