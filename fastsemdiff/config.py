@@ -67,6 +67,8 @@ class EncoderConfig:
     dim: int = 128
     regularizer: str = "none"  # none | l1 | kl
     reg_weight: float = 1e-5
+    objective: str = "self_conditional"  # self_conditional | supervised (the label-trained ceiling baseline)
+    num_classes: int = 10  # supervised objective: classes of the linear head on z
 
 
 @dataclass
@@ -146,6 +148,7 @@ class Config:
             "model.adaln": (self.model.adaln, {"stacked", "per_block"}),
             "encoder.input": (self.encoder.input, {"clean", "noisy"}),
             "encoder.regularizer": (self.encoder.regularizer, {"none", "l1", "kl"}),
+            "encoder.objective": (self.encoder.objective, {"self_conditional", "supervised"}),
             "diffusion.schedule": (self.diffusion.schedule, {"vp-cosine", "vp-linear", "ve", "flow"}),
             "diffusion.prediction": (self.diffusion.prediction, {"eps", "v", "x0", "velocity"}),
             "data.source": (self.data.source, {"fashion-mnist", "folder", "npz"}),

@@ -387,3 +387,24 @@ def test_denoiser_features(trained_like):
     assert (trained_like.denoiser_features(x, 0.3, block=0) - feats).abs().max() > 1e-4
     with pytest.raises(ValueError):
         trained_like.denoiser_features(x, 0.3, block=2)
+
+
+def test_supervised_objective_learns_labels_and_needs_them():
+    """The ceiling baseline: cross-entropy on a linear head over z_t falls on a fixed labelled batch; the
+    denoiser is frozen; calling it without labels is a clear error."""
+    model = tiny("encoder.objective=supervised", "encoder.num_classes=3")
+    assert not any(p.requires_grad for p in model.denoiser.parameters())
+    x = images(12, seed=40)
+    y = torch.arange(12) % 3
+    x = x + 0.8 * F.one_hot(y, 3).float().repeat_interleave(10, 1)[:, :28].view(12, 1, 1, 28)  # learnable signal
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    first = None
+    for i in range(30):
+        loss, parts = model(x.clamp(-1, 1), torch.Generator().manual_seed(i), y)
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.5 * first and set(parts) == {"ce", "train_acc"}
+    with pytest.raises(ValueError, match="needs labels"):
+        model(x, None)

@@ -47,6 +47,9 @@ class SemanticDiffusion(nn.Module):
             cond_merge=m.cond_merge, qk_norm=m.qk_norm, backend=m.backend, adaln=m.adaln, rms_norm=m.rms_norm,
         )
         self.schedule = get_schedule(cfg.diffusion.schedule)
+        if e.objective == "supervised":  # the ceiling baseline: the same encoder trained with labels
+            self.classifier = nn.Linear(e.dim, e.num_classes)
+            self.denoiser.requires_grad_(False)  # kept for a uniform model, but not trained
 
     @property
     def device(self) -> torch.device:
@@ -56,10 +59,28 @@ class SemanticDiffusion(nn.Module):
     def encoder_input(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         return x0 if self.cfg.encoder.input == "clean" else self.schedule.add_noise(x0, t, eps)
 
-    def forward(self, x0: torch.Tensor, generator: Optional[torch.Generator] = None
-                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The training loss (``forward`` so that FSDP and DDP wrap the whole step)."""
+    def forward(self, x0: torch.Tensor, generator: Optional[torch.Generator] = None,
+                labels: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The training loss (``forward`` so that FSDP and DDP wrap the whole step). Labels are used only by
+        the supervised baseline objective."""
+        if self.cfg.encoder.objective == "supervised":
+            return self.supervised_loss(x0, labels, generator)
         return self.loss(x0, generator)
+
+    def supervised_loss(self, x0: torch.Tensor, labels: Optional[torch.Tensor],
+                        generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Cross-entropy of a linear head on z_t = E(x0, t) at a random t per sample: the same encoder and
+        readout as the method, trained with labels instead of the denoiser (the probe's ceiling)."""
+        if labels is None:
+            raise ValueError("encoder.objective=supervised needs labels: the training data must be labelled")
+        B, dev = x0.shape[0], x0.device
+        t = self.schedule.sample_t(B, dev, generator)
+        eps = torch.randn(x0.shape, device=dev, generator=generator)
+        z, _ = self.encoder(self.encoder_input(x0, t, eps), t, generator=generator)
+        logits = self.classifier(z.to(self.classifier.weight.dtype))
+        ce = F.cross_entropy(logits.float(), labels.to(dev).long())
+        acc = (logits.argmax(-1) == labels.to(dev)).float().mean()
+        return ce, {"ce": ce.detach(), "train_acc": acc.detach()}
 
     def loss(self, x0: torch.Tensor, generator: Optional[torch.Generator] = None
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
