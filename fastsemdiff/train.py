@@ -44,6 +44,27 @@ def ema_decay_at(step: int, cfg: Config) -> float:
     return min(cfg.train.ema_decay, (1 + step) / (10 + step))
 
 
+def make_optimizer(params: list[torch.Tensor], cfg: Config, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over ``params``, with the fused (single-kernel, sync-free) implementation on CUDA."""
+    tc = cfg.train
+    return torch.optim.AdamW(params, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay,
+                             fused=device.type == "cuda")
+
+
+def apply_update(params: list[torch.Tensor], optimizer: torch.optim.Optimizer, ema: list[torch.Tensor], step: int,
+                 cfg: Config) -> torch.Tensor:
+    """Everything of a step after the backward: clip the gradients, step the optimizer at this step's
+    learning rate, drop the gradients and move the EMA (``torch._foreach_lerp_``). Returns the gradient
+    norm as a tensor: nothing here waits for the device."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr_at(step, cfg)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    torch._foreach_lerp_(ema, [p.detach() for p in params], 1.0 - ema_decay_at(step, cfg))
+    return grad_norm
+
+
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
@@ -113,8 +134,7 @@ def train(cfg: Config, resume: bool = False) -> Path:
     model = distributed.wrap(core, rt, use_compile)
     params = [p for p in model.parameters() if p.requires_grad]
     names = [n for n, p in core.named_parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay,
-                                  fused=rt.device.type == "cuda")
+    optimizer = make_optimizer(params, cfg, rt.device)
     ema = {n: p.detach().clone() for n, p in zip(names, params)}
     ema_list = list(ema.values())
 
@@ -141,15 +161,10 @@ def train(cfg: Config, resume: bool = False) -> Path:
     for step in range(start, tc.steps):
         gen = torch.Generator(rt.device).manual_seed(mix_seed(tc.seed, step, rt.rank, 1))
         x0, _ = data.batch(step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, cfg)
         with autocast:
             loss, parts = model(x0, gen)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        torch._foreach_lerp_(ema_list, [p.detach() for p in params], 1.0 - ema_decay_at(step, cfg))
+        grad_norm = apply_update(params, optimizer, ema_list, step, cfg)
         local_norm = grad_norm.to_local() if hasattr(grad_norm, "to_local") else grad_norm
         finite &= torch.isfinite(loss.detach()) & torch.isfinite(local_norm)
         loss_sum += loss.detach()
