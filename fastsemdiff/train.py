@@ -160,9 +160,9 @@ def train(cfg: Config, resume: bool = False) -> Path:
     model.train()
     for step in range(start, tc.steps):
         gen = torch.Generator(rt.device).manual_seed(mix_seed(tc.seed, step, rt.rank, 1))
-        x0, _ = data.batch(step)
-        with autocast:
-            loss, parts = model(x0, gen)
+        x0, labels = data.batch(step)
+        with autocast:  # labels reach the loss only for encoder.objective=supervised (the ceiling baseline)
+            loss, parts = model(x0, gen, labels)
         loss.backward()
         grad_norm = apply_update(params, optimizer, ema_list, step, cfg)
         local_norm = grad_norm.to_local() if hasattr(grad_norm, "to_local") else grad_norm
@@ -206,6 +206,9 @@ def train(cfg: Config, resume: bool = False) -> Path:
 
     # ---- export the EMA weights (gathered from the shards) with the config
     full = {n: full_tensor(e) for n, e in ema.items()}  # collective under FSDP: every rank gathers
+    for n, p in core.named_parameters():  # frozen parameters (none by default) are exported as they are
+        if n not in full:
+            full[n] = full_tensor(p.detach())
     if rt.is_main:
         path = save_weights(full, cfg, run_dir / "model.safetensors")
         print(f"fastsemdiff: wrote {path}", flush=True)

@@ -335,3 +335,17 @@ def test_parallel_single_under_several_processes(tmp_path, fake_fmnist, monkeypa
     monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun --nproc_per_node 2 would set it
     msg = _main_error(capsys, train_args(tmp_path / "run", fake_fmnist, "train.parallel=single"))
     assert "train.parallel=single" in msg and "2 processes" in msg
+
+
+def test_supervised_baseline_trains_on_labels_and_exports(tmp_path, fake_fmnist):
+    """encoder.objective=supervised gets the batch's labels from the trainer, learns (loss falls on the
+    fake set's random labels, which it can memorise), and exports a model that embeds like any other."""
+    run = tmp_path / "sup"
+    train_mod.main(train_args(run, fake_fmnist, "encoder.objective=supervised", "train.steps=30", "train.lr=3e-3",
+                              "train.warmup_steps=1", "train.ckpt_every=30", "train.log_every=10"))
+    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert {"ce", "train_acc"} <= set(recs[0]) and recs[-1]["ce"] < recs[0]["ce"]
+    model = fastsemdiff.load(str(run), device="cpu")
+    images, _ = load_split("fashion-mnist", str(fake_fmnist), "test", 28, 1)
+    z = model.embed(images[:4], 0.3)
+    assert z.shape == (4, 16) and torch.isfinite(z).all()
