@@ -29,6 +29,7 @@
 #include <optional>
 #include <tuple>
 #include <type_traits>
+#include <utility>
 
 #include "common.h"
 
@@ -542,19 +543,25 @@ at::Tensor param_grad_or_empty(const at::Tensor& part, const std::optional<at::T
   return part.sum(0).to(p->scalar_type());
 }
 
+// x of a norm op: a CUDA [M, C] tensor of a kernel dtype with a width the kernels take; returns (M, C).
+std::pair<int64_t, int64_t> check_rows_input(const at::Tensor& x_in, const char* op) {
+  check_cuda(x_in, x_in, op, "x");
+  TORCH_CHECK(x_in.dim() == 2, op, ": x must be [M, C], got ", x_in.sizes());
+  TORCH_CHECK(is_kernel_dtype(x_in.scalar_type()), op, ": x must be float32, float16 or bfloat16, got ",
+              x_in.scalar_type());
+  check_channels(x_in.size(1), op);
+  return {x_in.size(0), x_in.size(1)};
+}
+
 // ------------------------------------------------------------------------------------------ forward host
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> adaln_fwd_impl(
     const char* op, const at::Tensor& x_in, const at::Tensor* h_in, const at::Tensor* gate_in,
     const at::Tensor& shift_in, const at::Tensor& scale_in, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, double eps, int64_t tokens_per_mod_row, bool rms) {
   const bool gated = h_in != nullptr;
-  check_cuda(x_in, x_in, op, "x");
-  TORCH_CHECK(x_in.dim() == 2, op, ": x must be [M, C], got ", x_in.sizes());
-  TORCH_CHECK(is_kernel_dtype(x_in.scalar_type()), op, ": x must be float32, float16 or bfloat16, got ",
-              x_in.scalar_type());
-  const int64_t M = x_in.size(0);
-  const int64_t C = x_in.size(1);
-  check_channels(C, op);
+  const std::pair<int64_t, int64_t> rows = check_rows_input(x_in, op);
+  const int64_t M = rows.first;
+  const int64_t C = rows.second;
   check_cuda(shift_in, x_in, op, "shift");
   check_cuda(scale_in, x_in, op, "scale");
   if (gated) {
@@ -644,13 +651,9 @@ BwdOut adaln_bwd_impl(const char* op, const at::Tensor* dx_out_in, const at::Ten
                       const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
                       int64_t tokens_per_mod_row, bool rms) {
   const bool gated = h_in != nullptr;
-  check_cuda(x_in, x_in, op, "x");
-  TORCH_CHECK(x_in.dim() == 2, op, ": x must be [M, C], got ", x_in.sizes());
-  TORCH_CHECK(is_kernel_dtype(x_in.scalar_type()), op, ": x must be float32, float16 or bfloat16, got ",
-              x_in.scalar_type());
-  const int64_t M = x_in.size(0);
-  const int64_t C = x_in.size(1);
-  check_channels(C, op);
+  const std::pair<int64_t, int64_t> rows = check_rows_input(x_in, op);
+  const int64_t M = rows.first;
+  const int64_t C = rows.second;
   check_cuda(dy_in, x_in, op, "dy");
   check_cuda(mean_in, x_in, op, "mean");
   check_cuda(rstd_in, x_in, op, "rstd");
