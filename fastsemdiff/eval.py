@@ -101,17 +101,25 @@ def _probe(timer: _Timer, train_x, train_y, test_x, test_y, knn_k: int, classes:
 
 
 def _embed_grid(timer, model, train_images, test_images, ts, batch_size, progress, desc):
-    """z at every t for both splits: two lists of [N, d] tensors."""
+    """z at every t for both splits: two lists of [N, d] tensors. A model whose z cannot depend on t (a
+    static encoder, an untrained one) is embedded once and that embedding stands for every t."""
+    grid = ts if model.embedding_depends_on_t() else ts[:1]
     train_z, test_z = [], []
-    for t in tqdm(ts, desc=desc, unit="t", disable=not progress):
+    for t in tqdm(grid, desc=desc, unit="t", disable=not progress):
         with timer("embed"), torch.inference_mode():
             train_z.append(model.embed(train_images, t, batch_size))
             test_z.append(model.embed(test_images, t, batch_size))
-    return train_z, test_z
+    return train_z * (len(ts) // len(grid)), test_z * (len(ts) // len(grid))
 
 
 def _probe_grid(timer, train_z, test_z, train_y, test_y, ts, knn_k, classes, part=""):
-    """Linear and kNN at each t and on the concatenation over t."""
+    """Linear and kNN at each t and on the concatenation over t. Where every t has the same tensor (a
+    t-blind model) it is probed once, and its multi-t readout is that one embedding (dim d)."""
+    if all(z is train_z[0] for z in train_z):
+        linear, knn = _probe(timer, train_z[0], train_y, test_z[0], test_y, knn_k, classes, part)
+        per_t = [{"t": t, "linear": linear, "knn": knn} for t in ts]
+        multi_t = {"ts": list(ts), "linear": linear, "knn": knn, "dim": train_z[0].shape[1], "t_blind": True}
+        return per_t, dict(per_t[0]), multi_t
     per_t = []
     for t, a, b in zip(ts, train_z, test_z):
         linear, knn = _probe(timer, a, train_y, b, test_y, knn_k, classes, part)
@@ -149,10 +157,11 @@ def _select_ddae(timer, model, train_images, train_labels, ts, batch_size, class
 def run_probe(model, train_images: torch.Tensor, train_labels: torch.Tensor, test_images: torch.Tensor,
               test_labels: torch.Tensor, ts: Sequence[float], batch_size: int, knn_k: int,
               progress: bool = True, with_baselines: bool = True, baseline_runs: Optional[dict] = None,
-              label_sizes: Sequence[int] = (100, 1000)) -> dict:
+              label_sizes: Sequence[int] = (100, 1000), features_out: Optional[dict] = None) -> dict:
     """Linear-probe and kNN top-1 (%) of the embedding at every t, for all t concatenated, and the same for
     every baseline (raw pixels always; PCA, untrained architecture, DDAE and ``baseline_runs`` models with
-    ``with_baselines``), plus label efficiency."""
+    ``with_baselines``), plus label efficiency. ``features_out``, when given, receives every method's
+    (train, test) features, so the caller's plots need not embed again."""
     start = time.perf_counter()
     timer = _Timer()
     ts = [float(t) for t in ts]
@@ -185,7 +194,8 @@ def run_probe(model, train_images: torch.Tensor, train_labels: torch.Tensor, tes
                                         "untrained encoder")
         r_per_t, r_best, r_multi = _probe_grid(timer, rz_train, rz_test, train_labels, test_labels, ts, knn_k,
                                                classes, "untrained ")
-        features["untrained, multi-t"] = (torch.cat(rz_train, 1), torch.cat(rz_test, 1))
+        features["untrained, multi-t"] = ((rz_train[0], rz_test[0]) if r_multi.get("t_blind")
+                                          else (torch.cat(rz_train, 1), torch.cat(rz_test, 1)))
         result_baselines["untrained_encoder"] = {"per_t": r_per_t, "best_t": r_best, "multi_t": r_multi}
         del fresh, rz_train, rz_test
 
@@ -204,7 +214,8 @@ def run_probe(model, train_images: torch.Tensor, train_labels: torch.Tensor, tes
             oz_train, oz_test = _embed_grid(timer, other, train_images, test_images, ts, batch_size, progress, name)
             o_per_t, o_best, o_multi = _probe_grid(timer, oz_train, oz_test, train_labels, test_labels, ts, knn_k,
                                                    classes, f"{name} ")
-            features[f"{name}, multi-t"] = (torch.cat(oz_train, 1), torch.cat(oz_test, 1))
+            features[f"{name}, multi-t"] = ((oz_train[0], oz_test[0]) if o_multi.get("t_blind")
+                                             else (torch.cat(oz_train, 1), torch.cat(oz_test, 1)))
             result_baselines[name] = {"per_t": o_per_t, "best_t": o_best, "multi_t": o_multi}
 
     label_eff: dict = {}
@@ -215,6 +226,8 @@ def run_probe(model, train_images: torch.Tensor, train_labels: torch.Tensor, tes
                 label_eff[str(n)][name] = linear_probe(ftr[idx.to(ftr.device)], train_labels[idx], fte, test_labels,
                                                        num_classes=classes)["top1"]
 
+    if features_out is not None:
+        features_out.update(features)
     return {
         "per_t": per_t,
         "best_t": best_t,
@@ -246,7 +259,9 @@ def format_table(result: dict) -> str:
                ("embedding, best t", b["linear"], b["knn"], f"t = {b['t']:g}"),
                ("raw pixels", p["linear"], p["knn"], f"dim {p['dim']}")]
     for name, r in result.get("baselines", {}).items():
-        if "multi_t" in r:
+        if r.get("multi_t", {}).get("t_blind"):
+            summary.append((name, r["multi_t"]["linear"], r["multi_t"]["knn"], f"z ignores t, dim {r['multi_t']['dim']}"))
+        elif "multi_t" in r:
             summary.append((f"{name}, multi-t", r["multi_t"]["linear"], r["multi_t"]["knn"], ""))
             summary.append((f"{name}, best t", r["best_t"]["linear"], r["best_t"]["knn"], f"t = {r['best_t']['t']:g}"))
         else:
@@ -289,17 +304,17 @@ def probe_command(args: argparse.Namespace) -> dict:
           f"device {model.device}")
 
     runs = {name: load_run(path, args.device) for name, path in (args.baseline_run or [])}
+    features: dict = {}
     result = run_probe(model, train_images, train_labels, test_images, test_labels, ts,
                        args.batch_size or cfg.eval.batch_size, cfg.eval.knn_k,
-                       with_baselines=not args.no_baselines, baseline_runs=runs)
+                       with_baselines=not args.no_baselines, baseline_runs=runs, features_out=features)
     (out / "probe.json").write_text(json.dumps(result, indent=2) + "\n")
     flat = {"raw pixels, linear": result["raw_pixels"]["linear"], "raw pixels, kNN": result["raw_pixels"]["knn"]}
     for name in ("pixel_pca", "ddae"):
         if name in result["baselines"]:
             flat[f"{name.replace('_', ' ')}, linear (chosen)"] = result["baselines"][name]["linear"]
     plot_accuracy_vs_t(result["per_t"], out / "probe.png", flat, _curves(result))
-    with torch.inference_mode():
-        test_features = model.embed_multi(test_images, ts, args.batch_size or cfg.eval.batch_size)
+    test_features = features["embedding, multi-t"][1]
     plot_embedding_2d(baselines.project_2d(test_features).cpu(), test_labels, out / "embedding-2d.png")
     if not args.no_baselines:
         picks = test_images[:8]

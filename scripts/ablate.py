@@ -1,12 +1,14 @@
 """Ablations of the method's open switches at equal compute, written up as a markdown table.
 
-    python scripts/ablate.py [--steps 500] [--only NAME ...] [--out docs/ABLATIONS.md] [-- KEY=VALUE ...]
+    python scripts/ablate.py [--config configs/fmnist-tiny.yaml] [--steps N] [--only NAME ...]
+                             [--limit-train N] [--out docs/ABLATIONS.md] [-- KEY=VALUE ...]
 
-Every variant trains from the main job's config (configs/fmnist-tiny.yaml) for the same steps and batch
-(equal compute: one budget of images seen), with one switch changed, then goes through the same probe
-(``python -m fastsemdiff.eval probe --no-baselines``: the linear probe on all 60,000 / 10,000 images at
-each t of eval.ts, the best t and the multi-t concatenation). Runs land in runs/ablate/NAME; a finished
-run is probed again rather than retrained, so the script can be stopped and restarted.
+Every variant trains from one config (default: the main job's) for the same steps and batch (one budget
+of images seen), with one switch set to the value the config does not use, then goes through the same
+probe (``python -m fastsemdiff.eval probe --no-baselines``: the linear probe at each t of eval.ts, the
+best t and the multi-t concatenation; on all 60,000 / 10,000 images unless ``--limit-train``). A variant
+that resolves to the base config itself is skipped. Runs land in runs/ablate/NAME; a finished run is
+probed again rather than retrained, so the script can be stopped and restarted.
 """
 from __future__ import annotations
 
@@ -18,12 +20,15 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIG = "configs/fmnist-tiny.yaml"
+sys.path.insert(0, str(REPO))
 
-# name -> (overrides, what it tests). "base" is the main job's config as it is.
+from fastsemdiff.config import load_config  # noqa: E402
+
+# name -> (overrides, what it tests). "base" is the config as it is.
 VARIANTS: dict[str, tuple[list[str], str]] = {
-    "base": ([], "the main job's config"),
-    "no-consistency": (["diffusion.lambda_cons=0"], "consistency weight 0 (default 0.1)"),
+    "base": ([], "the config as it is"),
+    "consistency-on": (["diffusion.lambda_cons=0.1"], "sequential consistency, weight 0.1"),
+    "consistency-off": (["diffusion.lambda_cons=0"], "no sequential-consistency term"),
     "noisy-input": (["encoder.input=noisy"], "encoder reads x_t instead of x0"),
     "no-normalize": (["encoder.normalize=false"], "z not L2-normalised"),
     "concat-merge": (["model.cond_merge=concat"], "Linear([t_emb, Linear(z)]) instead of the sum"),
@@ -41,37 +46,57 @@ def run(cmd: list[str], log: Path) -> None:
         subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, check=True)
 
 
+def resolved(config: str, overrides: list[str]) -> dict:
+    """The variant's full config, without the fields that only say where and how often to write."""
+    d = load_config(str(REPO / config), overrides).to_dict()
+    d["train"] = {k: v for k, v in d["train"].items() if k not in ("run_dir", "progress", "probe_every")}
+    return d
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=500)
+    parser.add_argument("--config", default="configs/fmnist-tiny.yaml")
+    parser.add_argument("--steps", type=int, default=None, help="training steps (default: the config's)")
     parser.add_argument("--only", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--limit-train", type=int, default=None, help="probe on the first N train images")
     parser.add_argument("--out", default="docs/ABLATIONS.md")
     parser.add_argument("extra", nargs="*", help="KEY=VALUE overrides applied to every variant")
     args = parser.parse_args()
 
     py = sys.executable
+    common = [*args.extra] + ([f"train.steps={args.steps}"] if args.steps else [])
+    steps = load_config(str(REPO / args.config), common).train.steps
+    base = resolved(args.config, common)
     rows = []
     for name in args.only:
         overrides, what = VARIANTS[name]
+        if name != "base" and resolved(args.config, common + overrides) == base:
+            print(f"{name}: skipped, the base config already has {' '.join(overrides)}", flush=True)
+            continue
         run_dir = REPO / "runs" / "ablate" / name
-        train_cmd = [py, "-m", "fastsemdiff.train", "--config", CONFIG, f"train.run_dir={run_dir}",
-                     f"train.steps={args.steps}", "train.progress=false", "train.probe_every=0",
-                     *overrides, *args.extra]
+        train_cmd = [py, "-m", "fastsemdiff.train", "--config", args.config, f"train.run_dir={run_dir}",
+                     "train.progress=false", "train.probe_every=0", *common, *overrides]
         probe_cmd = [py, "-m", "fastsemdiff.eval", "probe", "--run", str(run_dir), "--no-baselines"]
+        if args.limit_train:
+            probe_cmd += ["--limit-train", str(args.limit_train)]
         run_dir.parent.mkdir(parents=True, exist_ok=True)
         log = run_dir.parent / f"{name}.log"
         start = time.perf_counter()
+        trained = 0.0
         if not (run_dir / "model.safetensors").is_file():
             run(train_cmd, log)
+            trained = time.perf_counter() - start
         run(probe_cmd, log)
         r = json.loads((run_dir / "probe.json").read_text())
         rows.append((name, what, " ".join(overrides) or "-", r["multi_t"]["linear"], r["best_t"]["linear"],
-                     r["best_t"]["t"], r["raw_pixels"]["linear"], time.perf_counter() - start))
-        print(f"{name}: multi-t {rows[-1][3]:.2f}, best t {rows[-1][4]:.2f} (t={rows[-1][5]:g})", flush=True)
+                     r["best_t"]["t"], r["raw_pixels"]["linear"], trained))
+        print(f"{name}: multi-t {rows[-1][3]:.2f}, best t {rows[-1][4]:.2f} (t={rows[-1][5]:g}), "
+              f"pixels {rows[-1][6]:.2f}, training {trained:.0f} s", flush=True)
 
-    lines = [f"| variant | what changes | overrides | multi-t linear % | best-t linear % (t) | raw pixels % |",
-             "|---|---|---|---|---|---|"]
-    lines += [f"| {n} | {w} | `{o}` | {m:.2f} | {b:.2f} ({t:g}) | {p:.2f} |" for n, w, o, m, b, t, p, _ in rows]
+    lines = ["| variant | what changes | overrides | multi-t linear % | best-t linear % (t) | raw pixels % "
+             "| training s |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {n} | {w} | `{o}` | {m:.2f} | {b:.2f} ({t:g}) | {p:.2f} | {s:.0f} |"
+              for n, w, o, m, b, t, p, s in rows]
     table = "\n".join(lines)
     print(table)
     out = REPO / args.out
@@ -79,10 +104,13 @@ def main() -> None:
     if not out.exists():
         out.write_text("# Ablations of the open switches at equal compute\n\nEach variant: the main job's config "
                        "with one switch changed, the same steps and batch, the same probe (`scripts/ablate.py`).\n")
+    probe = f"train split {args.limit_train or 'all'} / test all"
+    command = (f"python scripts/ablate.py --config {args.config} --steps {steps} --only {' '.join(args.only)}"
+               + (f" --limit-train {args.limit_train}" if args.limit_train else "")
+               + (" -- " + " ".join(args.extra) if args.extra else ""))
     with open(out, "a") as f:
-        f.write(f"\n\n## {time.strftime('%Y-%m-%d')}: {args.steps} steps each, extra overrides "
-                f"`{' '.join(args.extra) or '-'}`\n\nCommand: `python scripts/ablate.py --steps {args.steps} "
-                f"--only {' '.join(args.only)}{' -- ' + ' '.join(args.extra) if args.extra else ''}`\n\n{table}\n")
+        f.write(f"\n\n## {time.strftime('%Y-%m-%d')}: `{args.config}`, {steps} steps each, probe on {probe}\n\n"
+                f"Command: `{command}`\n\n{table}\n")
 
 
 if __name__ == "__main__":

@@ -27,10 +27,56 @@ has_export = pytest.mark.skipif(
 )
 
 
+def give_t_a_say(model: SemanticDiffusion) -> SemanticDiffusion:
+    """Random encoder adaLN weights, as training leaves them: at initialisation they are zero and z ignores t."""
+    with torch.no_grad():
+        for name, p in model.encoder.named_parameters():
+            if "adaLN" in name and name.endswith("weight"):
+                p.normal_(std=0.05)
+    return model
+
+
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    return SemanticDiffusion(load_config(None, FAST)).eval()
+    return give_t_a_say(SemanticDiffusion(load_config(None, FAST))).eval()
+
+
+@pytest.mark.parametrize("overrides, depends", [
+    ([], False),  # fresh: adaLN weights zero, t cannot reach the blocks
+    (["encoder.time_conditioned=false"], False),
+    (["encoder.time_conditioned=false", "encoder.input=noisy"], True),  # x_t changes with t
+    ("trained", True),
+])
+def test_embedding_depends_on_t_is_exact(overrides, depends):
+    """The probe embeds a t-blind model once, so the flag must be exact: equal embeddings when False,
+    different ones when True."""
+    torch.manual_seed(1)
+    m = SemanticDiffusion(load_config(None, FAST + (overrides if isinstance(overrides, list) else [])))
+    if overrides == "trained":
+        give_t_a_say(m)
+    m.eval()
+    images = (torch.rand(6, 1, 28, 28) * 255).to(torch.uint8)
+    assert m.embedding_depends_on_t() is depends
+    same = torch.equal(m.embed(images, 0.1), m.embed(images, 0.8))
+    assert same is not depends
+
+
+def test_run_probe_embeds_a_t_blind_model_once():
+    torch.manual_seed(0)
+    fresh = SemanticDiffusion(load_config(None, FAST)).eval()
+    gen = torch.Generator().manual_seed(3)
+    train_x = (torch.rand(120, 1, 28, 28, generator=gen) * 255).to(torch.uint8)
+    test_x = (torch.rand(40, 1, 28, 28, generator=gen) * 255).to(torch.uint8)
+    train_y, test_y = torch.arange(120) % 4, torch.arange(40) % 4
+    calls = []
+    embed = fresh.embed
+    fresh.embed = lambda *a, **k: calls.append(a[1]) or embed(*a, **k)
+    result = run_probe(fresh, train_x, train_y, test_x, test_y, [0.0, 0.3, 0.9], batch_size=64, knn_k=5,
+                       progress=False, with_baselines=False)
+    assert calls == [0.0, 0.0]  # once per split
+    assert result["multi_t"]["t_blind"] and result["multi_t"]["dim"] == 16
+    assert len({r["linear"] for r in result["per_t"]}) == 1
 
 
 @pytest.fixture(scope="module")

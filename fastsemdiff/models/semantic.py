@@ -136,6 +136,17 @@ class SemanticDiffusion(nn.Module):
             raise ValueError("t is the diffusion time as a fraction in [0, 1] (0 = clean, 1 = pure noise)")
         return t
 
+    def embedding_depends_on_t(self) -> bool:
+        """False when z_t cannot change with t, so one embedding serves a whole grid of t: a static encoder
+        on clean images, or an encoder whose adaLN weights are all zero (e.g. freshly initialised), where t
+        reaches the blocks only through those weights."""
+        if self.cfg.encoder.input == "noisy":
+            return True  # x_t itself changes with t
+        if not self.encoder.time_conditioned:
+            return False
+        return any(bool(p.detach().ne(0).any()) for n, p in self.encoder.named_parameters()
+                   if "adaLN" in n and n.endswith("weight"))
+
     @torch.no_grad()
     def embed(self, images: torch.Tensor, t: TimeArg = 0.0, batch_size: int = 1024) -> torch.Tensor:
         """z_t = E(x0, t) for images [B, C, H, W]; returns float32 [B, d] on the model's device.
