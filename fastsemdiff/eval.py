@@ -133,6 +133,13 @@ def _probe_grid(timer, train_z, test_z, train_y, test_y, ts, knn_k, classes, par
     return per_t, dict(max(per_t, key=lambda r: r["linear"])), multi_t
 
 
+def _readout(name: str, train_z, test_z, multi_t: dict) -> dict:
+    """A baseline's features for label efficiency: its multi-t concatenation, or its one embedding if t-blind."""
+    if multi_t.get("t_blind"):
+        return {name: (train_z[0], test_z[0])}
+    return {f"{name}, multi-t": (torch.cat(train_z, 1), torch.cat(test_z, 1))}
+
+
 def _select_ddae(timer, model, train_images, train_labels, ts, batch_size, classes, progress):
     """(block, t) of the DDAE features with the best linear probe on a held-out sixth of the train split
     (no test images are used to choose), and the per-t validation accuracy of each t's best block."""
@@ -194,8 +201,7 @@ def run_probe(model, train_images: torch.Tensor, train_labels: torch.Tensor, tes
                                         "untrained encoder")
         r_per_t, r_best, r_multi = _probe_grid(timer, rz_train, rz_test, train_labels, test_labels, ts, knn_k,
                                                classes, "untrained ")
-        features["untrained, multi-t"] = ((rz_train[0], rz_test[0]) if r_multi.get("t_blind")
-                                          else (torch.cat(rz_train, 1), torch.cat(rz_test, 1)))
+        features.update(_readout("untrained", rz_train, rz_test, r_multi))
         result_baselines["untrained_encoder"] = {"per_t": r_per_t, "best_t": r_best, "multi_t": r_multi}
         del fresh, rz_train, rz_test
 
@@ -214,8 +220,7 @@ def run_probe(model, train_images: torch.Tensor, train_labels: torch.Tensor, tes
             oz_train, oz_test = _embed_grid(timer, other, train_images, test_images, ts, batch_size, progress, name)
             o_per_t, o_best, o_multi = _probe_grid(timer, oz_train, oz_test, train_labels, test_labels, ts, knn_k,
                                                    classes, f"{name} ")
-            features[f"{name}, multi-t"] = ((oz_train[0], oz_test[0]) if o_multi.get("t_blind")
-                                             else (torch.cat(oz_train, 1), torch.cat(oz_test, 1)))
+            features.update(_readout(name, oz_train, oz_test, o_multi))
             result_baselines[name] = {"per_t": o_per_t, "best_t": o_best, "multi_t": o_multi}
 
     label_eff: dict = {}

@@ -155,8 +155,10 @@ def test_eval_probe_cli(run_dir, tmp_path, capsys):
     assert set(b) == {"pixel_pca", "untrained_encoder", "ddae", "static"}  # static: the --baseline-run model
     assert b["pixel_pca"]["dim"] == 16 and 0 <= b["ddae"]["block"] < 2 and b["ddae"]["t"] in (0.0, 0.5)
     assert set(result["label_efficiency"]) == {"100"}  # 200 images hold too few per class for 1,000
-    assert {"embedding, multi-t", "raw pixels", "pixel PCA", "DDAE", "static, multi-t"} <= set(
-        result["label_efficiency"]["100"])
+    assert {"embedding, multi-t", "raw pixels", "pixel PCA", "DDAE", "static, multi-t", "untrained"} <= set(
+        result["label_efficiency"]["100"])  # the untrained twin ignores t: one embedding, no multi-t
+    assert b["untrained_encoder"]["multi_t"]["t_blind"] and b["untrained_encoder"]["multi_t"]["dim"] == 16
+    assert not b["static"]["multi_t"].get("t_blind")  # this "static" run is the t-dependent test model
     out = capsys.readouterr().out
     assert "best t" in out and "pixels" in out and "total" in out
     assert "ddae" in out and "labelled images" in out
