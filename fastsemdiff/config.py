@@ -62,7 +62,7 @@ class EncoderConfig:
 
     input: str = "clean"  # clean: E(x0, t) | noisy: E(x_t, t)
     time_conditioned: bool = True  # false: a diffae-style static code E(x0)
-    normalize: bool = True  # L2-normalise z (the "directional vector")
+    normalize: bool = False  # L2-normalise z (the "directional vector"); off probed better (docs/ABLATIONS.md)
     depth: Optional[int] = None  # None: half the denoiser's depth
     dim: int = 128
     regularizer: str = "none"  # none | l1 | kl
@@ -75,7 +75,7 @@ class EncoderConfig:
 class DiffusionConfig:
     schedule: str = "vp-cosine"  # vp-cosine | vp-linear | ve | flow
     prediction: str = "eps"  # eps | v | x0 | velocity
-    lambda_cons: float = 0.1  # weight of the sequential-consistency term
+    lambda_cons: float = 0.0  # weight of the sequential-consistency term; 0.1 gained nothing (docs/ABLATIONS.md)
     cons_step: float = 0.05  # |t' - t| is drawn uniformly up to this
 
 
