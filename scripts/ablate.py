@@ -109,7 +109,7 @@ def main() -> None:
                + (f" --limit-train {args.limit_train}" if args.limit_train else "")
                + (" -- " + " ".join(args.extra) if args.extra else ""))
     with open(out, "a") as f:
-        f.write(f"\n\n## {time.strftime('%Y-%m-%d')}: `{args.config}`, {steps} steps each, probe on {probe}\n\n"
+        f.write(f"\n\n### {time.strftime('%Y-%m-%d')}: `{args.config}`, {steps} steps each, probe on {probe}\n\n"
                 f"Command: `{command}`\n\n{table}\n")
 
 
