@@ -324,8 +324,8 @@ def probe_command(args: argparse.Namespace) -> dict:
     if not args.no_baselines:
         picks = test_images[:8]
         with torch.inference_mode():
-            recon = model.reconstruct(picks, t=0.0, steps=args.recon_steps)
-        plot_reconstructions(picks, recon, out / "reconstructions.png")
+            recon = model.reconstruct(picks, t=result["best_t"]["t"], steps=args.recon_steps)  # z at the best t
+        plot_reconstructions(picks, recon, out / "reconstructions.png", t=result["best_t"]["t"])
     print(format_table(result))
     parts = ", ".join(f"{k} {v:.1f}s" for k, v in result["timings"].items())
     print(f"total {result['seconds']:.1f} s ({parts}); wrote probe.json, probe.png, embedding-2d.png and "

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import torch
 
@@ -31,8 +31,9 @@ def plot_embedding_2d(points: torch.Tensor, labels: torch.Tensor, path: Union[st
     plt.close(fig)
 
 
-def plot_reconstructions(originals: torch.Tensor, reconstructions: torch.Tensor, path: Union[str, Path]) -> None:
-    """Two rows: the images (uint8 [n, C, H, W]) and their reconstructions x0 -> z -> sample (float [0, 1])."""
+def plot_reconstructions(originals: torch.Tensor, reconstructions: torch.Tensor, path: Union[str, Path],
+                         t: Optional[float] = None) -> None:
+    """Two rows: the images (uint8 [n, C, H, W]) and their reconstructions x0 -> z_t -> sample (float [0, 1])."""
     plt = _pyplot()
     n = originals.shape[0]
     fig, axes = plt.subplots(2, n, figsize=(1.2 * n, 2.6), squeeze=False)
@@ -44,7 +45,7 @@ def plot_reconstructions(originals: torch.Tensor, reconstructions: torch.Tensor,
             ax.set_xticks([])
             ax.set_yticks([])
     axes[0][0].set_ylabel("image", fontsize="small")
-    axes[1][0].set_ylabel("from z", fontsize="small")
+    axes[1][0].set_ylabel("from z" if t is None else f"from z, t={t:g}", fontsize="small")
     fig.tight_layout()
     fig.savefig(path, format="png", dpi=120)
     plt.close(fig)
