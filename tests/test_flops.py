@@ -70,10 +70,10 @@ def test_stacked_adaln_counts_the_same():
 
 
 def test_joint_step_against_flop_counter():
-    """The default method's step: encoder + denoiser + the encoder again without gradient (consistency)."""
+    """The method's step with consistency on: encoder + denoiser + the encoder again without gradient."""
     torch.manual_seed(0)
     cfg = load_config(None, ["model.backend=torch", "model.adaln=per_block", "model.patch_size=4",
-                             "model.hidden_size=64", "model.depth=2", "encoder.dim=16"])
+                             "model.hidden_size=64", "model.depth=2", "encoder.dim=16", "diffusion.lambda_cons=0.1"])
     model = SemanticDiffusion(cfg)
     x0 = torch.rand(3, 1, 28, 28) * 2 - 1
     counted = _counted(lambda: model(x0, torch.Generator().manual_seed(0))[0].backward())
