@@ -25,6 +25,7 @@ from tqdm import tqdm
 from . import baselines
 from .data import DatasetError, load_split
 from .errors import CheckpointError
+from .export import resolve_model_path, write_readout
 from .plots import plot_embedding_2d, plot_reconstructions
 from .probe import knn_accuracy, linear_probe, plot_accuracy_vs_t
 
@@ -329,6 +330,14 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def best_readout(result: dict) -> dict:
+    """The embedding's readout with the best linear probe: one t, or the multi-t concatenation."""
+    best, multi = result["best_t"], result["multi_t"]
+    if multi["linear"] > best["linear"] and not multi.get("t_blind"):
+        return {"ts": list(multi["ts"]), "linear": multi["linear"], "dim": multi["dim"]}
+    return {"t": best["t"], "linear": best["linear"], "dim": result["embedding_dim"]}
+
+
 def _curves(result: dict) -> dict[str, list[dict]]:
     """Linear accuracy against t for every method that has one, for the plot."""
     curves = {}
@@ -362,6 +371,10 @@ def probe_command(args: argparse.Namespace) -> dict:
                        args.batch_size or cfg.eval.batch_size, cfg.eval.knn_k,
                        with_baselines=not args.no_baselines, baseline_runs=runs, features_out=features)
     (out / "probe.json").write_text(json.dumps(result, indent=2) + "\n")
+    if args.limit_train is None and args.limit_test is None:  # a full-split probe decides embed()'s default
+        readout = best_readout(result)
+        write_readout(resolve_model_path(args.run).parent, readout)
+        model.readout = readout
     flat = {"raw pixels, linear": result["raw_pixels"]["linear"], "raw pixels, kNN": result["raw_pixels"]["knn"]}
     for name in ("pixel_pca", "ddae"):
         if name in result["baselines"]:

@@ -101,4 +101,29 @@ def load_model(path: Union[str, Path], device: Optional[Union[str, torch.device]
     cfg, tensors = read_exported(path)
     model = SemanticDiffusion(cfg)
     load_state_strict(model, tensors, str(resolve_model_path(path)))
+    model.readout = read_readout(resolve_model_path(path).parent)
     return model.to(device or best_device()).eval()
+
+
+READOUT_FILE = "readout.json"
+
+
+def write_readout(folder: Union[str, Path], readout: dict) -> Path:
+    """Record beside the model which readout the probe found best ({"t": ...} or {"ts": [...]}), so that
+    ``fastsemdiff.load(run).embed(images)`` with no t returns it."""
+    path = Path(folder) / READOUT_FILE
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(readout, indent=2) + "\n"))
+    return path
+
+
+def read_readout(folder: Union[str, Path]) -> Optional[dict]:
+    path = Path(folder) / READOUT_FILE
+    if not path.is_file():
+        return None
+    try:
+        readout = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} is not readable JSON ({e}); delete it or run the probe again") from None
+    if not isinstance(readout, dict) or not ("t" in readout or "ts" in readout):
+        raise CheckpointError(f"{path} names no readout (a 't' or 'ts' key); delete it or run the probe again")
+    return readout

@@ -36,6 +36,11 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
     "schedule-flow": (["diffusion.schedule=flow", "diffusion.prediction=velocity"], "rectified flow"),
     "no-z-dropout": (["model.z_dropout=0"], "z never dropped (default 0.1)"),
     "static-encoder": (["encoder.time_conditioned=false"], "static code E(x0), the diffae-style baseline"),
+    "normalize": (["encoder.normalize=true"], "z L2-normalised (the directional vector)"),
+    "vit-encoder": (["encoder.arch=vit", "encoder.depth=1"], "the 1-block ViT encoder instead of the CNN"),
+    "cnn-encoder": (["encoder.arch=cnn"], "the FiLM CNN encoder instead of the ViT"),
+    "mean-pool": (["encoder.pool_grid=1"], "CNN map mean-pooled to one vector instead of a 2x2 grid"),
+    "eps-target": (["diffusion.prediction=eps"], "eps-prediction instead of x0"),
 }
 
 
@@ -73,7 +78,8 @@ def main() -> None:
         if name != "base" and resolved(args.config, common + overrides) == base:
             print(f"{name}: skipped, the base config already has {' '.join(overrides)}", flush=True)
             continue
-        run_dir = REPO / "runs" / "ablate" / name
+        suffix = "".join(f"-{o.replace('=', '')}" for o in args.extra).replace("/", "_").replace(".", "_")
+        run_dir = REPO / "runs" / "ablate" / f"{name}{suffix}"  # a second seed (-- train.seed=1) gets its own runs
         train_cmd = [py, "-m", "fastsemdiff.train", "--config", args.config, f"train.run_dir={run_dir}",
                      "train.progress=false", "train.probe_every=0", *common, *overrides]
         probe_cmd = [py, "-m", "fastsemdiff.eval", "probe", "--run", str(run_dir), "--no-baselines"]

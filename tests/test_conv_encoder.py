@@ -24,7 +24,7 @@ def cnn_model(*overrides: str, seed: int = 0) -> SemanticDiffusion:
 def wake_films_(encoder: ConvTimeEncoder, std: float = 0.2) -> None:
     g = gen(9)
     with torch.no_grad():
-        for stage in encoder.stages:
+        for stage in encoder.blocks:
             stage.film.weight.copy_(torch.randn(stage.film.weight.shape, generator=g) * std)
 
 
@@ -35,7 +35,7 @@ def test_features_by_hand():
     x, t = torch.randn(3, 1, 12, 12, generator=gen(1)), torch.tensor([0.1, 0.5, 0.9])
     c = enc.t_embedder(t)
     h = x
-    for stage in enc.stages:
+    for stage in enc.blocks:
         scale, shift = stage.film(F.silu(c)).chunk(2, dim=-1)
         h = F.gelu(stage.norm(stage.conv(h)) * (1 + scale[..., None, None]) + shift[..., None, None])
     pooled = F.adaptive_avg_pool2d(h, 2).flatten(1)
@@ -71,7 +71,7 @@ def test_model_with_cnn_encoder_trains(overrides):
     x0 = torch.rand(8, 1, 28, 28, generator=gen(4)) * 2 - 1
     labels = torch.arange(8) % 10
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    first_conv = model.encoder.stages[0].conv.weight.detach().clone()
+    first_conv = model.encoder.blocks[0].conv.weight.detach().clone()
     losses = []
     for i in range(15):
         loss, _ = model(x0, gen(100 + i), labels=labels)
@@ -80,7 +80,7 @@ def test_model_with_cnn_encoder_trains(overrides):
         opt.step()
         losses.append(loss.item())
     assert sum(losses[-3:]) < sum(losses[:3]), losses
-    assert not torch.equal(model.encoder.stages[0].conv.weight, first_conv)  # the loss reaches the first conv
+    assert not torch.equal(model.encoder.blocks[0].conv.weight, first_conv)  # the loss reaches the first conv
     z = model.eval().embed((torch.rand(5, 1, 28, 28, generator=gen(5)) * 255).to(torch.uint8), 0.5)
     assert z.shape == (5, 16) and torch.isfinite(z).all()
     if "encoder.normalize=true" in overrides:
@@ -99,3 +99,20 @@ def test_trained_film_makes_the_model_t_dependent():
 def test_bad_cnn_config_is_a_clear_error(bad):
     with pytest.raises(ConfigError, match="encoder"):
         load_config(None, [*CNN, *bad]).validate()
+
+
+def test_trainer_trains_resumes_and_exports_a_cnn_encoder(tmp_path, fake_fmnist):
+    """The trainer's wrapping (per-block compile units, FSDP units) takes the CNN's stages as its blocks."""
+    import fastsemdiff
+    from fastsemdiff import train as train_mod
+
+    from conftest import train_args
+
+    run = tmp_path / "cnn"
+    args = train_args(run, fake_fmnist, "encoder.arch=cnn", "encoder.conv_channels=[8,16]",
+                      "encoder.conv_strides=[2,2]", "train.ckpt_every=3")
+    train_mod.main([*args, "train.steps=3"])
+    train_mod.main(["--resume", *args, "train.steps=5"])
+    model = fastsemdiff.load(str(run), device="cpu")
+    assert isinstance(model.encoder, ConvTimeEncoder)
+    assert model.embed((torch.rand(3, 1, 28, 28, generator=gen(6)) * 255).to(torch.uint8), 0.2).shape == (3, 16)

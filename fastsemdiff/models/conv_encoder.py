@@ -40,7 +40,7 @@ class ConvTimeEncoder(nn.Module):
 
     Same interface as the ViT ``TimeEncoder``: ``forward`` returns (z, stats), ``features`` the pooled,
     normalised map before the head, ``time_conditioned=False`` a static code (one learned vector instead
-    of the timestep embedding).
+    of the timestep embedding), and ``blocks`` (the stages) as the unit the trainer compiles and shards.
     """
 
     def __init__(self, in_channels: int, out_dim: int, cond_dim: int, channels: Sequence[int] = (32, 64, 64, 128),
@@ -59,7 +59,7 @@ class ConvTimeEncoder(nn.Module):
         else:
             self.static_cond = nn.Parameter(torch.randn(cond_dim) * 0.02)
         dims = [in_channels, *channels]
-        self.stages = nn.ModuleList(FiLMConvStage(i, o, s, cond_dim) for i, o, s in zip(dims, dims[1:], strides))
+        self.blocks = nn.ModuleList(FiLMConvStage(i, o, s, cond_dim) for i, o, s in zip(dims, dims[1:], strides))
         width = channels[-1] * grid * grid
         self.norm = nn.LayerNorm(width, eps=1e-6)
         self.head = nn.Linear(width, out_dim * (2 if variational else 1))
@@ -71,13 +71,13 @@ class ConvTimeEncoder(nn.Module):
 
     def depends_on_t(self) -> bool:
         """Whether z can change with t: only through the FiLM weights (their biases are t-free)."""
-        return self.time_conditioned and any(bool(s.film.weight.detach().ne(0).any()) for s in self.stages)
+        return self.time_conditioned and any(bool(s.film.weight.detach().ne(0).any()) for s in self.blocks)
 
     def features(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The pooled grid [B, channels[-1] * grid^2], LayerNorm-ed, before the head."""
         c = self._cond(x, t)
         h = x
-        for stage in self.stages:
+        for stage in self.blocks:
             h = stage(h, c)
         return self.norm(F.adaptive_avg_pool2d(h, self.grid).flatten(1))
 

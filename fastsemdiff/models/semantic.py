@@ -152,12 +152,23 @@ class SemanticDiffusion(nn.Module):
             return True  # x_t itself changes with t
         return self.encoder.depends_on_t()
 
+    # What the probe found best, {"t": 0.9} or {"ts": [...]} (the run's readout.json; see fastsemdiff.load):
+    # what ``embed(images)`` with no t returns. None: z at t = 0.
+    readout: Optional[dict] = None
+
     @torch.no_grad()
-    def embed(self, images: torch.Tensor, t: TimeArg = 0.0, batch_size: int = 1024) -> torch.Tensor:
+    def embed(self, images: torch.Tensor, t: Optional[TimeArg] = None, batch_size: int = 1024) -> torch.Tensor:
         """z_t = E(x0, t) for images [B, C, H, W]; returns float32 [B, d] on the model's device.
 
-        With ``encoder.input=noisy`` the noise comes from a fixed seed, so embeddings are repeatable.
+        With no t, the readout the probe found best for this model (``readout``): z at its best t, or the
+        multi-t concatenation [B, len(ts) * d]; t = 0 for a model that was never probed. With
+        ``encoder.input=noisy`` the noise comes from a fixed seed, so embeddings are repeatable.
         """
+        if t is None:
+            best = self.readout or {"t": 0.0}
+            if "ts" in best:
+                return self.embed_multi(images, best["ts"], batch_size)
+            t = float(best["t"])
         x = self._prepare(images)
         t = self._times(t, x.shape[0])
         outs = []
