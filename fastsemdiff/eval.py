@@ -330,6 +330,15 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def training_speed(run_dir: Path) -> Optional[float]:
+    """Median training images/s of the run (its metrics.jsonl), so a report says how fast its machine was."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    speeds = sorted(r["img_per_s"] for r in map(json.loads, path.read_text().splitlines()) if "img_per_s" in r)
+    return round(speeds[len(speeds) // 2], 1) if speeds else None
+
+
 def best_readout(result: dict) -> dict:
     """The embedding's readout with the best linear probe: one t, or the multi-t concatenation."""
     best, multi = result["best_t"], result["multi_t"]
@@ -370,6 +379,7 @@ def probe_command(args: argparse.Namespace) -> dict:
     result = run_probe(model, train_images, train_labels, test_images, test_labels, ts,
                        args.batch_size or cfg.eval.batch_size, cfg.eval.knn_k,
                        with_baselines=not args.no_baselines, baseline_runs=runs, features_out=features)
+    result["training_img_per_s"] = training_speed(resolve_model_path(args.run).parent)
     (out / "probe.json").write_text(json.dumps(result, indent=2) + "\n")
     if args.limit_train is None and args.limit_test is None:  # a full-split probe decides embed()'s default
         readout = best_readout(result)
@@ -388,6 +398,9 @@ def probe_command(args: argparse.Namespace) -> dict:
             recon = model.reconstruct(picks, t=result["best_t"]["t"], steps=args.recon_steps)  # z at the best t
         plot_reconstructions(picks, recon, out / "reconstructions.png", t=result["best_t"]["t"])
     print(format_table(result))
+    if result["training_img_per_s"]:
+        print(f"the model trained at {result['training_img_per_s']:.0f} images/s (median of metrics.jsonl): "
+              "machines of one kind differ up to 3x, so compare timings at equal images/s")
     parts = ", ".join(f"{k} {v:.1f}s" for k, v in result["timings"].items())
     print(f"total {result['seconds']:.1f} s ({parts}); wrote probe.json, probe.png, embedding-2d.png and "
           f"reconstructions.png in {out}")

@@ -57,3 +57,12 @@ def test_best_readout_picks_the_higher_linear_probe():
     assert best_readout(result) == {"t": 0.9, "linear": 84.0, "dim": 8}
     result["multi_t"].update(linear=90.0, t_blind=True)  # a t-blind model's "multi-t" is its one embedding
     assert best_readout(result)["t"] == 0.9
+
+
+def test_training_speed_is_the_median_of_the_logged_rates(tmp_path):
+    from fastsemdiff.eval import training_speed
+
+    assert training_speed(tmp_path) is None
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "img_per_s": 300.0}\n{"step": 2, "loss": 1}\n'
+                                            '{"step": 3, "img_per_s": 700.0}\n{"step": 4, "img_per_s": 500.0}\n')
+    assert training_speed(tmp_path) == 500.0
