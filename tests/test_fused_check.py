@@ -182,13 +182,6 @@ def perturb_forward(monkeypatch, K, how="shift"):
     monkeypatch.setattr(K, "modulated_norm_fwd", faulty)
 
 
-def no_warnings():
-    ctx = warnings.catch_warnings()
-    ctx.__enter__()
-    warnings.simplefilter("error")
-    return ctx
-
-
 def test_correct_kernels_pass_without_a_warning(checked_on_cpu):
     (x, shift, scale, _, _), _ = mln_inputs("BC", False, False, f32)
     inputs, _ = grmln_inputs("BC", True, False, bf16)
@@ -339,3 +332,13 @@ def test_config_key_reaches_every_fused_layer():
         ModulatedLayerNorm(8, fused_check="loud")
     with pytest.raises(ValueError, match="fused_check='loud' is not valid"):
         ops.modulated_layer_norm(*mln_inputs("BC", False, False, f32)[0][:3], check="loud")
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="on a CPU the kernels run under the interpreter by design")
+def test_a_gpu_runs_the_compiled_kernels(kernels):
+    """With a GPU the kernel tests use CUDA tensors and compiled kernels (scripts/gpu_check.py relies on it)."""
+    assert not kernels.INTERPRETED, "TRITON_INTERPRET is set on a GPU machine: unset it to test compiled kernels"
+    x = torch.randn(4, 3, 64, device=DEVICE)
+    shift, scale = torch.randn(4, 64, device=DEVICE), torch.randn(4, 64, device=DEVICE)
+    torch.testing.assert_close(ops.modulated_layer_norm(x, shift, scale, backend="triton", check="error"),
+                               modulated_layer_norm_ref(x, shift, scale, eps=1e-6), rtol=1e-5, atol=1e-5)
