@@ -30,7 +30,7 @@ Written to DIR (at most 8 files, for the device tool): ``gpu_check.json`` (every
 merged pytest-benchmark JSON), ``tables.md``, ``summary.txt`` (one screen, also printed last) and
 ``logs.txt`` (every stage's output). Scratch (training runs, per-stage JSONs) goes to ``--work``.
 ``--dry-run`` runs every stage on the CPU: the install as ``pip install --dry-run``, no CUDA build, the
-kernels under the Triton interpreter (a slice of the kernel tests: CI runs them all), a tiny model, 6 training
+kernels under the Triton interpreter (a slice of the kernel tests: CI runs them all), a tiny model, 4 training
 steps, the CPU benchmark cases for two rounds with torch.compile off (``TORCHDYNAMO_DISABLE=1``: compiling on
 two CPU cores takes minutes; CI's tests cover the compiled paths). It proves the plumbing, not the figures.
 """
@@ -100,6 +100,8 @@ class Check:
     def child_env(self, interpret: Optional[bool] = None, **extra: str) -> dict:
         env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PYTEST_ADDOPTS")}
         env["PYTHONUNBUFFERED"] = "1"
+        if self.dry_run:  # tiny ops on a shared CPU: one intra-op thread avoids OpenMP's oversubscription stalls
+            env["OMP_NUM_THREADS"] = "1"
         if interpret if interpret is not None else self.dry_run:
             env["TRITON_INTERPRET"] = "1"
         env.update(extra)
@@ -348,7 +350,7 @@ def stage_train_curves(c: Check) -> Stage:
     data = write_images(c.work / "images.npz", 512 if c.dry_run else 8192)
     if c.dry_run:  # tiny: 32 wide, 2 blocks, 16 tokens; the interpreter runs the Triton kernels
         common = ["model.hidden_size=32", "model.depth=2", "model.num_heads=2", "encoder.dim=16",
-                  "train.batch_size=8", "train.steps=6", "train.log_every=2", "train.threads=1",
+                  "train.batch_size=4", "train.steps=4", "train.log_every=2", "train.threads=1",
                   "train.warmup_steps=2"]
         backends = {"torch": "model.backend=torch", "fused": "model.backend=triton"}
     else:  # the GPU recipe, 200 steps, eager (the compiled fused step is timed in bench-train)
