@@ -2,11 +2,13 @@
 
     pytest bench/ --benchmark-only -k adaln
 
-Each op runs forward, backward (on a prebuilt graph) and forward+backward, on three implementations in one
-run: the plain-PyTorch reference eager, the reference under torch.compile, and the fused Triton kernels.
+Each op runs forward, backward (on a prebuilt graph) and forward+backward, on four implementations in one
+run: the plain-PyTorch reference eager, the reference under torch.compile, the fused Triton kernels and the
+CUDA C++ kernels (``fastsemdiff._C``; skipped with the reason where it is not built).
 GPU shapes (bf16): [256, 256, 1152] (the SPEC target shape), DiT-S [256, 256, 384] and DiT-B
 [256, 256, 768]; the CPU case [8, 64, 384] fp32 times the reference eager and compiled (the Triton kernels
-run on a CPU only under the interpreter, a correctness tool, so they are not timed there). Each record
+run on a CPU only under the interpreter, a correctness tool, so they are not timed there; nor are the CUDA
+kernels). Each record
 carries per-call microseconds, the minimum bytes the op must move, achieved GB/s and % of the copy ceiling.
 """
 from __future__ import annotations
@@ -26,7 +28,8 @@ GPU_SHAPES = {"target-256x256x1152": (256, 256, 1152), "DiT-S-256x256x384": (256
 CPU_SHAPES = {"cpu-8x64x384": (8, 64, 384)}
 SHAPES = GPU_SHAPES if HAS_CUDA else CPU_SHAPES
 DTYPE = torch.bfloat16 if HAS_CUDA else torch.float32
-IMPLS = ["torch_eager", "torch_compile", "triton"]
+IMPLS = ["torch_eager", "torch_compile", "triton", "cuda"]
+FUSED = ("triton", "cuda")
 MODES = ["forward", "backward", "forward_backward"]
 
 # Minimum traffic in units of one [B, N, C] tensor: (forward, backward). The norm reads x and writes y,
@@ -46,10 +49,11 @@ def _inputs(op: str, B: int, N: int, C: int):
 
 def _function(op: str, impl: str):
     if op == "mln":
-        fn = modulated_layer_norm_ref if impl != "triton" else functools.partial(modulated_layer_norm, backend="triton")
+        fn = (functools.partial(modulated_layer_norm, backend=impl) if impl in FUSED
+              else modulated_layer_norm_ref)
     else:
-        fn = (gated_residual_modulated_norm_ref if impl != "triton"
-              else functools.partial(gated_residual_modulated_norm, backend="triton"))
+        fn = (functools.partial(gated_residual_modulated_norm, backend=impl) if impl in FUSED
+              else gated_residual_modulated_norm_ref)
     if impl == "torch_compile":
         torch._dynamo.reset()
         fn = torch.compile(fn, fullgraph=True, dynamic=False)
@@ -83,6 +87,13 @@ def _case(op: str, impl: str, mode: str, shape: tuple[int, int, int]):
 def test_adaln(benchmark, copy_ceiling_gbs, op, impl, mode, shape_name):
     if impl == "triton" and not HAS_CUDA:
         pytest.skip("Triton kernels are timed on GPUs only (on a CPU they run in the interpreter)")
+    if impl == "cuda" and not HAS_CUDA:
+        pytest.skip("the CUDA C++ kernels run on GPUs only")
+    if impl == "cuda":
+        from fastsemdiff.ops import _cuda
+
+        if not _cuda.available():
+            pytest.skip(f"the CUDA C++ kernels: {_cuda.unavailable_reason()}")
     benchmark.group = f"adaln-{op}-{mode}-{shape_name}"
     call, nbytes = _case(op, impl, mode, SHAPES[shape_name])
     reps, rounds = (20, 15) if HAS_CUDA else (5, 5)

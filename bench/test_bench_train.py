@@ -14,6 +14,7 @@ also carries ``host_syncs``: how often one step (after warm-up) made the host wa
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import pytest
 import torch
@@ -24,6 +25,8 @@ from benchutil import DEVICE, DEVICE_NAME, HAS_CUDA, bench_call, oom_skip
 from trainstep import CPU_SIZES, GPU_SIZES, IMPLS, build_step, count_host_syncs
 
 HAS_DIFFUSERS = importlib.util.find_spec("diffusers") is not None
+# scripts/gpu_check.py --dry-run: the CPU case with two rounds of the reference eager and the fused model only.
+QUICK = os.environ.get("FASTSEMDIFF_BENCH_QUICK") == "1"
 SIZES = {**GPU_SIZES, **CPU_SIZES}
 CASES = [(kind, size, impl) for size in SIZES for kind in ("dit", "joint") for impl in IMPLS
          if not (kind == "joint" and impl == "diffusers")]
@@ -86,6 +89,9 @@ def test_train_step_cpu_interleaved(benchmark, matmul_ceiling_tflops, kind):
     size = CPU_SIZES["tiny"]
     batch = size.batch_for(kind)
     impls = [i for i in IMPLS if not (i == "diffusers" and (kind == "joint" or not HAS_DIFFUSERS))]
+    if QUICK:
+        impls = [i for i in impls if i in ("torch_eager", "fused")]
+    rounds = 2 if QUICK else 6
     steps = {impl: build_step(kind, size, impl, DEVICE) for impl in impls}  # built first: build_step resets dynamo
     for step in steps.values():
         step(), step()  # compilation, AdamW state
@@ -100,7 +106,7 @@ def test_train_step_cpu_interleaved(benchmark, matmul_ceiling_tflops, kind):
             times[impl].append(time.perf_counter() - start)
 
     benchmark.group = f"train-{kind}-{size.label}-b{batch}-interleaved"
-    benchmark.pedantic(one_round, rounds=6, iterations=1, warmup_rounds=1)
+    benchmark.pedantic(one_round, rounds=rounds, iterations=1, warmup_rounds=1)
     flops = steps[impls[0]].flops
     per_impl = {}
     for impl in impls:
@@ -113,7 +119,7 @@ def test_train_step_cpu_interleaved(benchmark, matmul_ceiling_tflops, kind):
                                                          "tflop_per_s": per_impl[impl]["tflop_per_s"]}
     benchmark.extra_info.update(impl="interleaved", kind=kind, model=size.label, tokens=size.tokens, batch=batch,
                                 dtype="fp32", device="cpu", torch=torch.__version__, flops=flops,
-                                ceiling_tflops=round(matmul_ceiling_tflops, 4), interleaved=per_impl)
+                                ceiling_tflops=round(matmul_ceiling_tflops, 4), interleaved=per_impl, quick=QUICK)
     line = ", ".join(f"{i} {v['images_per_s']:.0f} img/s" for i, v in per_impl.items())
     for base in ("torch_eager", "torch_compile", "diffusers"):
         if base in per_impl:

@@ -155,7 +155,7 @@ def build_step(kind: str, size: Size, impl: str, device: torch.device) -> TrainS
 
     model = DiT(size.image_size, size.patch, size.channels, hidden, depth, heads, mlp_ratio=m.mlp_ratio,
                 z_dim=z_dim, cond_merge=m.cond_merge, qk_norm=m.qk_norm, backend=m.backend, adaln=m.adaln,
-                rms_norm=m.rms_norm).to(device)
+                rms_norm=m.rms_norm, fused_check=m.fused_check).to(device)
     if compile_blocks:
         for block in model.blocks:
             block.compile()

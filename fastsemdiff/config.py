@@ -45,6 +45,7 @@ class ModelConfig:
     cond_merge: str = "add"  # add | concat: how Linear(z) joins the timestep embedding
     z_dropout: float = 0.1  # probability of replacing z by the learned null vector
     backend: str = "auto"  # auto | torch | triton | cuda: auto picks the fused kernels on CUDA, torch on CPU
+    fused_check: str = "warn"  # warn | error | off: a fused kernel failing its first-use check on a GPU falls back
     adaln: str = "stacked"  # stacked (all blocks' adaLN in one matrix product) | per_block (DiT's layout)
     rms_norm: bool = False  # RMSNorm instead of LayerNorm in the blocks (LightningDiT-style)
 
@@ -149,6 +150,7 @@ class Config:
         choices = {
             "model.cond_merge": (self.model.cond_merge, {"add", "concat"}),
             "model.backend": (self.model.backend, {"auto", "torch", "triton", "cuda"}),
+            "model.fused_check": (self.model.fused_check, {"warn", "error", "off"}),
             "model.adaln": (self.model.adaln, {"stacked", "per_block"}),
             "encoder.arch": (self.encoder.arch, {"vit", "cnn"}),
             "encoder.input": (self.encoder.input, {"clean", "noisy"}),

@@ -45,7 +45,8 @@ class ConvTimeEncoder(nn.Module):
 
     def __init__(self, in_channels: int, out_dim: int, cond_dim: int, channels: Sequence[int] = (32, 64, 64, 128),
                  strides: Sequence[int] = (1, 2, 1, 2), grid: int = 2, time_conditioned: bool = True,
-                 normalize: bool = False, variational: bool = False, backend: str = "auto"):
+                 normalize: bool = False, variational: bool = False, backend: str = "auto",
+                 fused_check: str = "warn"):
         super().__init__()
         if len(channels) != len(strides) or not channels:
             raise ValueError(f"encoder.conv_channels {list(channels)} and encoder.conv_strides {list(strides)} "
@@ -53,7 +54,7 @@ class ConvTimeEncoder(nn.Module):
         self.out_dim, self.time_conditioned = out_dim, time_conditioned
         self.normalize, self.variational, self.grid = normalize, variational, grid
         if time_conditioned:
-            self.t_embedder = TimestepEmbedder(cond_dim, backend=backend)
+            self.t_embedder = TimestepEmbedder(cond_dim, backend=backend, fused_check=fused_check)
             nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
             nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
         else:

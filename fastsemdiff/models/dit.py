@@ -55,20 +55,23 @@ class DiT(BlockStack, nn.Module):
 
     def __init__(self, input_size: int, patch_size: int, in_channels: int, hidden_size: int, depth: int,
                  num_heads: int, mlp_ratio: float = 4.0, z_dim: Optional[int] = None, cond_merge: str = "add",
-                 qk_norm: bool = False, backend: str = "auto", adaln: str = "stacked", rms_norm: bool = False):
+                 qk_norm: bool = False, backend: str = "auto", adaln: str = "stacked", rms_norm: bool = False,
+                 fused_check: str = "warn"):
         super().__init__()
         self.in_channels, self.patch_size, self.z_dim, self.cond_merge = in_channels, patch_size, z_dim, cond_merge
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
-        self.t_embedder = TimestepEmbedder(hidden_size, backend=backend)
+        self.t_embedder = TimestepEmbedder(hidden_size, backend=backend, fused_check=fused_check)
         if z_dim:
             self.z_embedder = nn.Linear(z_dim, hidden_size)
             self.null_z = nn.Parameter(torch.randn(z_dim) / z_dim**0.5)
             if cond_merge == "concat":
                 self.cond_proj = nn.Linear(2 * hidden_size, hidden_size)
         blocks = [DiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm=qk_norm, backend=backend,
-                           modulation=adaln == "per_block", rms_norm=rms_norm) for _ in range(depth)]
+                           modulation=adaln == "per_block", rms_norm=rms_norm, fused_check=fused_check)
+                  for _ in range(depth)]
         self._init_blocks(blocks, hidden_size, adaln)
-        self.final_layer = FinalLayer(hidden_size, patch_size, in_channels, backend=backend, rms_norm=rms_norm)
+        self.final_layer = FinalLayer(hidden_size, patch_size, in_channels, backend=backend, rms_norm=rms_norm,
+                                      fused_check=fused_check)
         init_dit_weights(self)
         self.zero_adaln_()
         self.final_layer.adaLN_modulation.zero_()

@@ -22,17 +22,18 @@ class TimeEncoder(BlockStack, nn.Module):
     def __init__(self, input_size: int, patch_size: int, in_channels: int, hidden_size: int, depth: int,
                  num_heads: int, out_dim: int, mlp_ratio: float = 4.0, time_conditioned: bool = True,
                  normalize: bool = True, variational: bool = False, qk_norm: bool = False, open_gates: bool = True,
-                 backend: str = "auto", adaln: str = "stacked", rms_norm: bool = False):
+                 backend: str = "auto", adaln: str = "stacked", rms_norm: bool = False, fused_check: str = "warn"):
         super().__init__()
         self.out_dim, self.time_conditioned = out_dim, time_conditioned
         self.normalize, self.variational = normalize, variational
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
         if time_conditioned:
-            self.t_embedder = TimestepEmbedder(hidden_size, backend=backend)
+            self.t_embedder = TimestepEmbedder(hidden_size, backend=backend, fused_check=fused_check)
         else:
             self.static_cond = nn.Parameter(torch.zeros(hidden_size))
         blocks = [DiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm=qk_norm, backend=backend,
-                           modulation=adaln == "per_block", rms_norm=rms_norm) for _ in range(depth)]
+                           modulation=adaln == "per_block", rms_norm=rms_norm, fused_check=fused_check)
+                  for _ in range(depth)]
         self._init_blocks(blocks, hidden_size, adaln)
         self.norm = nn.LayerNorm(hidden_size, eps=1e-6)
         self.head = nn.Linear(hidden_size, out_dim * (2 if variational else 1))

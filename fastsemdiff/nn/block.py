@@ -141,11 +141,11 @@ class DiTBlock(nn.Module):
     """
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, qk_norm: bool = False,
-                 backend: str = "auto", modulation: bool = True, rms_norm: bool = False):
+                 backend: str = "auto", modulation: bool = True, rms_norm: bool = False, fused_check: str = "warn"):
         super().__init__()
-        self.norm1 = ModulatedLayerNorm(hidden_size, backend=backend, rms=rms_norm)
+        self.norm1 = ModulatedLayerNorm(hidden_size, backend=backend, rms=rms_norm, fused_check=fused_check)
         self.attn = Attention(hidden_size, num_heads, qkv_bias=True, qk_norm=qk_norm)
-        self.norm2 = GatedResidualModulatedNorm(hidden_size, backend=backend, rms=rms_norm)
+        self.norm2 = GatedResidualModulatedNorm(hidden_size, backend=backend, rms=rms_norm, fused_check=fused_check)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
         self.residual = GatedResidual(backend=backend)
         self.adaLN_modulation = AdaLNModulation(hidden_size, 6, backend=backend) if modulation else None
@@ -166,9 +166,9 @@ class FinalLayer(nn.Module):
     """Modulated LN then a linear map from tokens to patches of ``out_channels``."""
 
     def __init__(self, hidden_size: int, patch_size: int, out_channels: int, backend: str = "auto",
-                 rms_norm: bool = False):
+                 rms_norm: bool = False, fused_check: str = "warn"):
         super().__init__()
-        self.norm_final = ModulatedLayerNorm(hidden_size, backend=backend, rms=rms_norm)
+        self.norm_final = ModulatedLayerNorm(hidden_size, backend=backend, rms=rms_norm, fused_check=fused_check)
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
         self.adaLN_modulation = AdaLNModulation(hidden_size, 2, backend=backend)
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .. import ops
-from .backend import check_backend, resolve_backend
+from .backend import check_backend, check_fused_check, resolve_backend
 
 
 def sincos_pos_embed_2d(dim: int, grid: int) -> torch.Tensor:
@@ -67,9 +67,9 @@ class TimestepEmbedder(nn.Module):
     sinusoid, so the frequencies resolve neighbouring steps as in DiT."""
 
     def __init__(self, hidden_size: int, frequency_embedding_size: int = 256, time_scale: float = 1000.0,
-                 backend: str = "auto"):
+                 backend: str = "auto", fused_check: str = "warn"):
         super().__init__()
-        self.backend = check_backend(backend)
+        self.backend, self.fused_check = check_backend(backend), check_fused_check(fused_check)
         self.frequency_embedding_size = frequency_embedding_size
         self.time_scale = time_scale
         self.mlp = nn.Sequential(
@@ -84,5 +84,6 @@ class TimestepEmbedder(nn.Module):
         if backend == "torch":
             freq = timestep_embedding(scaled, self.frequency_embedding_size)
         else:
-            freq = ops.timestep_embedding(scaled, self.frequency_embedding_size, backend=backend)
+            freq = ops.timestep_embedding(scaled, self.frequency_embedding_size, backend=backend,
+                                          check=self.fused_check)
         return self.mlp(freq.to(self.mlp[0].weight.dtype))

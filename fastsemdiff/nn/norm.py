@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from .backend import check_backend, resolve_backend
+from .backend import check_backend, check_fused_check, resolve_backend
 
 
 def _per_token(m: torch.Tensor) -> torch.Tensor:
@@ -54,13 +54,16 @@ class ModulatedLayerNorm(nn.Module):
     """``LN(x) * (1 + scale) + shift``: DiT's ``modulate(norm(x), shift, scale)`` as one layer.
 
     ``rms=True`` normalises by the root mean square instead (LightningDiT's RMSNorm block). On the
-    ``triton`` backend a ``[B, N, C]`` input runs the fused kernel, forward and backward.
+    ``triton`` backend a ``[B, N, C]`` input runs the fused kernel, forward and backward. ``fused_check``
+    (``warn`` | ``error`` | ``off``): what a fused kernel that fails its first-use check on a GPU does
+    (``fastsemdiff.ops.guard``).
     """
 
     def __init__(self, dim: int, eps: float = 1e-6, elementwise_affine: bool = False, backend: str = "auto",
-                 rms: bool = False):
+                 rms: bool = False, fused_check: str = "warn"):
         super().__init__()
         self.dim, self.eps, self.backend, self.rms = dim, eps, check_backend(backend), rms
+        self.fused_check = check_fused_check(fused_check)
         self.weight: Optional[nn.Parameter] = nn.Parameter(torch.ones(dim)) if elementwise_affine else None
         self.bias: Optional[nn.Parameter] = (nn.Parameter(torch.zeros(dim)) if elementwise_affine and not rms
                                              else None)
@@ -73,12 +76,13 @@ class ModulatedLayerNorm(nn.Module):
     def forward(self, x, shift, scale):
         fused = self._fused(x, "modulated_layer_norm")
         if fused:
-            return ops.modulated_layer_norm(x, shift, scale, self.weight, self.bias, self.eps, self.rms, fused)
+            return ops.modulated_layer_norm(x, shift, scale, self.weight, self.bias, self.eps, self.rms, fused,
+                                            self.fused_check)
         return modulated_layer_norm_ref(x, shift, scale, self.weight, self.bias, self.eps, self.rms)
 
     def extra_repr(self) -> str:
         return (f"{self.dim}, eps={self.eps}, elementwise_affine={self.weight is not None}, rms={self.rms}, "
-                f"backend={self.backend}")
+                f"backend={self.backend}, fused_check={self.fused_check}")
 
 
 class GatedResidual(nn.Module):
@@ -100,6 +104,6 @@ class GatedResidualModulatedNorm(ModulatedLayerNorm):
         fused = self._fused(x, "gated_residual_modulated_norm")
         if fused:
             return ops.gated_residual_modulated_norm(x, h, gate, shift, scale, self.weight, self.bias, self.eps,
-                                                     self.rms, fused)
+                                                     self.rms, fused, self.fused_check)
         return gated_residual_modulated_norm_ref(x, h, gate, shift, scale, self.weight, self.bias, self.eps,
                                                  self.rms)

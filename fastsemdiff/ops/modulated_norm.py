@@ -3,14 +3,17 @@
 Ops (on 2-D rows; see ``kernels/modulated_layer_norm.py`` for the layout; ``R = M // tokens_per_mod_row``):
 
 * ``fastsemdiff::modulated_norm_fwd(x[M, C], shift[R, C], scale[R, C], weight[C]?, bias[C]?, eps,
-  tokens_per_mod_row, rms, backend) -> (y, mean[M] fp32, rstd[M] fp32)``
+  tokens_per_mod_row, rms, backend, check) -> (y, mean[M] fp32, rstd[M] fp32)``
 * ``fastsemdiff::gated_residual_modulated_norm_fwd(x, h, gate[R, C], shift, scale, weight?, bias?, eps,
-  tokens_per_mod_row, rms, backend) -> (x_out, y, mean, rstd)``
+  tokens_per_mod_row, rms, backend, check) -> (x_out, y, mean, rstd)``
 * ``fastsemdiff::modulated_norm_bwd`` / ``gated_residual_modulated_norm_bwd``: their backwards.
   Gradients of absent inputs come back as empty ``[0]`` tensors (a custom op cannot return None).
 
 ``backend`` names the kernels that run the op: ``"triton"`` (``fastsemdiff.kernels``) or ``"cuda"`` (the
-``fastsemdiff._C`` extension; inputs it does not take run on Triton). The user-facing
+``fastsemdiff._C`` extension; inputs it does not take run on Triton, or on plain torch where Triton is not
+installed). ``check`` (``warn`` | ``error`` | ``off``) is the first-use check of those kernels against the
+reference (``fastsemdiff.ops.guard``); a configuration that fails it under ``warn`` runs on torch
+(``fastsemdiff.ops.torch_launchers``). The user-facing
 functions ``modulated_layer_norm`` and ``gated_residual_modulated_norm`` take ``x [B, N, C]`` with DiT's
 modulation shapes; the Triton kernels are imported on the first call, so ``TRITON_INTERPRET`` may still
 be set after ``fastsemdiff`` has been imported.
@@ -23,6 +26,7 @@ import torch
 from torch import Tensor
 
 FUSED_BACKENDS = ("triton", "cuda")
+CHECK_EPS = 1e-6
 
 
 def _triton():
@@ -32,15 +36,13 @@ def _triton():
 
 
 class _CudaLaunchers:
-    """The CUDA extension's norm ops behind the Triton launchers' signatures; inputs the CUDA kernels do not
-    take (C not a multiple of 8, unaligned rows, CPU tensors) run on Triton instead."""
+    """The CUDA extension's norm ops behind the Triton launchers' signatures (inputs they take only: see
+    ``_launchers``)."""
 
     @staticmethod
     def modulated_norm_fwd(x, shift, scale, weight, bias, eps, tokens_per_mod_row, rms, h=None, gate=None):
         from . import _cuda
 
-        if _cuda.norm_unsupported_reason(x, shift, scale, h, gate) is not None:
-            return _triton().modulated_norm_fwd(x, shift, scale, weight, bias, eps, tokens_per_mod_row, rms, h, gate)
         if h is None:
             return (None, *_cuda.load().mln_fwd(x, shift, scale, weight, bias, eps, tokens_per_mod_row, rms))
         return tuple(_cuda.load().grmln_fwd(x, h, gate, shift, scale, weight, bias, eps, tokens_per_mod_row, rms))
@@ -50,9 +52,6 @@ class _CudaLaunchers:
                            gate=None):
         from . import _cuda
 
-        if _cuda.norm_unsupported_reason(x, dy, scale, dx_out, h, gate) is not None:
-            return _triton().modulated_norm_bwd(dy, x, mean, rstd, scale, weight, bias, tokens_per_mod_row, rms,
-                                                dx_out, h, gate)
         C = _cuda.load()
         if h is None:
             dx, dshift, dscale, dw, db = C.mln_bwd(dy, x, mean, rstd, scale, weight, bias, tokens_per_mod_row, rms)
@@ -64,12 +63,93 @@ class _CudaLaunchers:
                 db if bias is not None else None)
 
 
-def _kernels(backend: str):
+def _module(backend: str):
     if backend == "triton":
         return _triton()
     if backend == "cuda":
         return _CudaLaunchers
-    raise ValueError(f"fused modulated norm: unknown backend {backend!r}; choose one of {FUSED_BACKENDS}")
+    from . import torch_launchers
+
+    return torch_launchers
+
+
+def _launchers(backend: str, check: str, x: Tensor, rows: tuple, scale: Tensor, weight: Optional[Tensor],
+               bias: Optional[Tensor], tokens_per_mod_row: int, rms: bool, residual: bool):
+    """The launchers that run this call: the CUDA kernels where they take the tensors (``rows``: every
+    [rows, C] operand), else Triton, else (no Triton, or a failed first-use check) plain torch."""
+    if backend not in FUSED_BACKENDS:
+        raise ValueError(f"fused modulated norm: unknown backend {backend!r}; choose one of {FUSED_BACKENDS}")
+    from ..nn.backend import TRITON_AVAILABLE
+
+    if backend == "cuda":
+        from . import _cuda
+
+        if _cuda.norm_unsupported_reason(x, *rows) is not None:
+            backend = "triton" if TRITON_AVAILABLE else "torch"
+    elif not TRITON_AVAILABLE:
+        backend = "torch"
+    if backend == "torch":
+        return _module("torch")
+    from . import guard
+
+    key = ("gated_residual_modulated_norm" if residual else "modulated_layer_norm", backend, str(x.device), x.dtype,
+           scale.dtype, None if weight is None else weight.dtype, None if bias is None else bias.dtype,
+           x.shape[-1], rms, tokens_per_mod_row == 1)
+    what = (f"{key[0]} ({backend}, {str(x.dtype).replace('torch.', '')}, C={x.shape[-1]}, "
+            f"{'RMSNorm' if rms else 'LayerNorm'}, per-{'token' if key[-2] else 'sample'} modulation"
+            f"{', affine' if weight is not None else ''})")
+    if guard.passes(key, check, x.device, lambda: _norm_check(_module(backend), key), what):
+        return _module(backend)
+    return _module("torch")
+
+
+def _norm_check(launchers, key) -> list:
+    """One small forward and backward of ``launchers`` against the reference (see ``fastsemdiff.ops.guard``)."""
+    from ..nn.norm import gated_residual_modulated_norm_ref, modulated_layer_norm_ref
+    from .guard import compare_all
+
+    op, _, device, x_dtype, mod_dtype, w_dtype, b_dtype, C, rms, per_token = key
+    eps = CHECK_EPS
+    residual = op == "gated_residual_modulated_norm"
+    t, R = (1, 6) if per_token else (3, 2)
+    M = R * t
+    g = torch.Generator().manual_seed(20261201)
+
+    def rnd(*shape, dtype, scale=1.0, offset=0.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale + offset).to(device, dtype)
+
+    x = rnd(M, C, dtype=x_dtype, scale=2.0, offset=0.7)
+    h = rnd(M, C, dtype=x_dtype) if residual else None
+    gate = rnd(R, C, dtype=mod_dtype, scale=0.5) if residual else None
+    shift, scale = rnd(R, C, dtype=mod_dtype, scale=0.5), rnd(R, C, dtype=mod_dtype, scale=0.5)
+    weight = None if w_dtype is None else rnd(C, dtype=w_dtype, scale=0.3, offset=1.0)
+    bias = None if b_dtype is None else rnd(C, dtype=b_dtype, scale=0.3)
+    dy = rnd(M, C, dtype=x_dtype)
+    dx_out = rnd(M, C, dtype=x_dtype) if residual else None
+
+    x_out, y, mean, rstd = launchers.modulated_norm_fwd(x, shift, scale, weight, bias, eps, t, rms, h, gate)
+    dx, dh, dgate, dshift, dscale, dw, db = launchers.modulated_norm_bwd(
+        dy, x_out if residual else x, mean, rstd, scale, weight, bias, t, rms, dx_out, h, gate)
+    got = ([x_out] if residual else []) + [y, dx, dh, dgate, dshift, dscale, dw, db]
+
+    def reference(cast):
+        leaves = [None if v is None else (v if cast is None else v.to(cast)).detach().requires_grad_()
+                  for v in (x, h, gate, shift, scale, weight, bias)]
+        lx, lh, lgate, lshift, lscale, lw, lb = leaves
+        groups = lambda v: v.view(R, t, C)  # noqa: E731
+        if residual:
+            outs = gated_residual_modulated_norm_ref(groups(lx), groups(lh), lgate, lshift, lscale, lw, lb, eps, rms)
+            douts = (dx_out, dy)
+        else:
+            outs, douts = (modulated_layer_norm_ref(groups(lx), lshift, lscale, lw, lb, eps, rms),), (dy,)
+        douts = [groups(d if cast is None else d.to(cast)) for d in douts]
+        present = [v for v in leaves if v is not None]
+        grads = iter(torch.autograd.grad(outs, present, douts))
+        grads = [None if v is None else next(grads) for v in leaves]
+        return [o.detach().reshape(M, C) for o in outs] + grads
+
+    names = (["x_out"] if residual else []) + ["y", "dx", "dh", "dgate", "dshift", "dscale", "dweight", "dbias"]
+    return compare_all(names, got, reference(torch.float64), reference(None))
 
 
 def _or_empty(t: Optional[Tensor], like: Tensor) -> Tensor:
@@ -83,13 +163,15 @@ def _none_if_absent(grad: Tensor, given: Optional[Tensor]) -> Optional[Tensor]:
 # ------------------------------------------------------------------------------- modulated norm
 @torch.library.custom_op("fastsemdiff::modulated_norm_fwd", mutates_args=())
 def modulated_norm_fwd(x: Tensor, shift: Tensor, scale: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-                       eps: float, tokens_per_mod_row: int, rms: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    _, y, mean, rstd = _kernels(backend).modulated_norm_fwd(x, shift, scale, weight, bias, eps, tokens_per_mod_row, rms)
+                       eps: float, tokens_per_mod_row: int, rms: bool, backend: str, check: str = "warn"
+                       ) -> tuple[Tensor, Tensor, Tensor]:
+    launchers = _launchers(backend, check, x, (shift, scale), scale, weight, bias, tokens_per_mod_row, rms, False)
+    _, y, mean, rstd = launchers.modulated_norm_fwd(x, shift, scale, weight, bias, eps, tokens_per_mod_row, rms)
     return y, mean, rstd
 
 
 @modulated_norm_fwd.register_fake
-def _(x, shift, scale, weight, bias, eps, tokens_per_mod_row, rms, backend):
+def _(x, shift, scale, weight, bias, eps, tokens_per_mod_row, rms, backend, check="warn"):
     M, C = x.shape
     torch._check(scale.shape == shift.shape and scale.shape[-1] == C, lambda: "shift/scale must be [R, C]")
     return x.new_empty(M, C), x.new_empty(M, dtype=torch.float32), x.new_empty(M, dtype=torch.float32)
@@ -97,32 +179,33 @@ def _(x, shift, scale, weight, bias, eps, tokens_per_mod_row, rms, backend):
 
 @torch.library.custom_op("fastsemdiff::modulated_norm_bwd", mutates_args=())
 def modulated_norm_bwd(dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, scale: Tensor, weight: Optional[Tensor],
-                       bias: Optional[Tensor], tokens_per_mod_row: int, rms: bool, backend: str
+                       bias: Optional[Tensor], tokens_per_mod_row: int, rms: bool, backend: str, check: str = "warn"
                        ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    dx, _, _, dshift, dscale, dw, db = _kernels(backend).modulated_norm_bwd(
+    launchers = _launchers(backend, check, x, (dy, scale), scale, weight, bias, tokens_per_mod_row, rms, False)
+    dx, _, _, dshift, dscale, dw, db = launchers.modulated_norm_bwd(
         dy, x, mean, rstd, scale, weight, bias, tokens_per_mod_row, rms)
     return dx, dshift, dscale, _or_empty(dw, x), _or_empty(db, x)
 
 
 @modulated_norm_bwd.register_fake
-def _(dy, x, mean, rstd, scale, weight, bias, tokens_per_mod_row, rms, backend):
+def _(dy, x, mean, rstd, scale, weight, bias, tokens_per_mod_row, rms, backend, check="warn"):
     return (torch.empty_like(x, memory_format=torch.contiguous_format), scale.new_empty(scale.shape),
             scale.new_empty(scale.shape), weight.new_empty(weight.shape) if weight is not None else x.new_empty(0),
             bias.new_empty(bias.shape) if bias is not None else x.new_empty(0))
 
 
 def _mn_setup(ctx, inputs, output):
-    x, shift, scale, weight, bias, eps, tokens_per_mod_row, rms, backend = inputs
+    x, shift, scale, weight, bias, eps, tokens_per_mod_row, rms, backend, check = inputs
     _, mean, rstd = output
     ctx.save_for_backward(x, scale, weight, bias, mean, rstd)
-    ctx.args = (tokens_per_mod_row, rms, backend)
+    ctx.args = (tokens_per_mod_row, rms, backend, check)
     ctx.mark_non_differentiable(mean, rstd)
 
 
 def _mn_backward(ctx, dy, _dmean, _drstd):
     x, scale, weight, bias, mean, rstd = ctx.saved_tensors
     dx, dshift, dscale, dw, db = modulated_norm_bwd(dy.contiguous(), x, mean, rstd, scale, weight, bias, *ctx.args)
-    return dx, dshift, dscale, _none_if_absent(dw, weight), _none_if_absent(db, bias), None, None, None, None
+    return dx, dshift, dscale, _none_if_absent(dw, weight), _none_if_absent(db, bias), None, None, None, None, None
 
 
 modulated_norm_fwd.register_autograd(_mn_backward, setup_context=_mn_setup)
@@ -132,13 +215,15 @@ modulated_norm_fwd.register_autograd(_mn_backward, setup_context=_mn_setup)
 @torch.library.custom_op("fastsemdiff::gated_residual_modulated_norm_fwd", mutates_args=())
 def gated_residual_modulated_norm_fwd(x: Tensor, h: Tensor, gate: Tensor, shift: Tensor, scale: Tensor,
                                       weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
-                                      tokens_per_mod_row: int, rms: bool, backend: str
+                                      tokens_per_mod_row: int, rms: bool, backend: str, check: str = "warn"
                                       ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _kernels(backend).modulated_norm_fwd(x, shift, scale, weight, bias, eps, tokens_per_mod_row, rms, h, gate)
+    launchers = _launchers(backend, check, x, (h, gate, shift, scale), scale, weight, bias, tokens_per_mod_row, rms,
+                           True)
+    return launchers.modulated_norm_fwd(x, shift, scale, weight, bias, eps, tokens_per_mod_row, rms, h, gate)
 
 
 @gated_residual_modulated_norm_fwd.register_fake
-def _(x, h, gate, shift, scale, weight, bias, eps, tokens_per_mod_row, rms, backend):
+def _(x, h, gate, shift, scale, weight, bias, eps, tokens_per_mod_row, rms, backend, check="warn"):
     M, C = x.shape
     torch._check(h.shape == x.shape, lambda: "h must be shaped like x")
     torch._check(gate.shape == scale.shape and shift.shape == scale.shape, lambda: "gate/shift/scale must be [R, C]")
@@ -149,15 +234,18 @@ def _(x, h, gate, shift, scale, weight, bias, eps, tokens_per_mod_row, rms, back
 @torch.library.custom_op("fastsemdiff::gated_residual_modulated_norm_bwd", mutates_args=())
 def gated_residual_modulated_norm_bwd(dx_out: Tensor, dy: Tensor, x_out: Tensor, h: Tensor, gate: Tensor,
                                       mean: Tensor, rstd: Tensor, scale: Tensor, weight: Optional[Tensor],
-                                      bias: Optional[Tensor], tokens_per_mod_row: int, rms: bool, backend: str
+                                      bias: Optional[Tensor], tokens_per_mod_row: int, rms: bool, backend: str,
+                                      check: str = "warn"
                                       ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    dx, dh, dgate, dshift, dscale, dw, db = _kernels(backend).modulated_norm_bwd(
+    launchers = _launchers(backend, check, x_out, (dx_out, dy, h, gate, scale), scale, weight, bias,
+                           tokens_per_mod_row, rms, True)
+    dx, dh, dgate, dshift, dscale, dw, db = launchers.modulated_norm_bwd(
         dy, x_out, mean, rstd, scale, weight, bias, tokens_per_mod_row, rms, dx_out, h, gate)
     return dx, dh, dgate, dshift, dscale, _or_empty(dw, x_out), _or_empty(db, x_out)
 
 
 @gated_residual_modulated_norm_bwd.register_fake
-def _(dx_out, dy, x_out, h, gate, mean, rstd, scale, weight, bias, tokens_per_mod_row, rms, backend):
+def _(dx_out, dy, x_out, h, gate, mean, rstd, scale, weight, bias, tokens_per_mod_row, rms, backend, check="warn"):
     mod = scale.new_empty(scale.shape)
     return (x_out.new_empty(x_out.shape), x_out.new_empty(x_out.shape), mod, mod.clone(), mod.clone(),
             weight.new_empty(weight.shape) if weight is not None else x_out.new_empty(0),
@@ -165,10 +253,10 @@ def _(dx_out, dy, x_out, h, gate, mean, rstd, scale, weight, bias, tokens_per_mo
 
 
 def _gr_setup(ctx, inputs, output):
-    x, h, gate, shift, scale, weight, bias, eps, tokens_per_mod_row, rms, backend = inputs
+    x, h, gate, shift, scale, weight, bias, eps, tokens_per_mod_row, rms, backend, check = inputs
     x_out, _, mean, rstd = output
     ctx.save_for_backward(x_out, h, gate, scale, weight, bias, mean, rstd)
-    ctx.args = (tokens_per_mod_row, rms, backend)
+    ctx.args = (tokens_per_mod_row, rms, backend, check)
     ctx.mark_non_differentiable(mean, rstd)
 
 
@@ -179,7 +267,7 @@ def _gr_backward(ctx, dx_out, dy, _dmean, _drstd):
     dx, dh, dgate, dshift, dscale, dw, db = gated_residual_modulated_norm_bwd(
         dx_out, dy, x_out, h, gate, mean, rstd, scale, weight, bias, *ctx.args)
     return (dx, dh, dgate, dshift, dscale, _none_if_absent(dw, weight), _none_if_absent(db, bias),
-            None, None, None, None)
+            None, None, None, None, None)
 
 
 gated_residual_modulated_norm_fwd.register_autograd(_gr_backward, setup_context=_gr_setup)
@@ -225,25 +313,32 @@ def _tokens(x: Tensor, name: str = "x") -> Tensor:
 
 def modulated_layer_norm(x: Tensor, shift: Tensor, scale: Tensor, weight: Optional[Tensor] = None,
                          bias: Optional[Tensor] = None, eps: float = 1e-6, rms: bool = False,
-                         backend: str = "triton") -> Tensor:
+                         backend: str = "triton", check: str = "warn") -> Tensor:
     """``norm(x) [* weight + bias] * (1 + scale) + shift`` on the fused kernels (LayerNorm, or RMSNorm).
 
     ``x`` is ``[B, N, C]`` (any strides); ``shift``/``scale`` ``[B, C]``, ``[B, 1, C]`` or ``[B, N, C]``.
     Statistics are fp32; the result has x's dtype and shape. Differentiable in every tensor input.
+    ``check``: the first-use check of the kernels on a GPU, ``warn`` | ``error`` | ``off`` (``fastsemdiff.ops.guard``).
     """
+    from .guard import check_mode
+
+    check_mode(check)
     x2d = _tokens(x)
     B, N, C = x.shape
     (shift, scale), t = _mod_rows({"shift": shift, "scale": scale}, B, N, C, x.shape)
     weight, bias = _affine(weight, bias)
-    y, _, _ = modulated_norm_fwd(x2d, shift, scale, weight, bias, float(eps), t, rms, backend)
+    y, _, _ = modulated_norm_fwd(x2d, shift, scale, weight, bias, float(eps), t, rms, backend, check)
     return y.view(B, N, C)
 
 
 def gated_residual_modulated_norm(x: Tensor, h: Tensor, gate: Tensor, shift: Tensor, scale: Tensor,
                                   weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
-                                  eps: float = 1e-6, rms: bool = False, backend: str = "triton"
-                                  ) -> tuple[Tensor, Tensor]:
+                                  eps: float = 1e-6, rms: bool = False, backend: str = "triton",
+                                  check: str = "warn") -> tuple[Tensor, Tensor]:
     """``(x + gate * h, norm(x + gate * h) [* weight + bias] * (1 + scale) + shift)`` in one pass."""
+    from .guard import check_mode
+
+    check_mode(check)
     x2d, h2d = _tokens(x), _tokens(h, "h")
     B, N, C = x.shape
     if h.shape != x.shape:
@@ -251,5 +346,5 @@ def gated_residual_modulated_norm(x: Tensor, h: Tensor, gate: Tensor, shift: Ten
     (gate, shift, scale), t = _mod_rows({"gate": gate, "shift": shift, "scale": scale}, B, N, C, x.shape)
     weight, bias = _affine(weight, bias)
     x_out, y, _, _ = gated_residual_modulated_norm_fwd(x2d, h2d.to(x.dtype), gate, shift, scale, weight, bias,
-                                                       float(eps), t, rms, backend)
+                                                       float(eps), t, rms, backend, check)
     return x_out.view(B, N, C), y.view(B, N, C)

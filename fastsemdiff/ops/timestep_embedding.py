@@ -7,27 +7,63 @@ import torch
 from torch import Tensor
 
 
-@torch.library.custom_op("fastsemdiff::timestep_embedding", mutates_args=())
-def timestep_embedding_op(t: Tensor, dim: int, max_period: float, backend: str) -> Tensor:
+def _reference(t: Tensor, dim: int, max_period: float) -> Tensor:
+    from ..nn.embedding import timestep_embedding as reference
+
+    return reference(t, dim, max_period)
+
+
+def _kernel(backend: str, t: Tensor):
+    """The forward that runs this call: the CUDA kernel, the Triton kernel, or (no Triton) the reference."""
+    from ..nn.backend import TRITON_AVAILABLE
+
     if backend == "cuda":
         from . import _cuda
 
         if _cuda.available() and t.is_cuda:
-            return _cuda.load().timestep_embedding(t, dim, max_period)
+            return "cuda", lambda t, dim, max_period: _cuda.load().timestep_embedding(t, dim, max_period)
     elif backend != "triton":
         raise ValueError(f"timestep_embedding: unknown fused backend {backend!r}; choose 'triton' or 'cuda'")
+    if not TRITON_AVAILABLE:
+        return "torch", _reference
     from fastsemdiff.kernels.timestep_embedding import timestep_embedding_fwd
 
-    return timestep_embedding_fwd(t, dim, max_period)
+    return "triton", timestep_embedding_fwd
+
+
+def _check(kernel, t_dtype: torch.dtype, dim: int, max_period: float, device: torch.device) -> list:
+    """The kernel against the reference on four times in [0, 1000) (the backward is torch code either way)."""
+    from .guard import compare_all
+
+    t = (torch.rand(4, generator=torch.Generator().manual_seed(20261201), dtype=torch.float64) * 1000).to(t_dtype)
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float64) / max(half, 1))
+    arg = t.double()[:, None] * freqs[None]
+    exact = torch.cat([torch.cos(arg), torch.sin(arg), arg.new_zeros(4, dim % 2)], dim=-1).to(device)
+    t = t.to(device)
+    return compare_all(["emb"], [kernel(t, dim, max_period)], [exact], [_reference(t, dim, max_period)])
+
+
+@torch.library.custom_op("fastsemdiff::timestep_embedding", mutates_args=())
+def timestep_embedding_op(t: Tensor, dim: int, max_period: float, backend: str, check: str = "warn") -> Tensor:
+    name, kernel = _kernel(backend, t)
+    if name != "torch":
+        from . import guard
+
+        key = ("timestep_embedding", name, str(t.device), t.dtype, dim, max_period)
+        what = f"timestep_embedding ({name}, t {str(t.dtype).replace('torch.', '')}, dim={dim})"
+        if not guard.passes(key, check, t.device, lambda: _check(kernel, t.dtype, dim, max_period, t.device), what):
+            kernel = _reference
+    return kernel(t, dim, max_period)
 
 
 @timestep_embedding_op.register_fake
-def _(t, dim, max_period, backend):
+def _(t, dim, max_period, backend, check="warn"):
     return t.new_empty(t.shape[0], dim, dtype=torch.float32)
 
 
 def _setup(ctx, inputs, output):
-    t, dim, max_period, _ = inputs
+    t, dim, max_period, _, _ = inputs
     ctx.save_for_backward(t)
     ctx.dim, ctx.max_period = dim, max_period
 
@@ -39,12 +75,16 @@ def _backward(ctx, grad):
     f = torch.exp(-math.log(ctx.max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
     arg = t.float()[:, None] * f
     dt = (f * (grad[:, half:2 * half] * torch.cos(arg) - grad[:, :half] * torch.sin(arg))).sum(-1)
-    return dt.to(t.dtype), None, None, None
+    return dt.to(t.dtype), None, None, None, None
 
 
 timestep_embedding_op.register_autograd(_backward, setup_context=_setup)
 
 
-def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0, backend: str = "triton") -> Tensor:
-    """``t`` [B] -> fp32 ``[B, dim]`` on the fused kernel; see ``fastsemdiff.nn.timestep_embedding``."""
-    return timestep_embedding_op(t, int(dim), float(max_period), backend)
+def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0, backend: str = "triton",
+                       check: str = "warn") -> Tensor:
+    """``t`` [B] -> fp32 ``[B, dim]`` on the fused kernel; see ``fastsemdiff.nn.timestep_embedding``.
+    ``check``: the kernel's first-use check on a GPU (``fastsemdiff.ops.guard``)."""
+    from .guard import check_mode
+
+    return timestep_embedding_op(t, int(dim), float(max_period), backend, check_mode(check))
