@@ -47,6 +47,9 @@ class ModelConfig:
     backend: str = "auto"  # auto | torch | triton | cuda: auto picks the fused kernels on CUDA, torch on CPU
     adaln: str = "stacked"  # stacked (all blocks' adaLN in one matrix product) | per_block (DiT's layout)
     rms_norm: bool = False  # RMSNorm instead of LayerNorm in the blocks (LightningDiT-style)
+    # Fixed 2-D sin-cos positions: "dit" puts the column in the first half of the channels and the row in the
+    # second (facebookresearch/DiT, MAE); "rows_first" is the transposed table of models saved before this key.
+    pos_layout: str = "dit"
 
     def resolved(self) -> tuple[int, int, int]:
         """(hidden, depth, heads) after applying the preset."""
@@ -146,6 +149,7 @@ class Config:
             "model.cond_merge": (self.model.cond_merge, {"add", "concat"}),
             "model.backend": (self.model.backend, {"auto", "torch", "triton", "cuda"}),
             "model.adaln": (self.model.adaln, {"stacked", "per_block"}),
+            "model.pos_layout": (self.model.pos_layout, {"dit", "rows_first"}),
             "encoder.input": (self.encoder.input, {"clean", "noisy"}),
             "encoder.regularizer": (self.encoder.regularizer, {"none", "l1", "kl"}),
             "encoder.objective": (self.encoder.objective, {"self_conditional", "supervised"}),
@@ -264,6 +268,21 @@ def from_dict(d: dict[str, Any]) -> Config:
     cfg = Config()
     for k, v in _flatten(d).items():
         _set(cfg, k, v)
+    return cfg
+
+
+# Keys added after files were first written whose default today differs from what those files did: a saved
+# config without the key means this value (so an old model keeps its meaning), not today's default.
+LEGACY_DEFAULTS: dict[str, Any] = {"model.pos_layout": "rows_first"}
+
+
+def from_saved_dict(d: dict[str, Any]) -> Config:
+    """A config as saved with a model or checkpoint: keys it lacks take their ``LEGACY_DEFAULTS`` value."""
+    cfg = from_dict(d)
+    present = _flatten(d)
+    for key, value in LEGACY_DEFAULTS.items():
+        if key not in present:
+            _set(cfg, key, value)
     return cfg
 
 
