@@ -44,6 +44,7 @@ METADATA_FILE = ".metadata"  # DCP's global metadata file, written by the coordi
 FIXED_ON_RESUME = (
     "model.hidden_size", "model.depth", "model.num_heads", "model.patch_size", "model.mlp_ratio", "model.qk_norm",
     "model.cond_merge", "model.z_dropout", "model.rms_norm", "model.pos_layout",
+    "encoder.arch", "encoder.conv_channels", "encoder.conv_strides", "encoder.pool_grid",
     "encoder.input", "encoder.time_conditioned", "encoder.normalize", "encoder.depth", "encoder.dim",
     "encoder.regularizer", "encoder.reg_weight", "encoder.objective", "encoder.num_classes",
     "diffusion.schedule", "diffusion.prediction", "diffusion.lambda_cons", "diffusion.cons_step",

@@ -63,6 +63,10 @@ class ModelConfig:
 class EncoderConfig:
     """The timestep-dependent encoder E(x0, t) -> z in R^dim."""
 
+    arch: str = "vit"  # vit: patch tokens through adaLN blocks | cnn: FiLM conv stages pooled to a grid
+    conv_channels: list[int] = field(default_factory=lambda: [32, 64, 64, 128])  # arch=cnn: one per stage
+    conv_strides: list[int] = field(default_factory=lambda: [1, 2, 1, 2])  # arch=cnn: 28x28 -> 7x7
+    pool_grid: int = 2  # arch=cnn: the last map is average-pooled to pool_grid x pool_grid before the head
     input: str = "clean"  # clean: E(x0, t) | noisy: E(x_t, t)
     time_conditioned: bool = True  # false: a diffae-style static code E(x0)
     normalize: bool = False  # L2-normalise z (the "directional vector"); off probed better (docs/ABLATIONS.md)
@@ -150,6 +154,7 @@ class Config:
             "model.backend": (self.model.backend, {"auto", "torch", "triton", "cuda"}),
             "model.adaln": (self.model.adaln, {"stacked", "per_block"}),
             "model.pos_layout": (self.model.pos_layout, {"dit", "rows_first"}),
+            "encoder.arch": (self.encoder.arch, {"vit", "cnn"}),
             "encoder.input": (self.encoder.input, {"clean", "noisy"}),
             "encoder.regularizer": (self.encoder.regularizer, {"none", "l1", "kl"}),
             "encoder.objective": (self.encoder.objective, {"self_conditional", "supervised"}),
@@ -176,6 +181,11 @@ class Config:
         }
         if self.encoder.depth is not None:
             positive["encoder.depth"] = self.encoder.depth
+        e = self.encoder
+        if not e.conv_channels or len(e.conv_channels) != len(e.conv_strides) or min(e.conv_channels + e.conv_strides) < 1:
+            raise ConfigError(f"encoder.conv_channels={e.conv_channels} and encoder.conv_strides={e.conv_strides} "
+                              "must be lists of positive integers of the same length (one entry per conv stage)")
+        positive["encoder.pool_grid"] = e.pool_grid
         for key, value in positive.items():
             if value < 1:
                 raise ConfigError(f"{key}={value} must be a positive integer")

@@ -79,3 +79,25 @@ def test_label_subsets_are_balanced_fixed_and_skip_impossible_sizes():
 def test_project_2d_shape_and_spread():
     pts = baselines.project_2d(torch.randn(40, 7, generator=gen(7)) * 3 + 1)
     assert pts.shape == (40, 2) and pts.std(0).min() > 0.1
+
+
+def test_random_conv_features_match_an_untrained_conv_layer():
+    """The control is exactly nn.Conv2d's default initialisation (from its own seed), ReLU and 4x4 average
+    pooling; its width is filters x 16, and the caller's random stream is untouched."""
+    images = (torch.rand(6, 1, 28, 28, generator=gen(4)) * 255).to(torch.uint8)
+    before = torch.random.get_rng_state()
+    feats = baselines.random_conv_features(images, 128, torch.device("cpu"), seed=5, batch_size=4)
+    assert torch.equal(torch.random.get_rng_state(), before)
+    assert feats.shape == (6, 128) and baselines.random_conv_filters(640) == 40
+    conv = torch.nn.Conv2d(1, 8, 5, padding=2)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():  # nn.Conv2d's bound for weight and bias alike is 1 / sqrt(fan_in) = 1 / 5
+        conv.weight.copy_((torch.rand(conv.weight.shape, generator=g) * 2 - 1) / 5)
+        conv.bias.copy_((torch.rand(8, generator=g) * 2 - 1) / 5)
+        ref = torch.nn.functional.avg_pool2d(torch.relu(conv(images.float() / 127.5 - 1)), 7).flatten(1)
+    assert_close(feats, ref)
+    bound = 1 / 25**0.5
+    fresh = torch.nn.Conv2d(1, 8, 5)  # the default init's range is the one the control draws from
+    assert fresh.weight.abs().max() <= bound and fresh.bias.abs().max() <= bound
+    other = baselines.random_conv_features(images, 128, torch.device("cpu"), seed=6)
+    assert not torch.equal(feats, other)

@@ -152,7 +152,14 @@ def test_eval_probe_cli(run_dir, tmp_path, capsys):
     for png in ("probe.png", "embedding-2d.png", "reconstructions.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG", png
     b = result["baselines"]
-    assert set(b) == {"pixel_pca", "untrained_encoder", "ddae", "static"}  # static: the --baseline-run model
+    assert set(b) == {"pixel_pca", "untrained_encoder", "ddae", "static", "random_conv"}  # static: --baseline-run
+    assert {c["dim"] for c in b["random_conv"].values()} == {16, 32}  # best t (16-d) and multi-t (2 x 16)
+    rows = {r["readout"]: r for r in result["against_controls"]}
+    assert set(rows) == {"embedding, best t", "embedding, multi-t"}
+    for row in rows.values():
+        assert set(row["metrics"]) == {"linear", "knn", "100"}
+        for m in row["metrics"].values():
+            assert m["beats"] == (m["ours"] > m["control"])
     assert b["pixel_pca"]["dim"] == 16 and 0 <= b["ddae"]["block"] < 2 and b["ddae"]["t"] in (0.0, 0.5)
     assert set(result["label_efficiency"]) == {"100"}  # 200 images hold too few per class for 1,000
     assert {"embedding, multi-t", "raw pixels", "pixel PCA", "DDAE", "static, multi-t", "untrained"} <= set(
@@ -161,7 +168,7 @@ def test_eval_probe_cli(run_dir, tmp_path, capsys):
     assert not b["static"]["multi_t"].get("t_blind")  # this "static" run is the t-dependent test model
     out = capsys.readouterr().out
     assert "best t" in out and "pixels" in out and "total" in out
-    assert "ddae" in out and "labelled images" in out
+    assert "ddae" in out and "labelled images" in out and "against random conv" in out
 
 
 @has_fmnist

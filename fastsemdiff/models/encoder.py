@@ -4,10 +4,10 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..nn import BlockStack, DiTBlock, PatchEmbed, TimestepEmbedder, fixed_pos_embed
+from .code_head import code_from_head
 from .dit import init_dit_weights
 
 
@@ -49,6 +49,11 @@ class TimeEncoder(BlockStack, nn.Module):
             return self.t_embedder(t)
         return self.static_cond.to(x.dtype).expand(x.shape[0], -1)
 
+    def depends_on_t(self) -> bool:
+        """Whether z can change with t: t reaches the blocks only through the adaLN weights."""
+        return self.time_conditioned and any(bool(p.detach().ne(0).any()) for n, p in self.named_parameters()
+                                             if "adaLN" in n and n.endswith("weight"))
+
     def features(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Pooled, normalised tokens [B, hidden] before the head."""
         c = self._cond(x, t)
@@ -66,16 +71,4 @@ class TimeEncoder(BlockStack, nn.Module):
         """
         sample = self.training if sample is None else sample
         out = self.head(self.features(x, t))
-        stats: dict[str, torch.Tensor] = {}
-        if self.variational:
-            mu, logvar = out.float().chunk(2, dim=-1)
-            logvar = logvar.clamp(-30.0, 20.0)
-            stats = {"mu": mu, "logvar": logvar}
-            if sample:
-                noise = torch.randn(mu.shape, device=mu.device, dtype=mu.dtype, generator=generator)
-                out = mu + (0.5 * logvar).exp() * noise
-            else:
-                out = mu
-        if self.normalize:
-            out = F.normalize(out.float(), dim=-1)
-        return out, stats
+        return code_from_head(out, self.variational, self.normalize, sample, generator)

@@ -14,6 +14,7 @@ from torch import nn
 from ..config import Config
 from ..diffusion import get_schedule, sample, target, to_x0_eps
 from .dit import DiT
+from .conv_encoder import ConvTimeEncoder
 from .encoder import TimeEncoder
 
 TimeArg = Union[float, torch.Tensor]
@@ -36,12 +37,19 @@ class SemanticDiffusion(nn.Module):
         m, e, d = cfg.model, cfg.encoder, cfg.data
         hidden, depth, heads = m.resolved()
         self.image_shape = (d.channels, d.image_size, d.image_size)
-        self.encoder = TimeEncoder(
-            d.image_size, m.patch_size, d.channels, hidden, e.depth or max(1, depth // 2), heads, e.dim,
-            mlp_ratio=m.mlp_ratio, time_conditioned=e.time_conditioned, normalize=e.normalize,
-            variational=e.regularizer == "kl", qk_norm=m.qk_norm, backend=m.backend, adaln=m.adaln,
-            rms_norm=m.rms_norm, pos_layout=m.pos_layout,
-        )
+        if e.arch == "cnn":
+            self.encoder = ConvTimeEncoder(
+                d.channels, e.dim, hidden, e.conv_channels, e.conv_strides, e.pool_grid,
+                time_conditioned=e.time_conditioned, normalize=e.normalize, variational=e.regularizer == "kl",
+                backend=m.backend,
+            )
+        else:
+            self.encoder = TimeEncoder(
+                d.image_size, m.patch_size, d.channels, hidden, e.depth or max(1, depth // 2), heads, e.dim,
+                mlp_ratio=m.mlp_ratio, time_conditioned=e.time_conditioned, normalize=e.normalize,
+                variational=e.regularizer == "kl", qk_norm=m.qk_norm, backend=m.backend, adaln=m.adaln,
+                rms_norm=m.rms_norm, pos_layout=m.pos_layout,
+            )
         self.denoiser = DiT(
             d.image_size, m.patch_size, d.channels, hidden, depth, heads, mlp_ratio=m.mlp_ratio, z_dim=e.dim,
             cond_merge=m.cond_merge, qk_norm=m.qk_norm, backend=m.backend, adaln=m.adaln, rms_norm=m.rms_norm,
@@ -139,14 +147,11 @@ class SemanticDiffusion(nn.Module):
 
     def embedding_depends_on_t(self) -> bool:
         """False when z_t cannot change with t, so one embedding serves a whole grid of t: a static encoder
-        on clean images, or an encoder whose adaLN weights are all zero (e.g. freshly initialised), where t
-        reaches the blocks only through those weights."""
+        on clean images, or an encoder whose t-modulation weights (adaLN, FiLM) are all zero (e.g. freshly
+        initialised), where t reaches the encoder only through those weights."""
         if self.cfg.encoder.input == "noisy":
             return True  # x_t itself changes with t
-        if not self.encoder.time_conditioned:
-            return False
-        return any(bool(p.detach().ne(0).any()) for n, p in self.encoder.named_parameters()
-                   if "adaLN" in n and n.endswith("weight"))
+        return self.encoder.depends_on_t()
 
     @torch.no_grad()
     def embed(self, images: torch.Tensor, t: TimeArg = 0.0, batch_size: int = 1024) -> torch.Tensor:

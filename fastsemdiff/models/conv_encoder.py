@@ -1,0 +1,88 @@
+"""A convolutional E(x, t) -> z: conv stages whose normalised maps are modulated by t (FiLM), pooled to a grid.
+
+Why a CNN: the same labels that train a small CNN to ~89-90% on Fashion-MNIST in 1,500 steps train the
+1-block ViT encoder to ~86% (docs/ABLATIONS.md), and an untrained single convolution already gives 85.6% at
+128 dimensions: an encoder that cannot beat that with labels cannot beat it without them. Pooling to a small
+grid (not one mean) keeps the coarse layout that a linear probe of clothing classes relies on.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .code_head import code_from_head
+from ..nn import TimestepEmbedder
+
+
+class FiLMConvStage(nn.Module):
+    """Conv 3x3 -> GroupNorm -> (1 + scale(c)) * . + shift(c) -> GELU. The FiLM map starts at zero, so at
+    initialisation the stage ignores t and the encoder is a plain CNN."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int, cond_dim: int, groups: int = 8):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, 3, stride, 1)
+        self.norm = nn.GroupNorm(min(groups, out_channels), out_channels)
+        self.film = nn.Linear(cond_dim, 2 * out_channels)
+        nn.init.zeros_(self.film.weight)
+        nn.init.zeros_(self.film.bias)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        scale, shift = self.film(F.silu(c)).chunk(2, dim=-1)
+        h = self.norm(self.conv(x))
+        return F.gelu(h * (1 + scale[:, :, None, None]) + shift[:, :, None, None])
+
+
+class ConvTimeEncoder(nn.Module):
+    """E(x, t): FiLM conv stages, average pooling to ``grid`` x ``grid``, LayerNorm, Linear to ``out_dim``.
+
+    Same interface as the ViT ``TimeEncoder``: ``forward`` returns (z, stats), ``features`` the pooled,
+    normalised map before the head, ``time_conditioned=False`` a static code (one learned vector instead
+    of the timestep embedding).
+    """
+
+    def __init__(self, in_channels: int, out_dim: int, cond_dim: int, channels: Sequence[int] = (32, 64, 64, 128),
+                 strides: Sequence[int] = (1, 2, 1, 2), grid: int = 2, time_conditioned: bool = True,
+                 normalize: bool = False, variational: bool = False, backend: str = "auto"):
+        super().__init__()
+        if len(channels) != len(strides) or not channels:
+            raise ValueError(f"encoder.conv_channels {list(channels)} and encoder.conv_strides {list(strides)} "
+                             "must be non-empty lists of the same length")
+        self.out_dim, self.time_conditioned = out_dim, time_conditioned
+        self.normalize, self.variational, self.grid = normalize, variational, grid
+        if time_conditioned:
+            self.t_embedder = TimestepEmbedder(cond_dim, backend=backend)
+            nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+            nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        else:
+            self.static_cond = nn.Parameter(torch.randn(cond_dim) * 0.02)
+        dims = [in_channels, *channels]
+        self.stages = nn.ModuleList(FiLMConvStage(i, o, s, cond_dim) for i, o, s in zip(dims, dims[1:], strides))
+        width = channels[-1] * grid * grid
+        self.norm = nn.LayerNorm(width, eps=1e-6)
+        self.head = nn.Linear(width, out_dim * (2 if variational else 1))
+
+    def _cond(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if self.time_conditioned:
+            return self.t_embedder(t)
+        return self.static_cond.to(x.dtype).expand(x.shape[0], -1)
+
+    def depends_on_t(self) -> bool:
+        """Whether z can change with t: only through the FiLM weights (their biases are t-free)."""
+        return self.time_conditioned and any(bool(s.film.weight.detach().ne(0).any()) for s in self.stages)
+
+    def features(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The pooled grid [B, channels[-1] * grid^2], LayerNorm-ed, before the head."""
+        c = self._cond(x, t)
+        h = x
+        for stage in self.stages:
+            h = stage(h, c)
+        return self.norm(F.adaptive_avg_pool2d(h, self.grid).flatten(1))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, generator: Optional[torch.Generator] = None,
+                sample: Optional[bool] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        sample = self.training if sample is None else sample
+        out = self.head(self.features(x, t))
+        return code_from_head(out, self.variational, self.normalize, sample, generator)

@@ -1,0 +1,101 @@
+"""The convolutional encoder (encoder.arch=cnn): shapes, FiLM by t, the static code, the switches, training."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.testing import assert_close
+
+from fastsemdiff.config import ConfigError, load_config
+from fastsemdiff.models import SemanticDiffusion
+from fastsemdiff.models.conv_encoder import ConvTimeEncoder
+
+from helpers import gen
+
+CNN = ["model.hidden_size=32", "model.depth=2", "model.num_heads=2", "encoder.dim=16", "encoder.arch=cnn",
+       "encoder.conv_channels=[8,16]", "encoder.conv_strides=[2,2]"]
+
+
+def cnn_model(*overrides: str, seed: int = 0) -> SemanticDiffusion:
+    torch.manual_seed(seed)
+    return SemanticDiffusion(load_config(None, [*CNN, *overrides]))
+
+
+def wake_films_(encoder: ConvTimeEncoder, std: float = 0.2) -> None:
+    g = gen(9)
+    with torch.no_grad():
+        for stage in encoder.stages:
+            stage.film.weight.copy_(torch.randn(stage.film.weight.shape, generator=g) * std)
+
+
+def test_features_by_hand():
+    """Two FiLM stages, then 2x2 average pooling, LayerNorm and the head: recomputed here step by step."""
+    enc = ConvTimeEncoder(1, 6, 16, channels=[4, 8], strides=[1, 2], grid=2).eval()
+    wake_films_(enc)
+    x, t = torch.randn(3, 1, 12, 12, generator=gen(1)), torch.tensor([0.1, 0.5, 0.9])
+    c = enc.t_embedder(t)
+    h = x
+    for stage in enc.stages:
+        scale, shift = stage.film(F.silu(c)).chunk(2, dim=-1)
+        h = F.gelu(stage.norm(stage.conv(h)) * (1 + scale[..., None, None]) + shift[..., None, None])
+    pooled = F.adaptive_avg_pool2d(h, 2).flatten(1)
+    assert pooled.shape == (3, 8 * 4)
+    assert_close(enc.features(x, t), enc.norm(pooled))
+    z, stats = enc(x, t)
+    assert_close(z, enc.head(enc.norm(pooled))) and stats == {}
+
+
+def test_t_reaches_z_only_through_film_weights():
+    enc = ConvTimeEncoder(1, 6, 16, channels=[4, 8], strides=[1, 2]).eval()
+    x = torch.randn(2, 1, 12, 12, generator=gen(2))
+    assert not enc.depends_on_t()
+    assert torch.equal(enc(x, torch.full((2,), 0.1))[0], enc(x, torch.full((2,), 0.8))[0])
+    wake_films_(enc)
+    assert enc.depends_on_t()
+    assert not torch.allclose(enc(x, torch.full((2,), 0.1))[0], enc(x, torch.full((2,), 0.8))[0])
+
+
+def test_static_code_ignores_t_even_with_film_weights():
+    enc = ConvTimeEncoder(1, 6, 16, channels=[4, 8], strides=[1, 2], time_conditioned=False).eval()
+    wake_films_(enc)
+    x = torch.randn(2, 1, 12, 12, generator=gen(3))
+    assert not enc.depends_on_t()
+    assert torch.equal(enc(x, torch.full((2,), 0.1))[0], enc(x, torch.full((2,), 0.9))[0])
+
+
+@pytest.mark.parametrize("overrides", [[], ["encoder.time_conditioned=false"], ["encoder.regularizer=kl"],
+                                       ["encoder.normalize=true"], ["encoder.pool_grid=1"],
+                                       ["encoder.objective=supervised"]])
+def test_model_with_cnn_encoder_trains(overrides):
+    model = cnn_model(*overrides)
+    x0 = torch.rand(8, 1, 28, 28, generator=gen(4)) * 2 - 1
+    labels = torch.arange(8) % 10
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first_conv = model.encoder.stages[0].conv.weight.detach().clone()
+    losses = []
+    for i in range(15):
+        loss, _ = model(x0, gen(100 + i), labels=labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert sum(losses[-3:]) < sum(losses[:3]), losses
+    assert not torch.equal(model.encoder.stages[0].conv.weight, first_conv)  # the loss reaches the first conv
+    z = model.eval().embed((torch.rand(5, 1, 28, 28, generator=gen(5)) * 255).to(torch.uint8), 0.5)
+    assert z.shape == (5, 16) and torch.isfinite(z).all()
+    if "encoder.normalize=true" in overrides:
+        assert_close(z.norm(dim=1), torch.ones(5))
+
+
+def test_trained_film_makes_the_model_t_dependent():
+    model = cnn_model()
+    assert not model.embedding_depends_on_t()
+    wake_films_(model.encoder)
+    assert model.embedding_depends_on_t()
+
+
+@pytest.mark.parametrize("bad", [["encoder.conv_channels=[8]"], ["encoder.conv_channels=[]", "encoder.conv_strides=[]"],
+                                 ["encoder.conv_strides=[0,2]"], ["encoder.pool_grid=0"], ["encoder.arch=resnet"]])
+def test_bad_cnn_config_is_a_clear_error(bad):
+    with pytest.raises(ConfigError, match="encoder"):
+        load_config(None, [*CNN, *bad]).validate()
