@@ -48,6 +48,9 @@ class ModelConfig:
     fused_check: str = "warn"  # warn | error | off: a fused kernel failing its first-use check on a GPU falls back
     adaln: str = "stacked"  # stacked (all blocks' adaLN in one matrix product) | per_block (DiT's layout)
     rms_norm: bool = False  # RMSNorm instead of LayerNorm in the blocks (LightningDiT-style)
+    # Fixed 2-D sin-cos positions: "dit" puts the column in the first half of the channels and the row in the
+    # second (facebookresearch/DiT, MAE); "rows_first" is the transposed table of models saved before this key.
+    pos_layout: str = "dit"
 
     def resolved(self) -> tuple[int, int, int]:
         """(hidden, depth, heads) after applying the preset."""
@@ -152,6 +155,7 @@ class Config:
             "model.backend": (self.model.backend, {"auto", "torch", "triton", "cuda"}),
             "model.fused_check": (self.model.fused_check, {"warn", "error", "off"}),
             "model.adaln": (self.model.adaln, {"stacked", "per_block"}),
+            "model.pos_layout": (self.model.pos_layout, {"dit", "rows_first"}),
             "encoder.arch": (self.encoder.arch, {"vit", "cnn"}),
             "encoder.input": (self.encoder.input, {"clean", "noisy"}),
             "encoder.regularizer": (self.encoder.regularizer, {"none", "l1", "kl"}),
@@ -276,6 +280,21 @@ def from_dict(d: dict[str, Any]) -> Config:
     cfg = Config()
     for k, v in _flatten(d).items():
         _set(cfg, k, v)
+    return cfg
+
+
+# Keys added after files were first written whose default today differs from what those files did: a saved
+# config without the key means this value (so an old model keeps its meaning), not today's default.
+LEGACY_DEFAULTS: dict[str, Any] = {"model.pos_layout": "rows_first"}
+
+
+def from_saved_dict(d: dict[str, Any]) -> Config:
+    """A config as saved with a model or checkpoint: keys it lacks take their ``LEGACY_DEFAULTS`` value."""
+    cfg = from_dict(d)
+    present = _flatten(d)
+    for key, value in LEGACY_DEFAULTS.items():
+        if key not in present:
+            _set(cfg, key, value)
     return cfg
 
 

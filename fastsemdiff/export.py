@@ -1,6 +1,8 @@
 """The trained model as one ``model.safetensors`` with its config in the file's metadata.
 
-safetensors holds only tensors, so loading an exported model never unpickles anything.
+safetensors holds only tensors, so loading an exported model never unpickles anything. Files written
+before ``model.pos_layout`` existed have neither that key nor ``pos_embed`` entries: they load with their
+own (rows-first) positions, rebuilt from the config, and embed exactly as before.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .config import Config, ConfigError, from_dict
+from .config import Config, ConfigError, from_saved_dict
 from .errors import CheckpointError
 
 FORMAT = "fastsemdiff-v1"
@@ -69,7 +71,7 @@ def read_exported(path: Union[str, Path]) -> tuple[Config, dict[str, torch.Tenso
     if meta.get("format") != FORMAT or "config" not in meta:
         raise CheckpointError(f"{p} is a safetensors file but not a fastsemdiff model (no config in its metadata)")
     try:
-        cfg = from_dict(json.loads(meta["config"])).validate()
+        cfg = from_saved_dict(json.loads(meta["config"])).validate()
     except (ConfigError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{p} holds a config this version cannot read: {e}") from None
     return cfg, tensors
@@ -90,6 +92,13 @@ def load_state_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], so
     model.load_state_dict(state)
 
 
+def with_fixed_positions(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` with the model's own sin-cos tables for the ``pos_embed`` entries it lacks (files saved
+    before they were stored): the table is fixed by the config, whose ``model.pos_layout`` says which."""
+    own = {k: v for k, v in model.state_dict().items() if k.rsplit(".", 1)[-1] == "pos_embed" and k not in state}
+    return {**state, **own}
+
+
 def best_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -100,6 +109,7 @@ def load_model(path: Union[str, Path], device: Optional[Union[str, torch.device]
 
     cfg, tensors = read_exported(path)
     model = SemanticDiffusion(cfg)
+    tensors = with_fixed_positions(model, tensors)
     load_state_strict(model, tensors, str(resolve_model_path(path)))
     model.readout = read_readout(resolve_model_path(path).parent)
     return model.to(device or best_device()).eval()

@@ -139,11 +139,13 @@ def train(cfg: Config, resume: bool = False) -> Path:
     ema_list = list(ema.values())
 
     start = 0
-    if resume:
-        start = ckpt.load_checkpoint(latest, model, optimizer, ema, cfg)
+    if resume:  # the newest checkpoint that reads (a corrupt one is set aside, saying so); same config only
+        latest, start = ckpt.resume_latest(run_dir, model, optimizer, ema, cfg, say)
         data.load_state(ckpt.load_data_state(latest, rt.rank, rt.world_size))
     if rt.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        if resume:  # steps after the checkpoint were logged by the run that stopped: they are logged again
+            ckpt.drop_metrics_after(run_dir / "metrics.jsonl", start)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         n_params = sum(p.numel() for p in core.parameters())
         print(f"fastsemdiff: {n_params / 1e6:.2f}M parameters, {rt.parallel} on {rt.world_size} x {rt.device.type}, "

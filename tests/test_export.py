@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
@@ -158,3 +159,43 @@ def test_never_unpickles(exported, images, monkeypatch):
     loaded = load_model(path, device="cpu")
     model.eval()
     assert torch.equal(loaded.embed(images, 0.1), model.embed(images, 0.1))
+
+
+# ------------------------------------------------------------- models exported before pos_layout existed
+LEGACY = Path(__file__).resolve().parent / "data" / "legacy-v1"  # written by tests/data/make_legacy_v1.py
+
+
+def test_export_from_before_pos_layout_embeds_exactly_as_before():
+    """A file of commit 29a0d73 (no model.pos_layout, no pos_embed tensors): it loads with its rows-first
+    positions and gives, bit for bit, the embeddings and denoiser outputs that version computed."""
+    meta_config = json.loads((LEGACY / "config.json").read_text())
+    assert "pos_layout" not in meta_config["model"]
+    assert not any(k.endswith("pos_embed") for k in load_file(str(LEGACY / MODEL_FILE)))
+    model = load_model(LEGACY, device="cpu")
+    assert model.cfg.model.pos_layout == "rows_first"
+    expected = load_file(str(LEGACY / "expected.safetensors"))
+    with torch.no_grad():
+        z = model.embed(expected["images"], expected["t"])
+        denoised = model.denoiser(expected["x_t"], expected["t"], z)
+    assert expected["z"].abs().max() > 0.1
+    assert torch.equal(z, expected["z"])
+    assert torch.equal(denoised, expected["denoised"])
+    # the same weights under today's default layout embed differently: the recorded layout matters
+    cfg, tensors = read_exported(LEGACY)
+    cfg.model.pos_layout = "dit"
+    today = SemanticDiffusion(cfg)
+    today.load_state_dict({**today.state_dict(), **tensors})
+    with torch.no_grad():
+        assert not torch.allclose(today.eval().embed(expected["images"], expected["t"]), expected["z"], atol=1e-3)
+
+
+def test_new_exports_record_layout_and_positions(tmp_path, images):
+    model = _model("model.pos_layout=rows_first")
+    path = save_model(model, model.cfg, tmp_path / MODEL_FILE)
+    tensors = load_file(str(path))
+    assert {"encoder.pos_embed", "denoiser.pos_embed"} <= set(tensors)
+    loaded = load_model(path, device="cpu")
+    assert loaded.cfg.model.pos_layout == "rows_first"
+    assert _model().cfg.model.pos_layout == "dit"
+    model.eval()
+    assert torch.equal(loaded.embed(images, 0.3), model.embed(images, 0.3))

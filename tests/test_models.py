@@ -145,7 +145,7 @@ def test_dit_return_block_features():
     dit = wake_(small_dit(depth=3))
     x, t, z = torch.randn(2, 3, 16, 16, generator=gen(20)), torch.rand(2, generator=gen(21)), torch.randn(2, 8)
     c = dit.condition(t, z, None)
-    h = dit.x_embedder(x)
+    h = dit.x_embedder(x) + dit.pos_embed
     for k, (blk, mod) in enumerate(zip(dit.blocks, dit.block_modulations(c))):
         h = blk(h, c, mod)
         assert_close(dit(x, t, z, return_block=k), h)

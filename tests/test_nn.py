@@ -270,33 +270,51 @@ def test_patch_embed_shape_and_conv_equals_patch_matmul():
     x = rand(2, C, img, img, seed=72)
     out = pe(x)
     assert out.shape == (2, (img // p) ** 2, D)
-    # token r*g + c is the patch in row r, column c: the same order as patchify
+    # token r*g + c is the patch in row r, column c: the same order as patchify; no positions (DiT's
+    # x_embedder is timm's PatchEmbed, the model adds its pos_embed)
     w = pe.proj.weight.permute(0, 2, 3, 1).reshape(D, -1)  # (p, q, c) order as in patchify
-    expected = patchify(x, p) @ w.T + pe.proj.bias + sincos_pos_embed_2d(D, img // p)
+    expected = patchify(x, p) @ w.T + pe.proj.bias
     assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert set(pe.state_dict()) == {"proj.weight", "proj.bias"}
 
 
-def test_patch_embed_positions_are_the_sincos_table():
-    img, p, D = 20, 4, 16
-    g = img // p
-    pe = PatchEmbed(img, p, 1, D)
-    with torch.no_grad():
-        pe.proj.weight.zero_()
-        pe.proj.bias.zero_()
-    with torch.no_grad():
-        pos = pe(rand(1, 1, img, img, seed=73))[0]  # only the positions remain
-    assert_close(pos, sincos_pos_embed_2d(D, g))
-    # by hand: first D/2 channels encode the row, the last D/2 the column; each half is [sin, cos]
+@pytest.mark.parametrize("layout", ["dit", "rows_first"])
+def test_sincos_table_by_hand(layout):
+    """dit (MAE's get_2d_sincos_pos_embed): the first D/2 channels encode the column, the last D/2 the row;
+    rows_first (models saved before model.pos_layout): the other way round. Each half is [sin, cos]."""
+    D, g = 16, 5
+    table = sincos_pos_embed_2d(D, g, layout)
     q = D // 4
-    for r, c in [(0, 0), (1, 3), (4, 2), (3, 0)]:
-        tok = pos[r * g + c].double().tolist()
+    for r, c in [(0, 0), (1, 3), (4, 2), (3, 0), (0, 4)]:
+        tok = table[r * g + c].double().tolist()
+        first, second = (c, r) if layout == "dit" else (r, c)
         for k in range(q):
             omega = 1.0 / 10000 ** (k / q)
-            assert math.isclose(tok[k], math.sin(r * omega), abs_tol=1e-6)
-            assert math.isclose(tok[q + k], math.cos(r * omega), abs_tol=1e-6)
-            assert math.isclose(tok[2 * q + k], math.sin(c * omega), abs_tol=1e-6)
-            assert math.isclose(tok[3 * q + k], math.cos(c * omega), abs_tol=1e-6)
-    assert "pos_embed" not in pe.state_dict()  # fixed, not a learned parameter
+            assert math.isclose(tok[k], math.sin(first * omega), abs_tol=1e-6)
+            assert math.isclose(tok[q + k], math.cos(first * omega), abs_tol=1e-6)
+            assert math.isclose(tok[2 * q + k], math.sin(second * omega), abs_tol=1e-6)
+            assert math.isclose(tok[3 * q + k], math.cos(second * omega), abs_tol=1e-6)
+
+
+def test_sincos_layouts_are_transposes_and_default_is_dit():
+    D, g = 24, 6
+    dit, old = sincos_pos_embed_2d(D, g), sincos_pos_embed_2d(D, g, "rows_first")
+    assert torch.equal(dit, sincos_pos_embed_2d(D, g, "dit"))
+    assert not torch.equal(dit, old)
+    # the dit table at (r, c) is the rows_first table at (c, r)
+    assert torch.equal(dit.view(g, g, D), old.view(g, g, D).transpose(0, 1))
+    with pytest.raises(ValueError, match="rows_first"):
+        sincos_pos_embed_2d(D, g, "cols")
+
+
+def test_models_hold_pos_embed_as_dit_does():
+    """A frozen top-level parameter [1, N, D] added after x_embedder, as facebookresearch/DiT's."""
+    dit = DiT(15, 3, 2, 24, 1, 2, z_dim=4)
+    assert dit.pos_embed.shape == (1, 25, 24) and not dit.pos_embed.requires_grad
+    assert torch.equal(dit.pos_embed[0], sincos_pos_embed_2d(24, 5))
+    assert "pos_embed" in dit.state_dict()
+    old = DiT(15, 3, 2, 24, 1, 2, z_dim=4, pos_layout="rows_first")
+    assert torch.equal(old.pos_embed[0], sincos_pos_embed_2d(24, 5, "rows_first"))
 
 
 def test_patch_embed_rejects_wrong_shape_and_bad_patch():

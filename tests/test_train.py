@@ -53,8 +53,9 @@ def _read_dcp(path: Path, cfg) -> dict[str, dict[str, torch.Tensor]]:
     """The model and EMA tensors of a (possibly sharded) DCP checkpoint, gathered into plain tensors."""
     model = SemanticDiffusion(cfg)
     state = {"model": {k: torch.empty_like(v) for k, v in model.state_dict().items()},
-             "ema": {n: torch.empty_like(p) for n, p in model.named_parameters()}}
-    dcp.load(state, storage_reader=ckpt.SafeReader(str(path)), planner=ckpt.SafePlanner())
+             "ema": {n: torch.empty_like(p) for n, p in model.named_parameters() if p.requires_grad}}
+    flat = {f"{section}.{k}": v for section, part in state.items() for k, v in part.items()}  # DCP's saved names
+    dcp.load(flat, storage_reader=ckpt.SafeReader(str(path)), planner=ckpt.SafePlanner())
     return state
 
 
@@ -105,7 +106,8 @@ def test_exported_embedding_equals_training_ema_exactly(trained_run):
         assert torch.equal(value, trained_run.exported[name]), name
     with torch.no_grad():
         for name, p in model.named_parameters():
-            p.copy_(ema[name])
+            if p.requires_grad:  # the frozen pos_embed has no EMA
+                p.copy_(ema[name])
     model.eval()
 
     images, _ = load_split("fashion-mnist", str(trained_run.data), "test", 28, 1)

@@ -1,12 +1,14 @@
 """The denoiser: a DiT with adaLN-Zero blocks, conditioned on t and on the encoder's embedding z."""
 from __future__ import annotations
 
-from typing import Optional
+import re
+from typing import Mapping, Optional
 
 import torch
 from torch import nn
 
-from ..nn import BlockStack, DiTBlock, FinalLayer, PatchEmbed, TimestepEmbedder
+from ..nn import (BlockStack, DiTBlock, FinalLayer, PatchEmbed, TimestepEmbedder, convert_adaln_state_dict,
+                  fixed_pos_embed)
 
 
 def init_dit_weights(module: nn.Module) -> None:
@@ -51,15 +53,21 @@ class DiT(BlockStack, nn.Module):
     by a learned null vector, so the same network also denoises without an embedding. With
     ``adaln="stacked"`` (default) the blocks' adaLN weights form one matrix (``adaLN_stack``) applied once
     per step; ``"per_block"`` keeps DiT's per-block layout (either loads into either).
+
+    The state-dict keys are facebookresearch/DiT's (``x_embedder.proj``, ``pos_embed``, ``t_embedder.mlp``,
+    ``blocks.N``, ``final_layer``), with ``z_embedder``/``null_z`` where DiT has ``y_embedder``; a DiT
+    checkpoint's matching parts load with ``load_dit_state_dict``. ``pos_layout`` picks the sin-cos table
+    (``"dit"``, or ``"rows_first"`` for models saved before the layout was recorded).
     """
 
     def __init__(self, input_size: int, patch_size: int, in_channels: int, hidden_size: int, depth: int,
                  num_heads: int, mlp_ratio: float = 4.0, z_dim: Optional[int] = None, cond_merge: str = "add",
                  qk_norm: bool = False, backend: str = "auto", adaln: str = "stacked", rms_norm: bool = False,
-                 fused_check: str = "warn"):
+                 fused_check: str = "warn", pos_layout: str = "dit"):
         super().__init__()
         self.in_channels, self.patch_size, self.z_dim, self.cond_merge = in_channels, patch_size, z_dim, cond_merge
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
+        self.pos_embed = fixed_pos_embed(hidden_size, self.x_embedder.grid, pos_layout)
         self.t_embedder = TimestepEmbedder(hidden_size, backend=backend, fused_check=fused_check)
         if z_dim:
             self.z_embedder = nn.Linear(z_dim, hidden_size)
@@ -98,9 +106,85 @@ class DiT(BlockStack, nn.Module):
             raise ValueError(f"return_block={return_block} is out of range; "
                              f"the DiT has blocks 0..{len(self.blocks) - 1}")
         c = self.condition(t, z, drop)
-        h = self.x_embedder(x)
+        h = self.x_embedder(x) + self.pos_embed.to(x.dtype)
         for i, (block, mod) in enumerate(zip(self.blocks, self.block_modulations(c))):
             h = block(h, c, mod)
             if i == return_block:
                 return h
         return unpatchify(self.final_layer(h, c), self.patch_size, self.in_channels)
+
+
+# The parts of a facebookresearch/DiT state dict that mean the same in this denoiser. DiT's class embedding
+# (``y_embedder``) has no counterpart: z enters through ``z_embedder`` instead.
+DIT_PARTS = ("x_embedder.", "pos_embed", "t_embedder.", "blocks.", "final_layer.")
+
+
+def _dit_shape(sd: Mapping[str, torch.Tensor]) -> str:
+    """A DiT state dict's size in config terms, for error messages."""
+    parts = []
+    w = sd.get("x_embedder.proj.weight")
+    if w is not None and w.dim() == 4:
+        parts.append(f"hidden size {w.shape[0]}, {w.shape[1]} input channels, patch {w.shape[2]}")
+    if "pos_embed" in sd:
+        parts.append(f"{sd['pos_embed'].shape[-2]} tokens")
+    blocks = {int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))}
+    if blocks:
+        parts.append(f"depth {max(blocks) + 1}")
+    return ", ".join(parts) or "unknown size"
+
+
+def _drop_sigma(t: torch.Tensor, patch: int, channels: int) -> torch.Tensor:
+    """final_layer.linear rows are ordered (p, q, c) over 2C channels with learn_sigma: keep c < C (the
+    mean prediction), dropping the variance channels."""
+    return t.reshape(patch, patch, 2 * channels, *t.shape[1:])[:, :, :channels].reshape(-1, *t.shape[1:])
+
+
+def load_dit_state_dict(model: DiT, state_dict: Mapping[str, torch.Tensor], drop_sigma: bool = False
+                        ) -> list[str]:
+    """Copy a facebookresearch/DiT state dict's ``x_embedder``, ``pos_embed``, ``t_embedder``, ``blocks``
+    and ``final_layer`` into ``model`` (either adaLN layout); z's parts (``z_embedder``, ``null_z``) are left
+    as they are. Returns the checkpoint keys that were not used (``y_embedder.*``).
+
+    DiT's t is the integer step 0..999; this model's t is that step / 1000 (it scales by 1000 itself).
+    A DiT trained with ``learn_sigma`` predicts 2C channels; ``drop_sigma=True`` keeps the first C (its
+    mean / eps output). Any shape that differs raises ValueError naming the keys and both sizes.
+    """
+    sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()}
+    taken = {k: v for k, v in sd.items() if k.startswith(DIT_PARTS)}
+    unused = sorted(set(sd) - set(taken))
+    if not taken:
+        raise ValueError("no facebookresearch/DiT keys (x_embedder.*, pos_embed, t_embedder.*, blocks.*, "
+                         "final_layer.*) in this state dict: is it a DiT checkpoint? (an EMA checkpoint's "
+                         "weights may sit under a key such as 'ema')")
+    own = model.state_dict()
+    out_key = "final_layer.linear."
+    rows = own[out_key + "weight"].shape[0]
+    if drop_sigma:
+        for kind in ("weight", "bias"):
+            k = out_key + kind
+            if k in taken and taken[k].shape[0] == 2 * rows:
+                taken[k] = _drop_sigma(taken[k], model.patch_size, model.in_channels)
+    elif taken.get(out_key + "weight") is not None and taken[out_key + "weight"].shape[0] == 2 * rows:
+        raise ValueError(f"this DiT predicts {2 * model.in_channels} channels (learn_sigma: mean and variance), "
+                         f"the denoiser {model.in_channels}; pass drop_sigma=True to keep the mean channels")
+    taken = convert_adaln_state_dict(taken, "", len(model.blocks),
+                                     "stacked" if model.adaLN_stack is not None else "per_block")
+    wanted = {k for k in own if k.startswith((*DIT_PARTS, "adaLN_stack."))}
+    missing, extra = sorted(wanted - set(taken)), sorted(set(taken) - wanted)
+    shapes = sorted(k for k in wanted & set(taken) if own[k].shape != taken[k].shape)
+    if missing or extra or shapes:
+        detail = "; ".join(
+            f"{name}: {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}"
+            for name, keys in (("missing in the checkpoint", missing), ("not in the denoiser", extra),
+                               ("shape differs", [f"{k} {list(taken[k].shape)} vs {list(own[k].shape)}"
+                                                  for k in shapes])) if keys)
+        raise ValueError(f"the DiT checkpoint ({_dit_shape(sd)}) does not fit this denoiser "
+                         f"({_dit_shape(own)}): {detail}; build the denoiser with the checkpoint's sizes")
+    if not torch.allclose(taken["pos_embed"].float(), own["pos_embed"].float(), atol=1e-5, rtol=0):
+        raise ValueError("the checkpoint's pos_embed is not this denoiser's sin-cos table: DiT's table puts the "
+                         "column in the first half of the channels; build the denoiser with pos_layout='dit'")
+    with torch.no_grad():
+        for k, v in taken.items():
+            own[k].copy_(v)
+    return unused
+

@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..nn import BlockStack, DiTBlock, PatchEmbed, TimestepEmbedder
+from ..nn import BlockStack, DiTBlock, PatchEmbed, TimestepEmbedder, fixed_pos_embed
 from .code_head import code_from_head
 from .dit import init_dit_weights
 
@@ -22,11 +22,13 @@ class TimeEncoder(BlockStack, nn.Module):
     def __init__(self, input_size: int, patch_size: int, in_channels: int, hidden_size: int, depth: int,
                  num_heads: int, out_dim: int, mlp_ratio: float = 4.0, time_conditioned: bool = True,
                  normalize: bool = True, variational: bool = False, qk_norm: bool = False, open_gates: bool = True,
-                 backend: str = "auto", adaln: str = "stacked", rms_norm: bool = False, fused_check: str = "warn"):
+                 backend: str = "auto", adaln: str = "stacked", rms_norm: bool = False, fused_check: str = "warn",
+                 pos_layout: str = "dit"):
         super().__init__()
         self.out_dim, self.time_conditioned = out_dim, time_conditioned
         self.normalize, self.variational = normalize, variational
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
+        self.pos_embed = fixed_pos_embed(hidden_size, self.x_embedder.grid, pos_layout)
         if time_conditioned:
             self.t_embedder = TimestepEmbedder(hidden_size, backend=backend, fused_check=fused_check)
         else:
@@ -57,7 +59,7 @@ class TimeEncoder(BlockStack, nn.Module):
     def features(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Pooled, normalised tokens [B, hidden] before the head."""
         c = self._cond(x, t)
-        h = self.x_embedder(x)
+        h = self.x_embedder(x) + self.pos_embed.to(x.dtype)
         for block, mod in zip(self.blocks, self.block_modulations(c)):
             h = block(h, c, mod)
         return self.norm(h.mean(dim=1))

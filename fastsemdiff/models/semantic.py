@@ -48,12 +48,12 @@ class SemanticDiffusion(nn.Module):
                 d.image_size, m.patch_size, d.channels, hidden, e.depth or max(1, depth // 2), heads, e.dim,
                 mlp_ratio=m.mlp_ratio, time_conditioned=e.time_conditioned, normalize=e.normalize,
                 variational=e.regularizer == "kl", qk_norm=m.qk_norm, backend=m.backend, adaln=m.adaln,
-                rms_norm=m.rms_norm, fused_check=m.fused_check,
+                rms_norm=m.rms_norm, fused_check=m.fused_check, pos_layout=m.pos_layout,
             )
         self.denoiser = DiT(
             d.image_size, m.patch_size, d.channels, hidden, depth, heads, mlp_ratio=m.mlp_ratio, z_dim=e.dim,
             cond_merge=m.cond_merge, qk_norm=m.qk_norm, backend=m.backend, adaln=m.adaln, rms_norm=m.rms_norm,
-            fused_check=m.fused_check,
+            fused_check=m.fused_check, pos_layout=m.pos_layout,
         )
         self.schedule = get_schedule(cfg.diffusion.schedule)
         if e.objective == "supervised":  # the ceiling baseline: the same encoder trained with labels

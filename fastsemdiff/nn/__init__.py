@@ -2,7 +2,8 @@
 from .attention import Attention, Mlp
 from .backend import BACKENDS, resolve_backend
 from .block import AdaLNModulation, BlockStack, DiTBlock, FinalLayer, StackedAdaLNModulation, convert_adaln_state_dict
-from .embedding import PatchEmbed, TimestepEmbedder, sincos_pos_embed_2d, timestep_embedding
+from .embedding import (POS_LAYOUTS, PatchEmbed, TimestepEmbedder, fixed_pos_embed, sincos_pos_embed_2d,
+                        timestep_embedding)
 from .norm import (
     GatedResidual,
     GatedResidualModulatedNorm,
@@ -16,7 +17,8 @@ from .norm import (
 __all__ = [
     "BACKENDS", "resolve_backend", "Attention", "Mlp", "AdaLNModulation", "BlockStack", "DiTBlock", "FinalLayer",
     "StackedAdaLNModulation", "convert_adaln_state_dict",
-    "PatchEmbed", "TimestepEmbedder", "sincos_pos_embed_2d", "timestep_embedding", "GatedResidual",
+    "POS_LAYOUTS", "PatchEmbed", "TimestepEmbedder", "fixed_pos_embed", "sincos_pos_embed_2d", "timestep_embedding",
+    "GatedResidual",
     "GatedResidualModulatedNorm", "ModulatedLayerNorm", "gated_residual_modulated_norm_ref",
     "gated_residual_ref", "modulate", "modulated_layer_norm_ref",
 ]

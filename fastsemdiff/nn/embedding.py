@@ -11,10 +11,21 @@ from .. import ops
 from .backend import check_backend, check_fused_check, resolve_backend
 
 
-def sincos_pos_embed_2d(dim: int, grid: int) -> torch.Tensor:
-    """Fixed 2-D sine-cosine positions, [grid*grid, dim]: half the channels encode rows, half columns."""
+POS_LAYOUTS = ("dit", "rows_first")
+
+
+def sincos_pos_embed_2d(dim: int, grid: int, layout: str = "dit") -> torch.Tensor:
+    """Fixed 2-D sine-cosine positions, [grid*grid, dim], token ``r * grid + c`` for row r, column c.
+
+    Each half of the channels is a 1-D table ``[sin(p * w_k), cos(p * w_k)]``, ``w_k = 10000^(-k / (dim/4))``.
+    ``layout="dit"``: the column's table in the first half, the row's in the second, as facebookresearch/DiT
+    (MAE's ``get_2d_sincos_pos_embed``), so DiT weights see the positions they were trained with.
+    ``"rows_first"``: the row first, the layout of models saved before ``model.pos_layout`` existed.
+    """
     if dim % 4:
         raise ValueError(f"2-D sin-cos positions need a width divisible by 4, got {dim}")
+    if layout not in POS_LAYOUTS:
+        raise ValueError(f"position layout {layout!r} is unknown; choose one of {list(POS_LAYOUTS)}")
 
     def axis(pos: np.ndarray, d: int) -> np.ndarray:
         omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
@@ -22,12 +33,20 @@ def sincos_pos_embed_2d(dim: int, grid: int) -> torch.Tensor:
         return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
 
     rows, cols = np.meshgrid(np.arange(grid, dtype=np.float64), np.arange(grid, dtype=np.float64), indexing="ij")
-    emb = np.concatenate([axis(rows, dim // 2), axis(cols, dim // 2)], axis=1)
+    first, second = (cols, rows) if layout == "dit" else (rows, cols)
+    emb = np.concatenate([axis(first, dim // 2), axis(second, dim // 2)], axis=1)
     return torch.from_numpy(emb).float()
 
 
+def fixed_pos_embed(dim: int, grid: int, layout: str = "dit") -> nn.Parameter:
+    """The sin-cos table as DiT holds it: a frozen parameter [1, grid*grid, dim] (a state-dict entry
+    ``pos_embed`` of the model, beside ``x_embedder``), added to the patch tokens."""
+    return nn.Parameter(sincos_pos_embed_2d(dim, grid, layout)[None], requires_grad=False)
+
+
 class PatchEmbed(nn.Module):
-    """[B, C, H, W] -> [B, (H/p)*(W/p), D] by a strided convolution, plus fixed sin-cos positions."""
+    """[B, C, H, W] -> [B, (H/p)*(W/p), D] by a strided convolution (DiT's ``x_embedder``, timm's PatchEmbed:
+    no positions; the model adds its ``pos_embed``)."""
 
     def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int):
         super().__init__()
@@ -40,7 +59,6 @@ class PatchEmbed(nn.Module):
         self.grid = img_size // patch_size
         self.num_patches = self.grid**2
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
-        self.register_buffer("pos_embed", sincos_pos_embed_2d(embed_dim, self.grid)[None], persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[1:] != (self.in_chans, self.img_size, self.img_size):
@@ -48,7 +66,7 @@ class PatchEmbed(nn.Module):
                 f"expected images of shape [B, {self.in_chans}, {self.img_size}, {self.img_size}], "
                 f"got {list(x.shape)}"
             )
-        return self.proj(x).flatten(2).transpose(1, 2) + self.pos_embed.to(x.dtype)
+        return self.proj(x).flatten(2).transpose(1, 2)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
