@@ -34,6 +34,9 @@ META_FILE = "meta.json"
 ARCH_KEYS = ("model.preset", "model.patch_size", "model.hidden_size", "model.depth", "model.num_heads",
              "model.mlp_ratio", "model.qk_norm", "model.cond_merge", "encoder.time_conditioned", "encoder.depth",
              "encoder.dim", "encoder.regularizer", "data.image_size", "data.channels")
+# data.source=latents: the latent space itself (another VAE or scaling gives same-shaped latents that mean else).
+LATENT_KEYS = ("latents.channels", "latents.size", "latents.vae_hash", "latents.scaling_factor",
+               "latents.shift_factor")
 
 
 class _MetadataUnpickler(pickle.Unpickler):
@@ -204,7 +207,8 @@ def read_meta(path: Path) -> dict[str, Any]:
 def check_compatible(meta: dict[str, Any], cfg: Config, path: Path) -> None:
     now = cfg.to_dict()
     diffs = [f"{k}: checkpoint {_get(meta['config'], k)!r} vs now {_get(now, k)!r}"
-             for k in ARCH_KEYS if _get(meta["config"], k) != _get(now, k)]
+             for k in ARCH_KEYS + (LATENT_KEYS if now["data"]["source"] == "latents" else ())
+             if _get(meta["config"], k) != _get(now, k)]
     if diffs:
         raise CheckpointError(
             f"checkpoint {path} is from a different model config ({'; '.join(diffs)}); resume with the "
