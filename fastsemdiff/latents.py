@@ -1,6 +1,6 @@
 """Encode a dataset once into the latents of a pretrained VAE, for training at DiT scale on them.
 
-    python -m fastsemdiff.latents --vae VAE_DIR --out OUT_DIR [--flip] [--splits train test] [--batch-size 64]
+    python -m fastsemdiff.latents --vae VAE_DIR --out OUT_DIR [--flip] [--splits train,test] [--batch-size 64]
                                   [--shard-size 4096] [--config F.yaml] [data.source=... data.path=... ...]
     torchrun --nproc_per_node N -m fastsemdiff.latents ...     # each rank encodes its share of the shards
 
@@ -191,13 +191,20 @@ def encode_split(out: Path, split: str, src: ImageSource, encoder: Encoder, plan
     return len(todo)
 
 
+def _splits(text: str) -> list[str]:
+    names = [s for s in text.split(",") if s]
+    if not names or any(s not in ("train", "test") for s in names):
+        raise argparse.ArgumentTypeError(f"{text!r}: give train, test or train,test")
+    return names
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m fastsemdiff.latents", description=__doc__.splitlines()[0])
     p.add_argument("--vae", required=True, help="folder of a diffusers AutoencoderKL (save_pretrained layout)")
     p.add_argument("--out", required=True, help="folder for the shards and manifest.json")
     p.add_argument("--config", help="YAML whose data section says what to encode (key=value overrides win)")
-    p.add_argument("--splits", nargs="+", choices=["train", "test"], default=None,
-                   help="default: train, and test where the source has one")
+    p.add_argument("--splits", type=_splits, default=None,
+                   help="train, test or train,test (default: train, and test where the source has one)")
     p.add_argument("--flip", action="store_true", help="also store the latents of the flipped images")
     p.add_argument("--batch-size", type=int, default=64, help="images per VAE call")
     p.add_argument("--shard-size", type=int, default=4096, help="images per shard file")
