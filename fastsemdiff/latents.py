@@ -1,7 +1,7 @@
 """Encode a dataset once into the latents of a pretrained VAE, for training at DiT scale on them.
 
     python -m fastsemdiff.latents --vae VAE_DIR --out OUT_DIR [--flip] [--splits train,test] [--batch-size 64]
-                                  [--shard-size 4096] [--config F.yaml] [data.source=... data.path=... ...]
+                                  [--shard-size 4096] [--threads N] [--config F.yaml] [data.source=... ...]
     torchrun --nproc_per_node N -m fastsemdiff.latents ...     # each rank encodes its share of the shards
 
 Any ``data.source`` can be encoded (Fashion-MNIST, .npz arrays, an image folder read with PIL in
@@ -211,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scaling-factor", type=float, default=None, help="default: the VAE config's")
     p.add_argument("--shift-factor", type=float, default=None, help="default: the VAE config's (0 if none)")
     p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK when there is a GPU, else cpu")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads per process (0: cores / processes)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("overrides", nargs="*", help="data keys, e.g. data.source=folder data.path=DIR data.image_size=256")
     return p
@@ -233,8 +234,8 @@ def extract(argv: Sequence[str]) -> Path:
     device = torch.device(args.device or (f"cuda:{local}" if torch.cuda.is_available() else "cpu"))
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("gloo")  # only barriers: the shards are files
-    if device.type == "cpu" and world > 1:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    if device.type == "cpu" and (args.threads or world > 1):
+        torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // world))
     out = Path(args.out)
     start = time.perf_counter()
 

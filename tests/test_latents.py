@@ -7,6 +7,7 @@ folder and loaded from there; nothing is fetched (HF_HUB_OFFLINE=1).
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -24,7 +25,7 @@ diffusers = pytest.importorskip("diffusers", reason="pip install diffusers (the 
 import fastsemdiff  # noqa: E402
 import fastsemdiff.latents as latents_mod  # noqa: E402
 import fastsemdiff.train as train_mod  # noqa: E402
-from conftest import FAST, PYTHON, run_cmd  # noqa: E402
+from conftest import FAST, PYTHON, REPO, run_cmd  # noqa: E402
 from fastsemdiff.config import load_config  # noqa: E402
 from fastsemdiff.data import DatasetError, LatentShards, build_train_data, resolve_latents_config  # noqa: E402
 from fastsemdiff.data.latent_data import DeviceLatents, MmapLatentStream  # noqa: E402
@@ -36,14 +37,12 @@ SCALE, SHIFT = 0.5, 0.1  # not the VAE defaults, so the test sees them applied
 FP16_RTOL = 2.0 ** -10  # one fp16 rounding (2^-11) with room for a last-bit difference of the fp32 encode
 
 
-def make_vae(folder: Path, seed: int = 0, **kw) -> Path:
-    torch.manual_seed(seed)
-    vae = diffusers.AutoencoderKL(in_channels=1, out_channels=1, down_block_types=("DownEncoderBlock2D",) * 2,
-                                  up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16),
-                                  latent_channels=4, layers_per_block=1, norm_num_groups=4, sample_size=28,
-                                  scaling_factor=SCALE, shift_factor=SHIFT, **kw)
-    vae.save_pretrained(str(folder))
-    return folder
+def make_vae(folder: Path, seed: int = 0) -> Path:
+    """The README's test VAE (scripts/make_test_vae.py), with a scaling and shift of its own."""
+    spec = importlib.util.spec_from_file_location("make_test_vae", REPO / "scripts" / "make_test_vae.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.make_test_vae(folder, channels=1, seed=seed, scaling_factor=SCALE, shift_factor=SHIFT)
 
 
 @pytest.fixture(scope="session")
@@ -482,3 +481,26 @@ def test_model_without_resolved_latent_shape(extracted):
 
     with pytest.raises(ConfigError, match="resolve_latents_config"):
         SemanticDiffusion(load_config(None, latent_train_args(Path("x"), extracted)))
+
+
+def test_gpu_imagenet_config_builds_dit_xl2_on_32x32x4_latents(tmp_path):
+    """The GPU config with an ImageNet-shaped manifest (no shards needed to resolve it): DiT-XL/2 at 256 tokens."""
+    from fastsemdiff.data.latent_store import FORMAT
+    from fastsemdiff.models import SemanticDiffusion
+
+    manifest = {"format": FORMAT, "complete": True, "flipped": True, "shard_size": 8192,
+                "vae": {"path": "/data/sd-vae-ft-ema", "hash": "0" * 64, "class": "AutoencoderKL",
+                        "scaling_factor": 0.18215, "shift_factor": 0.0},
+                "latent": {"channels": 4, "size": 32, "dtype": "float16"},
+                "image": {"channels": 3, "size": 256, "source": "folder", "path": "/data/imagenet"},
+                "splits": {"train": {"count": 1281167}}}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    cfg = load_config(str(REPO / "configs" / "gpu-imagenet-latents-XL2.yaml"), [f"data.path={tmp_path}"])
+    cfg = resolve_latents_config(cfg)
+    assert (cfg.data.image_size, cfg.data.channels, cfg.latents.channels, cfg.latents.size) == (256, 3, 4, 32)
+    assert cfg.model.resolved() == (1152, 28, 16) and cfg.encoder.depth == 14
+    assert (32 // cfg.model.patch_size) ** 2 == 256
+    cfg.model.depth, cfg.encoder.depth = 1, 1  # the input side of the model, without building 28 XL blocks
+    with torch.device("meta"):
+        model = SemanticDiffusion(cfg)
+    assert model.image_shape == (4, 32, 32) and model.codec.image_shape == (3, 256, 256)
