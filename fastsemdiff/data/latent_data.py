@@ -99,9 +99,12 @@ class MmapLatentStream:
         return x, y
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._ahead is not None and self._ahead[0] == step:
-            x, y = self._ahead[1].result()
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead[0] == step:
+            x, y = ahead[1].result()
         else:
+            if ahead is not None:
+                ahead[1].result()  # a jump (resume, evaluation): let the read ahead finish, it shares the cache
             x, y = self._read(step)
         self._ahead = (step + 1, self._pool.submit(self._read, step + 1))
         x = x.to(self.device, non_blocking=True).to(self.dtype)
