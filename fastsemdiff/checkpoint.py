@@ -49,13 +49,16 @@ FIXED_ON_RESUME = (
     "encoder.regularizer", "encoder.reg_weight", "encoder.objective", "encoder.num_classes",
     "diffusion.schedule", "diffusion.prediction", "diffusion.lambda_cons", "diffusion.cons_step",
     "data.image_size", "data.channels",
+    # data.source=latents: the latent space itself (another VAE or scaling gives same-shaped latents that
+    # mean something else); pixel runs hold the defaults on both sides
+    "latents.channels", "latents.size", "latents.vae_hash", "latents.scaling_factor", "latents.shift_factor",
 )
 # Keys free to change on resume: how the same model is computed (backend; the adaLN layout is converted on
 # load), where the same data comes from and how it is read, and every train.* / eval.* key (length, learning
 # rate schedule, logging, checkpoint cadence, run_dir). model.preset's sizes are compared instead.
-FREE_ON_RESUME = ("model.preset", "model.backend", "model.fused_check", "model.adaln", "data.source", "data.path", "data.hflip",
-                  "data.loader", "data.workers", "data.crop", "data.crop_scale", "data.bad_images",
-                  "data.mixed_channels", "data.verify")
+FREE_ON_RESUME = ("model.preset", "model.backend", "model.fused_check", "model.adaln", "data.source",
+                  "data.path", "data.hflip", "data.loader", "data.workers", "data.crop", "data.crop_scale", "data.bad_images",
+                  "data.mixed_channels", "data.verify", "latents.vae", "latents.resident")
 FREE_SECTIONS_ON_RESUME = ("train", "eval")
 
 

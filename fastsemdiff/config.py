@@ -89,7 +89,7 @@ class DiffusionConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "fashion-mnist"  # fashion-mnist | folder (image folder or file list) | npz (.npz/.npy arrays)
+    source: str = "fashion-mnist"  # fashion-mnist | folder (image folder or file list) | npz | latents (a manifest folder)
     path: str = "/usr/share/datasets/fashion-mnist"
     image_size: int = 28
     channels: int = 1
@@ -101,6 +101,20 @@ class DataConfig:
     bad_images: str = "skip"  # skip (and count) | error: what an unreadable image file does
     mixed_channels: str = "convert"  # convert | error: a folder mixing grey and colour images
     verify: str = "decode"  # decode | header: how the start-up scan checks each image file
+
+
+@dataclass
+class LatentsConfig:
+    """data.source=latents: what the latents must be. Unset keys are filled from the manifest at start (the
+    run's config.yaml records them); a key set here that the manifest contradicts stops the run."""
+
+    vae: str = ""  # the VAE folder the latents were encoded with (checked by hash); "": the manifest's
+    vae_hash: str = ""  # sha256 of the VAE's config and weights; "": the manifest's
+    scaling_factor: Optional[float] = None  # latents = (mean - shift_factor) * scaling_factor; None: the manifest's
+    shift_factor: Optional[float] = None
+    channels: int = 0  # latent channels and side: the model's input shape; 0: the manifest's
+    size: int = 0
+    resident: str = "auto"  # auto (on the device when they fit) | device | stream (memory-mapped shards)
 
 
 @dataclass
@@ -140,6 +154,7 @@ class Config:
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    latents: LatentsConfig = field(default_factory=LatentsConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
@@ -162,7 +177,8 @@ class Config:
             "encoder.objective": (self.encoder.objective, {"self_conditional", "supervised"}),
             "diffusion.schedule": (self.diffusion.schedule, {"vp-cosine", "vp-linear", "ve", "flow"}),
             "diffusion.prediction": (self.diffusion.prediction, {"eps", "v", "x0", "velocity"}),
-            "data.source": (self.data.source, {"fashion-mnist", "folder", "npz"}),
+            "data.source": (self.data.source, {"fashion-mnist", "folder", "npz", "latents"}),
+            "latents.resident": (self.latents.resident, {"auto", "device", "stream"}),
             "data.loader": (self.data.loader, {"auto", "dali", "torch"}),
             "data.crop": (self.data.crop, {"center", "random"}),
             "data.bad_images": (self.data.bad_images, {"skip", "error"}),
@@ -195,10 +211,11 @@ class Config:
             raise ConfigError(f"model hidden size {hidden} is not divisible by num_heads {heads}")
         if hidden % 4:
             raise ConfigError(f"model hidden size {hidden} must be divisible by 4 (2-D sin-cos positions)")
-        if self.data.image_size % self.model.patch_size:
+        side, what = self.input_side()
+        if side and side % self.model.patch_size:
             raise ConfigError(
-                f"data.image_size={self.data.image_size} is not divisible by model.patch_size="
-                f"{self.model.patch_size}; choose a patch size that divides the image size"
+                f"{what}={side} is not divisible by model.patch_size={self.model.patch_size}; choose a patch size "
+                f"that divides it"
             )
         lo, hi = (self.data.crop_scale + [0.0, 0.0])[:2]
         if len(self.data.crop_scale) != 2 or not 0.0 < lo <= hi <= 1.0:
@@ -212,6 +229,13 @@ class Config:
         if any(not 0.0 <= t <= 1.0 for t in self.eval.ts):
             raise ConfigError(f"eval.ts={self.eval.ts} must lie in [0, 1] (0 = clean, 1 = pure noise)")
         return self
+
+    def input_side(self) -> tuple[int, str]:
+        """(side of the model's input, the key it comes from): the latent side for data.source=latents (0 until
+        the manifest has filled it in), the image side otherwise."""
+        if self.data.source == "latents":
+            return self.latents.size, "latents.size"
+        return self.data.image_size, "data.image_size"
 
 
 # Short aliases accepted on the command line.

@@ -396,7 +396,7 @@ def probe_command(args: argparse.Namespace) -> dict:
         picks = test_images[:8]
         with torch.inference_mode():
             recon = model.reconstruct(picks, t=result["best_t"]["t"], steps=args.recon_steps)  # z at the best t
-        plot_reconstructions(picks, recon, out / "reconstructions.png", t=result["best_t"]["t"])
+        plot_reconstructions(model.as_images(picks), recon, out / "reconstructions.png", t=result["best_t"]["t"])
     print(format_table(result))
     if result["training_img_per_s"]:
         print(f"the model trained at {result['training_img_per_s']:.0f} images/s (median of metrics.jsonl): "
@@ -434,7 +434,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    args = build_parser().parse_args(argv)
+    try:
+        _main(build_parser().parse_args(argv))
+    except DatasetError as e:  # e.g. a latent-trained run whose VAE folder is gone
+        raise SystemExit(f"error: {e}") from None
+
+
+def _main(args: argparse.Namespace) -> None:
     args.func(args)
 
 

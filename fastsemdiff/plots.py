@@ -31,14 +31,19 @@ def plot_embedding_2d(points: torch.Tensor, labels: torch.Tensor, path: Union[st
     plt.close(fig)
 
 
+def _unit(image: torch.Tensor) -> torch.Tensor:
+    return image.float() / 255.0 if image.dtype == torch.uint8 else image.float().cpu().clamp(0, 1)
+
+
 def plot_reconstructions(originals: torch.Tensor, reconstructions: torch.Tensor, path: Union[str, Path],
                          t: Optional[float] = None) -> None:
-    """Two rows: the images (uint8 [n, C, H, W]) and their reconstructions x0 -> z_t -> sample (float [0, 1])."""
+    """Two rows: the images (uint8 [n, C, H, W], or float in [0, 1]) and their reconstructions x0 -> z_t ->
+    sample (float [0, 1])."""
     plt = _pyplot()
     n = originals.shape[0]
     fig, axes = plt.subplots(2, n, figsize=(1.2 * n, 2.6), squeeze=False)
     for i in range(n):
-        for row, img in ((0, originals[i].float() / 255.0), (1, reconstructions[i].float().cpu().clamp(0, 1))):
+        for row, img in ((0, _unit(originals[i])), (1, reconstructions[i].float().cpu().clamp(0, 1))):
             ax = axes[row][i]
             ax.imshow(img.permute(1, 2, 0).squeeze(-1).numpy(), cmap="gray" if img.shape[0] == 1 else None,
                       vmin=0, vmax=1)

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .data import DatasetError
 from .eval import default_out, load_data, load_run
 
 PAD = 2  # pixels between grid cells, before upscaling
@@ -70,7 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    args = build_parser().parse_args(argv)
+    try:
+        _main(build_parser().parse_args(argv))
+    except DatasetError as e:  # e.g. a latent-trained run whose VAE folder is gone
+        raise SystemExit(f"error: {e}") from None
+
+
+def _main(args: argparse.Namespace) -> None:
     if args.n < 1 or args.steps < 1:
         raise SystemExit("error: --n and --steps must be positive")
     if not 0.0 <= args.t <= 1.0:
@@ -87,7 +94,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         # model.reconstruct with the chosen sampler: z_t of each image conditions the sampler.
         z = model.embed(images, args.t)
         recon = model.generate(images.shape[0], z, args.steps, args.sampler, args.seed)
-        originals = images.float() / 255.0
+        originals = model.as_images(images)  # latents: decoded through the run's VAE
         save_image_grid(torch.cat([pad_rows(originals, nrow), recon.cpu()]), out / "reconstructions.png", nrow)
     print(f"wrote {out / 'samples.png'} ({args.n} unconditional samples) and {out / 'reconstructions.png'} "
           f"(test images above, reconstructions from z_t at t={args.t:g} below; {args.steps} steps)")

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from . import checkpoint as ckpt
 from . import distributed
 from .config import Config, ConfigError, load_config
-from .data import DatasetError, build_train_data, load_split, mix_seed
+from .data import DatasetError, build_train_data, load_split, mix_seed, resolve_latents_config
 from .errors import CheckpointError, TrainingDiverged
 from .export import save_weights
 from .models import SemanticDiffusion
@@ -105,6 +105,7 @@ def parse_args(argv: Optional[list[str]]) -> tuple[Config, bool]:
 
 
 def train(cfg: Config, resume: bool = False) -> Path:
+    cfg = resolve_latents_config(cfg)  # data.source=latents: input shape, VAE and scaling from the manifest
     tc = cfg.train
     rt = distributed.setup(tc.parallel, tc.precision, tc.threads)
     run_dir = Path(tc.run_dir)
@@ -120,11 +121,12 @@ def train(cfg: Config, resume: bool = False) -> Path:
         raise CheckpointError(f"{run_dir} already holds checkpoints (latest {latest.name}); pass --resume to "
                               "continue it, or choose a new train.run_dir")
 
-    # ---- data: arrays live on the device; image folders stream through DALI (or PIL DataLoader workers)
+    # ---- data: arrays live on the device; image folders stream through DALI (or PIL DataLoader workers);
+    #      latents stay on the device when they fit, else stream from memory-mapped shards
     d = cfg.data
     say = (lambda msg: print(f"fastsemdiff: {msg}", flush=True)) if rt.is_main else (lambda msg: None)
     data = build_train_data(d, batch_size=local_batch, rank=rt.rank, world_size=rt.world_size, seed=tc.seed,
-                            device=rt.device, say=say)
+                            device=rt.device, say=say, latents=cfg.latents)
     probe = QuickProbe(cfg, rt.device) if tc.probe_every else None
 
     # ---- model, identical on every rank before sharding

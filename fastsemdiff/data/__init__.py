@@ -1,4 +1,4 @@
-"""Datasets: Fashion-MNIST, .npz/.npy arrays and image folders, batched on the device or streamed (DALI, PIL)."""
+"""Datasets: Fashion-MNIST, .npz/.npy arrays, image folders and VAE latents, batched on the device or streamed."""
 from __future__ import annotations
 
 from .arrays import load_arrays
@@ -6,6 +6,7 @@ from .dali_stream import dali_available
 from .device_dataset import DeviceImageDataset, mix_seed, to_model_range
 from .errors import DatasetError
 from .fashion_mnist import DEFAULT_PATH, load_fashion_mnist
+from .latent_store import LatentShards, read_manifest, resolve_latents_config
 from .image_folder import ImageFolderData, load_image_folder, scan_image_folder
 from .loader import build_train_data, choose_loader
 from .splits import SOURCES, SPLITS, load_split
@@ -19,6 +20,7 @@ __all__ = [
     "DeviceImageDataset",
     "ImageFolderData",
     "LOADERS",
+    "LatentShards",
     "SOURCES",
     "SPLITS",
     "build_train_data",
@@ -30,6 +32,8 @@ __all__ = [
     "load_image_folder",
     "load_split",
     "mix_seed",
+    "read_manifest",
+    "resolve_latents_config",
     "scan_image_folder",
     "to_model_range",
 ]

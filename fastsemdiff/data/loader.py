@@ -1,7 +1,8 @@
 """The training data source, chosen from ``data.source`` and ``data.loader``.
 
 Arrays that fit in device memory (Fashion-MNIST, .npz/.npy) stay on the device and are batched
-there; image folders stream through DALI when it is installed, else through PIL DataLoader workers.
+there; image folders stream through DALI when it is installed, else through PIL DataLoader workers;
+extracted VAE latents stay on the device when they fit and are read from memory-mapped shards otherwise.
 Every choice has the same small interface (``batch(step)``, ``state()``, ``load_state()``,
 ``skipped``), so the trainer does not care which one it got.
 """
@@ -15,6 +16,7 @@ import torch
 from .dali_stream import DaliStream, dali_available
 from .device_dataset import DeviceImageDataset
 from .errors import DatasetError
+from .latent_data import build_latent_data
 from .splits import load_split, split_path
 from .torch_stream import TorchStream
 from .verify import check_images
@@ -62,7 +64,12 @@ class DeviceStream:
 
 
 def choose_loader(source: str, loader: str) -> str:
-    """'device', 'dali' or 'torch' for this source and ``data.loader``; a clear error when they do not fit."""
+    """'device', 'dali', 'torch' or 'latents' for this source and ``data.loader``; a clear error when they do not fit."""
+    if source == "latents":
+        if loader != "auto":
+            raise DatasetError(f"data.loader={loader} streams image folders; latents are held on the device or "
+                               f"memory-mapped (latents.resident=auto|device|stream); leave data.loader=auto")
+        return "latents"
     if source != "folder":
         if loader != "auto":
             raise DatasetError(f"data.loader={loader} streams image folders, but data.source={source} is held on the "
@@ -77,9 +84,16 @@ def choose_loader(source: str, loader: str) -> str:
 
 
 def build_train_data(d, *, batch_size: int, rank: int, world_size: int, seed: int, device: torch.device,
-                     dtype: torch.dtype = torch.float32, say: Callable[[str], None] = lambda _: None) -> TrainData:
-    """This rank's training stream for the ``data`` config section ``d``; ``say`` prints a one-time note."""
+                     dtype: torch.dtype = torch.float32, say: Callable[[str], None] = lambda _: None,
+                     latents=None) -> TrainData:
+    """This rank's training stream for the ``data`` config section ``d`` (and ``latents``, the config's section
+    of that name, for data.source=latents); ``say`` prints a one-time note."""
     kind = choose_loader(d.source, d.loader)
+    if kind == "latents":
+        from ..config import LatentsConfig
+
+        return build_latent_data(d, latents or LatentsConfig(), batch_size=batch_size, rank=rank,
+                                 world_size=world_size, seed=seed, device=device, dtype=dtype, say=say)
     if kind == "device":
         images, labels = load_split(d.source, d.path, "train", d.image_size, d.channels)
         return DeviceStream(DeviceImageDataset(images, labels, device), batch_size, rank, world_size, seed, d.hflip,

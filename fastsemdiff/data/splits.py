@@ -9,13 +9,15 @@ from .arrays import load_arrays
 from .errors import DatasetError
 from .fashion_mnist import load_fashion_mnist
 from .image_folder import load_image_folder, scan_image_folder
+from .latent_store import LatentShards
 
-SOURCES = ("fashion-mnist", "folder", "npz")
+SOURCES = ("fashion-mnist", "folder", "npz", "latents")
 SPLITS = ("train", "test")
 
 
 def load_split(source: str, path: str, split: str, image_size: int, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images uint8 [N, C, S, S] and labels int64 [N] of one split, whatever the source (``data.*`` keys)."""
+    """Images uint8 [N, C, S, S] and labels int64 [N] of one split, whatever the source (``data.*`` keys); for
+    data.source=latents the stored latents instead, float16 [N, c, h, w] (what a latent-trained model embeds)."""
     if split not in SPLITS:
         raise DatasetError(f"split {split!r} is unknown; choose one of {list(SPLITS)}")
     if source == "fashion-mnist":
@@ -30,6 +32,9 @@ def load_split(source: str, path: str, split: str, image_size: int, channels: in
         return data.images, data.labels
     if source == "npz":
         return load_arrays(path, split, image_size, channels)
+    if source == "latents":
+        shards = LatentShards(path, split)
+        return torch.from_numpy(shards.all_latents()), torch.from_numpy(shards.labels.copy())
     raise DatasetError(f"data.source={source!r} is unknown; choose one of {list(SOURCES)}")
 
 

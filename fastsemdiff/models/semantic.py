@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import Config
+from ..config import Config, ConfigError
 from ..diffusion import get_schedule, sample, target, to_x0_eps
+from ..vae import codec_for
 from .dit import DiT
 from .conv_encoder import ConvTimeEncoder
 from .encoder import TimeEncoder
@@ -29,6 +30,17 @@ def images_to_model_range(images: torch.Tensor) -> torch.Tensor:
     return images.float() * 2.0 - 1.0
 
 
+def input_shape(cfg: Config) -> tuple[int, int]:
+    """(channels, side) of the networks' input: the latent shape for data.source=latents, else the image's."""
+    if cfg.data.source != "latents":
+        return cfg.data.channels, cfg.data.image_size
+    if not (cfg.latents.channels and cfg.latents.size):
+        raise ConfigError(f"data.source=latents needs the latent shape, which comes from the manifest in "
+                          f"{cfg.data.path}: build the model from the config after "
+                          f"fastsemdiff.data.resolve_latents_config(cfg) (the trainer does this)")
+    return cfg.latents.channels, cfg.latents.size
+
+
 class SemanticDiffusion(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
@@ -36,22 +48,24 @@ class SemanticDiffusion(nn.Module):
         self.cfg = cfg
         m, e, d = cfg.model, cfg.encoder, cfg.data
         hidden, depth, heads = m.resolved()
-        self.image_shape = (d.channels, d.image_size, d.image_size)
+        channels, side = input_shape(cfg)
+        self.image_shape = (channels, side, side)  # what the networks see: pixels, or latents (data.source=latents)
+        self.codec = codec_for(cfg)  # latents: the VAE between images and that space (not a submodule), else None
         if e.arch == "cnn":
             self.encoder = ConvTimeEncoder(
-                d.channels, e.dim, hidden, e.conv_channels, e.conv_strides, e.pool_grid,
+                channels, e.dim, hidden, e.conv_channels, e.conv_strides, e.pool_grid,
                 time_conditioned=e.time_conditioned, normalize=e.normalize, variational=e.regularizer == "kl",
                 backend=m.backend, fused_check=m.fused_check,
             )
         else:
             self.encoder = TimeEncoder(
-                d.image_size, m.patch_size, d.channels, hidden, e.depth or max(1, depth // 2), heads, e.dim,
+                side, m.patch_size, channels, hidden, e.depth or max(1, depth // 2), heads, e.dim,
                 mlp_ratio=m.mlp_ratio, time_conditioned=e.time_conditioned, normalize=e.normalize,
                 variational=e.regularizer == "kl", qk_norm=m.qk_norm, backend=m.backend, adaln=m.adaln,
                 rms_norm=m.rms_norm, fused_check=m.fused_check, pos_layout=m.pos_layout,
             )
         self.denoiser = DiT(
-            d.image_size, m.patch_size, d.channels, hidden, depth, heads, mlp_ratio=m.mlp_ratio, z_dim=e.dim,
+            side, m.patch_size, channels, hidden, depth, heads, mlp_ratio=m.mlp_ratio, z_dim=e.dim,
             cond_merge=m.cond_merge, qk_norm=m.qk_norm, backend=m.backend, adaln=m.adaln, rms_norm=m.rms_norm,
             fused_check=m.fused_check, pos_layout=m.pos_layout,
         )
@@ -130,6 +144,21 @@ class SemanticDiffusion(nn.Module):
 
     # --------------------------------------------------------------------------------------- embeddings
     def _prepare(self, images: torch.Tensor) -> torch.Tensor:
+        """The network input for images (uint8 0..255 or float 0..1); for a model trained on latents, also for
+        latents as the extraction stores them (float, the latent shape), taken as they are, while images (the
+        VAE's image shape) are encoded through the recorded VAE first."""
+        if self.codec is not None:
+            shape = tuple(images.shape[1:]) if images.dim() == 4 else None
+            if shape == self.image_shape and images.is_floating_point():
+                return images.to(self.device, torch.float32)
+            if shape == self.codec.image_shape:
+                return self.codec.encode(images, self.device)
+            c, h, w = self.image_shape
+            ci, hi, wi = self.codec.image_shape
+            raise ValueError(f"a model trained on latents embeds latents [B, {c}, {h}, {w}] (float, as "
+                             f"python -m fastsemdiff.latents stores them) or images [B, {ci}, {hi}, {wi}] (uint8 "
+                             f"0..255 or float 0..1, encoded through the VAE at {self.codec.path}); got "
+                             f"{images.dtype} {list(images.shape)}")
         if images.dim() != 4 or tuple(images.shape[1:]) != self.image_shape:
             c, h, w = self.image_shape
             raise ValueError(f"images must be [B, {c}, {h}, {w}] (uint8 0..255 or float 0..1), "
@@ -159,7 +188,8 @@ class SemanticDiffusion(nn.Module):
 
     @torch.no_grad()
     def embed(self, images: torch.Tensor, t: Optional[TimeArg] = None, batch_size: int = 1024) -> torch.Tensor:
-        """z_t = E(x0, t) for images [B, C, H, W]; returns float32 [B, d] on the model's device.
+        """z_t = E(x0, t) for images [B, C, H, W]; returns float32 [B, d] on the model's device. A model
+        trained on latents takes images (encoded through its VAE) or stored latents (see ``_prepare``).
 
         With no t, the readout the probe found best for this model (``readout``): z at its best t, or the
         multi-t concatenation [B, len(ts) * d]; t = 0 for a model that was never probed. With
@@ -208,7 +238,17 @@ class SemanticDiffusion(nn.Module):
 
         gen = torch.Generator(self.device).manual_seed(seed)
         x = sample(denoise, self.schedule, (n, *self.image_shape), steps, sampler, gen, self.device)
+        if self.codec is not None:  # trained on latents: the sample is a latent, decoded through the VAE
+            return self.codec.decode(x)
         return ((x + 1) / 2).clamp(0, 1)
+
+    @torch.no_grad()
+    def as_images(self, x: torch.Tensor) -> torch.Tensor:
+        """What a data split holds, as float images [B, C, H, W] in [0, 1] on the CPU, to show beside samples:
+        pixels rescaled, stored latents decoded through the VAE."""
+        if self.codec is not None and x.is_floating_point() and tuple(x.shape[1:]) == self.image_shape:
+            return self.codec.decode(x.to(self.device, torch.float32)).cpu()
+        return (x.float() / 255.0 if x.dtype == torch.uint8 else x.float()).cpu()
 
     @torch.no_grad()
     def reconstruct(self, images: torch.Tensor, t: float = 0.0, steps: int = 50, seed: int = 0) -> torch.Tensor:
