@@ -335,8 +335,11 @@ def _norm_inputs(case: NormCase):
     x = torch.empty(B, N, C, **meta)
     h = torch.empty(B, N, C, **meta)
     ada = torch.empty(B, N, 6 * C, **meta) if case.per_token else torch.empty(B, 6 * C, **meta)
-    shift, scale, gate = ada.chunk(6, dim=-1)[:3]
-    mods = {"gate": gate, "shift": shift, "scale": scale} if case.residual else {"shift": shift, "scale": scale}
+    # DiT's chunks: shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp. norm1 takes the first two,
+    # the gated residual + norm2 gate_msa, shift_mlp and scale_mlp.
+    chunks = ada.chunk(6, dim=-1)
+    mods = ({"gate": chunks[2], "shift": chunks[3], "scale": chunks[4]} if case.residual
+            else {"shift": chunks[0], "scale": chunks[1]})
     rows, t = _mod_rows(mods, B, N, C, x.shape)
     weight = torch.empty(C, device="meta", dtype=torch.float32) if case.affine else None
     bias = torch.empty(C, device="meta", dtype=torch.float32) if case.affine and not case.rms else None
@@ -472,8 +475,17 @@ ACCEPTED_STACK = {
 ACCEPTED_NARROW = {
     TIMESTEP_CUDA_KERNEL: "writes one fp32 per thread, coalesced (a [B, 256] fp32 output once per step)",
 }
-SCALAR_ACCESSES = {"_fwd_kernel": 2, "_bwd_kernel": 2, "_timestep_embedding_kernel": 8, "adaln_fwd_kernel": 2,
-                   "adaln_bwd_kernel": 4, "timestep_embedding_kernel": 8}
+# 32-bit scalar accesses allowed beside the 128-bit rows (mean and rstd of a row); None: the kernel reads no rows
+# (the timestep kernel reads t and libdevice's trig-reduction table), so only its stores are checked.
+SCALAR_ACCESSES = {"_fwd_kernel": 2, "_bwd_kernel": 2, "_timestep_embedding_kernel": None, "adaln_fwd_kernel": 2,
+                   "adaln_bwd_kernel": 4, "timestep_embedding_kernel": None}
+# Variants with fewer than two resident blocks per SM, with why ((kernel, variant) -> reason).
+ACCEPTED_OCCUPANCY = {
+    ("_bwd_kernel", "ln+residual+affine"): "the affine + gated-residual backward holds five fp32 partial sums, w, b, "
+                                           "1 + scale and gate for 8 columns per thread (161 registers at C = 1152): "
+                                           "one block of 8 warps per SM. Not a DiT variant (DiT's norms have no "
+                                           "affine); reloading w and b per row would cut it, not done yet",
+}
 
 
 def _short(kernel: str) -> str:
@@ -491,9 +503,16 @@ def _row(impl: str, kernel: str, variant: str, width: int, dtype: str, arch: int
         notes.append(f"stack {code.spills} B accepted: {why}")
     blocks = blocks_per_sm(arch, code.regs, threads, code.shared)
     if blocks < 2:
-        problems.append(f"{code.regs} registers x {threads} threads leave {blocks} block(s) per SM")
+        if (kernel, variant) in ACCEPTED_OCCUPANCY:
+            notes.append(f"{blocks} block per SM accepted: {ACCEPTED_OCCUPANCY[(kernel, variant)]}")
+        else:
+            problems.append(f"{code.regs} registers x {threads} threads leave {blocks} block(s) per SM")
     if aligned:
-        narrow = access_problems(code, None, SCALAR_ACCESSES[_short(kernel)])
+        scalars = SCALAR_ACCESSES[_short(kernel)]
+        if scalars is None:  # no rows read: the stores only
+            narrow = [f"stores of {w} bits" for w in code.stores if w != 128]
+        else:
+            narrow = access_problems(code, None, scalars)
         if narrow and kernel in ACCEPTED_NARROW:
             notes.append(f"accesses accepted: {ACCEPTED_NARROW[kernel]}")
         else:
@@ -542,11 +561,17 @@ def triton_rows(workers: int = 1) -> list[dict]:
         return [r for rows in pool.map(_triton_task, tasks) for r in rows]
 
 
+def extension_archs() -> list[int]:
+    """The archs of ARCHS the built fastsemdiff._C holds machine code for (TORCH_CUDA_ARCH_LIST at build time)."""
+    present = {a for _, a in extension_functions()}
+    return [a for a in ARCHS if a in present]
+
+
 def extension_rows() -> list[dict]:
     """Every fastsemdiff._C kernel the dispatcher selects at the DiT widths, per dtype and arch, from the .so."""
     functions = extension_functions()
     rows = []
-    for arch in ARCHS:
+    for arch in extension_archs():
         for C in DIT_WIDTHS:
             for dt in DTYPES:
                 for kernel, threads in cuda_selected(C, dt):
