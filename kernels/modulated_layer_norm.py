@@ -133,7 +133,11 @@ def _bwd_kernel(
     acc_dw = tl.zeros([BLOCK_C], dtype=tl.float32)
     acc_db = tl.zeros([BLOCK_C], dtype=tl.float32)
 
-    for row in range(row_start, row_end):
+    # A while loop, not `for row in range(row_start, row_end)`: triton 3.6's interpreter cannot take a
+    # program-id-derived bound in range() (its scalars are 1-element arrays). Both compilers emit the same
+    # loop for either form (tests/test_codegen.py reads the machine code).
+    row = row_start
+    while row < row_end:
         x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
         mean = tl.load(MEAN + row)
@@ -182,6 +186,7 @@ def _bwd_kernel(
             acc_dw += dnorm * xhat
         if HAS_BIAS:
             acc_db += dnorm
+        row += 1
 
     if not PER_TOKEN:
         tl.store(DSHIFT + pid * C + cols, acc_dshift, mask=mask)
@@ -207,12 +212,19 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
 
 
-def _block_settings(C: int) -> tuple[int, int]:
+def num_warps_for(block: int, element_bytes: int, most: int) -> int:
+    """Warps for a one-row program of ``block`` lanes: at most ``most``, and few enough that each thread
+    holds at least 16 bytes of the row, so aligned rows move in 128-bit loads and stores (at 384 bf16
+    columns, 4 warps would give each thread 8 bytes: 64-bit accesses)."""
+    return max(1, min(most, block * element_bytes // (16 * 32)))
+
+
+def _block_settings(C: int, element_bytes: int) -> tuple[int, int]:
     block = triton.next_power_of_2(C)
     if block > MAX_FUSED_SIZE:
         raise ValueError(f"modulated norm: C={C} exceeds the fused row limit of {MAX_FUSED_SIZE}")
-    num_warps = 4 if block < 2048 else 8 if block < 8192 else 16 if block < 32768 else 32
-    return block, num_warps
+    most = 4 if block < 2048 else 8 if block < 8192 else 16 if block < 32768 else 32
+    return block, num_warps_for(block, element_bytes, most)
 
 
 def _check(x: torch.Tensor, tokens_per_mod_row: int, mods: dict[str, torch.Tensor]) -> None:
@@ -289,7 +301,7 @@ def modulated_norm_fwd(
         return x_out, y, mean, rstd
     x, shift, scale = _rows(x), _rows(shift), _rows(scale)
     h, gate = (_rows(h), _rows(gate)) if residual else (x, shift)
-    BLOCK_C, num_warps = _block_settings(C)
+    BLOCK_C, num_warps = _block_settings(C, x.element_size())
     _fwd_kernel[(M,)](
         x, h, gate, x_out if residual else y, y, shift, scale,
         weight if weight is not None else x, bias if bias is not None else x, mean, rstd,
@@ -374,7 +386,7 @@ def modulated_norm_bwd(
     dw_part = _new((num_programs, C), f32, x.device) if weight is not None else None
     db_part = _new((num_programs, C), f32, x.device) if bias is not None else None
 
-    BLOCK_C, num_warps = _block_settings(C)
+    BLOCK_C, num_warps = _block_settings(C, x.element_size())
     _bwd_kernel[(num_programs,)](
         dy, dx_out, x, h, gate, mean, rstd, scale,
         weight if weight is not None else x, bias if bias is not None else x,

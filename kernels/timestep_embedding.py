@@ -39,10 +39,11 @@ def timestep_embedding_fwd(t: torch.Tensor, dim: int, max_period: float = 10000.
         raise ValueError(f"timestep_embedding: dim must be positive, got {dim}")
     out = _mln._new((t.shape[0], dim), torch.float32, t.device)
     half = dim // 2
+    block = triton.next_power_of_2(dim)
     if t.shape[0] == 0:
         return out
     _timestep_embedding_kernel[(t.shape[0],)](
         t, out, t.stride(0), half, -math.log(max_period) / max(half, 1), dim,
-        BLOCK_D=triton.next_power_of_2(dim), num_warps=4 if dim <= 1024 else 8,
+        BLOCK_D=block, num_warps=_mln.num_warps_for(block, out.element_size(), 4 if dim <= 1024 else 8),
     )
     return out

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Set up a fresh machine for fastsemdiff: a virtual environment in .venv, the package (editable),
-# and the Fashion-MNIST data. `--dev` adds the test and benchmark tools.
+# and the Fashion-MNIST data. `--dev` adds the test and benchmark tools, and a second environment
+# .venv-gpu-image with the GPU machines' stack (torch 2.11.0, triton 3.6.0), so the tests run on both.
 #   bash scripts/setup.sh          # to train and evaluate
-#   bash scripts/setup.sh --dev    # to run the tests
+#   bash scripts/setup.sh --dev    # to run the tests (on both stacks)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,6 +34,33 @@ if ! .venv/bin/python -m pip install -v --disable-pip-version-check --no-build-i
 fi
 sed -n 's/^[[:space:]]*\(fastsemdiff: .*\)$/\1/p' "$build_log" | awk '!seen[$0]++'  # the build's own lines
 rm -f "$build_log"
+
+# The GPU machines' stack (../.library/device/KINDS.md: torch 2.11.0+cu130, triton 3.6.0, no DALI), in a second
+# environment for the tests. The package is installed there as a regular (not editable) copy, so its
+# fastsemdiff._C is built against torch 2.11 and sits beside that copy instead of replacing the one of .venv in
+# the source tree (both have one file name); the tests run it with PYTHONSAFEPATH=1 so the source tree does not
+# shadow it. Re-run setup after changing the code to refresh the copy. DALI is left out (the image has none; its
+# tests skip, saying so). The extension is built for sm_90 (the H200) only, to keep CI short:
+# the build and registration tests need it built, and both stacks use the same nvcc, so the machine code of
+# both architectures is read from .venv's build. GPU_IMAGE_STACK=0 skips this environment.
+if [ -n "$extras" ] && [ "${GPU_IMAGE_STACK:-1}" != 0 ]; then
+    gpu=.venv-gpu-image
+    [ -x "$gpu/bin/python" ] || "$python" -m venv "$gpu"
+    "$gpu/bin/python" -m pip install --quiet --disable-pip-version-check torch==2.11.0 triton==3.6.0 \
+        "setuptools>=64" wheel ninja
+    gpu_log=$(mktemp)
+    # the dependencies (and a first copy without the extension), then the copy with it, built against torch 2.11
+    if ! "$gpu/bin/python" -m pip install --quiet --disable-pip-version-check ".[dev]" >"$gpu_log" 2>&1 ||
+       ! TORCH_CUDA_ARCH_LIST="${GPU_IMAGE_ARCH_LIST:-9.0}" "$gpu/bin/python" -m pip install -v \
+            --disable-pip-version-check --no-build-isolation --force-reinstall --no-deps . >>"$gpu_log" 2>&1; then
+        tail -n 80 "$gpu_log" >&2
+        echo "setup: installing fastsemdiff into $gpu (torch 2.11.0, triton 3.6.0) failed; the end of its log is above" >&2
+        exit 1
+    fi
+    sed -n 's/^[[:space:]]*\(fastsemdiff: .*\)$/\1/p' "$gpu_log" | awk '!seen[$0]++' | sed "s|^|$gpu: |"
+    rm -f "$gpu_log"
+    echo "setup: $gpu ready ($("$gpu/bin/python" -P -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'))"
+fi
 
 data=/usr/share/datasets/fashion-mnist
 if [ ! -f "$data/train-images-idx3-ubyte.gz" ]; then

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import os
 import signal
 import struct
@@ -29,6 +30,9 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO = Path(__file__).resolve().parents[1]
+# Where the fastsemdiff under test lives: the checkout (editable install), or site-packages (.venv-gpu-image's
+# regular install, run with PYTHONSAFEPATH=1 so the checkout does not shadow it, here and in every child).
+PACKAGE_ROOT = Path(importlib.util.find_spec("fastsemdiff").origin).resolve().parents[1]
 PYTHON = sys.executable
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
 
@@ -92,11 +96,12 @@ def train_args(run_dir: Path, data: Path, *extra: str) -> list[str]:
 
 
 def child_env(**extra: str) -> dict[str, str]:
-    """The environment for a CLI subprocess: this checkout importable, one thread, no stray torchrun vars."""
+    """The environment for a CLI subprocess: the fastsemdiff this process imports importable (the checkout, or
+    the installed copy of .venv-gpu-image), one thread, no stray torchrun vars."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
                         "TORCHELASTIC_RUN_ID", "GROUP_RANK")}
-    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["PYTHONPATH"] = str(PACKAGE_ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env["OMP_NUM_THREADS"] = "1"
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra)

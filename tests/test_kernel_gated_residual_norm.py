@@ -44,7 +44,7 @@ def check(inputs, dys, rms=False):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("affine", [False, True], ids=["plain", "affine"])
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("C", [72, 96, 100, 384, 1152])
+@pytest.mark.parametrize("C", [72, 100, 384, 1152])
 def test_matrix_small_n(C, kind, affine, dtype):
     check(*make_inputs(3, 7, C, kind, affine, dtype, seed=C))
 
@@ -52,10 +52,10 @@ def test_matrix_small_n(C, kind, affine, dtype):
 @pytest.mark.parametrize("B,N,C,kind,affine,dtype,rms", [
     (1, 1, 72, "BC", True, torch.float32, False),
     (3, 1, 100, "BNC", False, torch.bfloat16, False),
-    (1, 256, 1152, "BC", False, torch.float16, False),
-    (3, 256, 1152, "BC", True, torch.bfloat16, False),
-    (3, 256, 96, "BNC", True, torch.float32, False),
-    (3, 256, 384, "B1C", False, torch.bfloat16, True),
+    (1, 64, 1152, "BC", False, torch.float16, False),
+    (3, 64, 1152, "BC", True, torch.bfloat16, False),
+    (3, 64, 96, "BNC", True, torch.float32, False),
+    (3, 64, 384, "B1C", False, torch.bfloat16, True),
     (3, 7, 100, "BC", True, torch.float32, True),
     (1, 7, 72, "BNC", True, torch.float16, True),
 ])

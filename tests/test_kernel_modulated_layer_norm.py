@@ -52,7 +52,7 @@ def check(inputs, dy, rms=False):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("affine", [False, True], ids=["plain", "affine"])
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("C", [72, 96, 100, 384, 1152])
+@pytest.mark.parametrize("C", [72, 100, 384, 1152])
 def test_matrix_small_n(C, kind, affine, dtype):
     """Every C (100 is not a multiple of 8), modulation shape, affine and dtype at B=3, N=7."""
     check(*make_inputs(3, 7, C, kind, affine, dtype, seed=C))
@@ -63,13 +63,13 @@ def test_matrix_small_n(C, kind, affine, dtype):
     (3, 1, 100, "BNC", False, torch.bfloat16),
     (3, 1, 1152, "B1C", True, torch.float16),
     (1, 7, 96, "BC", True, torch.bfloat16),
-    (1, 256, 384, "B1C", False, torch.float32),
-    (1, 256, 1152, "BC", False, torch.float16),
-    (3, 256, 1152, "BC", True, torch.bfloat16),
-    (3, 256, 1152, "BNC", False, torch.bfloat16),
-    (3, 256, 100, "BC", True, torch.float32),
-    (3, 256, 96, "BNC", True, torch.float16),
-    (3, 256, 72, "B1C", True, torch.float32),
+    (1, 64, 384, "B1C", False, torch.float32),
+    (1, 64, 1152, "BC", False, torch.float16),
+    (3, 64, 1152, "BC", True, torch.bfloat16),
+    (3, 64, 1152, "BNC", False, torch.bfloat16),
+    (3, 64, 100, "BC", True, torch.float32),
+    (3, 64, 96, "BNC", True, torch.float16),
+    (3, 64, 72, "B1C", True, torch.float32),
 ])
 def test_single_token_and_long_sequences(B, N, C, kind, affine, dtype):
     check(*make_inputs(B, N, C, kind, affine, dtype, seed=B * N + C))
@@ -78,8 +78,8 @@ def test_single_token_and_long_sequences(B, N, C, kind, affine, dtype):
 @pytest.mark.parametrize("B,N,C,kind,affine,dtype", [
     (3, 7, 72, "BC", True, torch.float32),
     (3, 7, 100, "BNC", False, torch.bfloat16),
-    (1, 256, 1152, "B1C", True, torch.float16),
-    (3, 256, 384, "BC", False, torch.float32),
+    (1, 64, 1152, "B1C", True, torch.float16),
+    (3, 64, 384, "BC", False, torch.float32),
     (3, 1, 96, "BC", True, torch.bfloat16),
 ])
 def test_rms_norm(B, N, C, kind, affine, dtype):
