@@ -246,6 +246,8 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
         return float(value)
     if typ is float and isinstance(value, str) and _FLOAT_RE.fullmatch(value.strip()):
         return float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string
+    if typ is str and isinstance(value, bool):
+        return "on" if value else "off"  # YAML 1.1 reads on/off (and yes/no) as booleans: train.compile=on
     if typ is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)  # e.g. preset=S is fine, model.preset=1 reads as "1" and fails validation
     if isinstance(value, typ) and not (typ is int and isinstance(value, bool)):

@@ -141,6 +141,9 @@ def train(cfg: Config, resume: bool = False) -> Path:
                           f"train.grad_accum={tc.grad_accum} equal micro-batches; choose a batch size divisible "
                           f"by {rt.world_size * tc.grad_accum}")
     local_batch = tc.batch_size // rt.world_size
+    if resolve_compile(cfg, rt.device) == "model" and rt.parallel in distributed.SHARDED:
+        raise ConfigError(f"train.compile_scope=model is not supported with train.parallel={rt.parallel}: FSDP2's "
+                          "per-block gathers run between the blocks; use train.compile_scope=blocks")
 
     # ---- resume guard: never silently start over a run that has checkpoints
     latest = ckpt.latest_checkpoint(run_dir)

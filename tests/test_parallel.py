@@ -444,3 +444,45 @@ def test_async_save_killed_while_writing_keeps_the_last_good_checkpoint(tmp_path
     train_mod.train(load_config(None, _args(tmp_path / "straight", fake_fmnist, steps=9)))
     _assert_same_weights(run, tmp_path / "straight")
     assert [p.name for p in ckpt.list_checkpoints(run)] == ["step_0000006", "step_0000009"]
+
+
+# ------------------------------------------------------------------------ torch.compile of the whole loss
+
+
+@pytest.mark.slow
+def test_whole_model_compile_trains_resumes_and_matches_eager(tmp_path, fake_fmnist):
+    """``train.compile_scope=model``: the whole loss in one graph (no generator argument stops the trace),
+    the same losses as eager within fp32 tolerance, and an exact resume."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    compiled = ["train.compile=on", "train.compile_scope=model"]
+    for case in _cases(tmp_path, fake_fmnist, "compiled", *compiled):
+        train_mod.train(load_config(None, case["args"]), case.get("resume", False))
+    train_mod.train(load_config(None, _args(tmp_path / "eager", fake_fmnist)))
+    assert _losses(tmp_path / "compiled") == pytest.approx(_losses(tmp_path / "eager"), rel=1e-5)
+    _assert_resumed_exactly(tmp_path, "compiled")
+
+
+def test_whole_model_traces_in_one_graph():
+    """No graph break in the whole loss (what makes ``compile_scope=model`` one graph)."""
+    import torch._dynamo
+
+    cfg = load_config(None, ["model.hidden_size=32", "model.depth=2", "model.num_heads=2", "encoder.dim=16",
+                             "diffusion.lambda_cons=0.1", "encoder.regularizer=kl"])
+    core = SemanticDiffusion(cfg)
+    x0 = torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(5)) * 2 - 1
+    explained = torch._dynamo.explain(core)(x0, core.draw_noise(x0, torch.Generator().manual_seed(6)))
+    assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
+    torch._dynamo.reset()
+
+
+def test_whole_model_compile_under_fsdp_is_refused(tmp_path, fake_fmnist):
+    from fastsemdiff.config import ConfigError
+
+    args = _args(tmp_path / "r", fake_fmnist, "train.parallel=fsdp", "train.compile=on", "train.compile_scope=model")
+    try:
+        with pytest.raises(ConfigError, match="compile_scope=blocks"):
+            train_mod.train(load_config(None, args))
+    finally:
+        distributed.cleanup()
