@@ -107,10 +107,12 @@ class SemanticDiffusion(nn.Module):
     def _noise(self, x0: torch.Tensor, noise: NoiseArg) -> StepNoise:
         return noise if isinstance(noise, StepNoise) else self.draw_noise(x0, noise)
 
-    def forward(self, x0: torch.Tensor, noise: NoiseArg = None,
-                labels: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(self, x0: torch.Tensor, noise: NoiseArg = None, labels: Optional[torch.Tensor] = None,
+                generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The training loss (``forward`` so that FSDP and DDP wrap the whole step). ``noise`` is the step's
-        ``StepNoise`` (or a generator to draw it from). Labels are used only by the supervised baseline."""
+        ``StepNoise`` (or a generator to draw it from; ``generator=`` says the same). Labels are used only by
+        the supervised baseline."""
+        noise = generator if noise is None else noise
         if self.cfg.encoder.objective == "supervised":
             return self.supervised_loss(x0, labels, noise)
         return self.loss(x0, noise)
@@ -130,11 +132,12 @@ class SemanticDiffusion(nn.Module):
         acc = (logits.argmax(-1) == labels.to(dev)).float().mean()
         return ce, {"ce": ce.detach(), "train_acc": acc.detach()}
 
-    def loss(self, x0: torch.Tensor, noise: NoiseArg = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss(self, x0: torch.Tensor, noise: NoiseArg = None, generator: Optional[torch.Generator] = None
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """One self-conditional denoising loss on a batch x0 in [-1, 1] with the draws ``noise`` (a
         ``StepNoise``, or a generator to draw them from); returns (loss, detached parts)."""
         cfg, sch = self.cfg, self.schedule
-        n = self._noise(x0, noise)
+        n = self._noise(x0, generator if noise is None else noise)
         t, eps = n.t, n.eps
         x_t = sch.add_noise(x0, t, eps)
 
