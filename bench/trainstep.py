@@ -129,8 +129,8 @@ def build_step(kind: str, size: Size, impl: str, device: torch.device) -> TrainS
     if kind == "joint":
         core = SemanticDiffusion(cfg).to(device)
         rt = distributed.Runtime(0, 1, 0, device, "single", torch.bfloat16 if device.type == "cuda" else None)
-        model = distributed.wrap(core, rt, compile_blocks)
-        return TrainStep(model, lambda gen: model(x0, gen)[0], cfg, device, semantic_train_flops(cfg), B)
+        model = distributed.wrap(core, rt, "blocks" if compile_blocks else None).step
+        return TrainStep(model, lambda gen: model(x0, core.draw_noise(x0, gen))[0], cfg, device, semantic_train_flops(cfg), B)
 
     sch = get_schedule(cfg.diffusion.schedule)
     shape = DiTShape(hidden, depth, heads, size.tokens, size.patch, size.channels, size.channels, m.mlp_ratio)
@@ -154,7 +154,7 @@ def build_step(kind: str, size: Size, impl: str, device: torch.device) -> TrainS
         return TrainStep(model, loss_fn, cfg, device, flops, B)
 
     model = DiT(size.image_size, size.patch, size.channels, hidden, depth, heads, mlp_ratio=m.mlp_ratio,
-                z_dim=z_dim, cond_merge=m.cond_merge, qk_norm=m.qk_norm, backend=m.backend, adaln=m.adaln,
+                z_dim=z_dim, cond_merge=m.cond_merge, qk_norm=m.qk_norm, backend=m.backend, adaln=m.adaln_layout(),
                 rms_norm=m.rms_norm, fused_check=m.fused_check).to(device)
     if compile_blocks:
         for block in model.blocks:

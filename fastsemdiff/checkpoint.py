@@ -1,7 +1,8 @@
 """Sharded, resumable training checkpoints with torch.distributed.checkpoint (DCP).
 
 Each checkpoint is a folder ``checkpoints/step_NNNNNNN`` written first under a temporary name and
-renamed once every rank has finished, so an interrupted save never replaces a good checkpoint.
+renamed once every rank has finished, so an interrupted save never replaces a good checkpoint. With
+``AsyncCheckpointer`` the files are written in the background and the rename waits for them.
 DCP's stock reader unpickles its metadata and non-tensor items; the reader and planner here only
 accept DCP's own metadata classes and load items with ``weights_only=True``.
 
@@ -169,6 +170,17 @@ def latest_checkpoint(run_dir: Path) -> Optional[Path]:
     return found[-1] if found else None
 
 
+def adaln_layout(path: Path) -> Optional[str]:
+    """The adaLN layout of a checkpoint's model ("stacked" or "per_block", None if it holds neither), read
+    from its DCP metadata: a resumed run keeps the layout it was started with, whatever the parallelism."""
+    keys = SafeReader(str(path)).read_metadata().state_dict_metadata
+    if any("adaLN_stack." in k for k in keys):
+        return "stacked"
+    if any("blocks.0.adaLN_modulation." in k for k in keys):
+        return "per_block"
+    return None
+
+
 def _state(model, optimizer, ema: dict[str, torch.Tensor]) -> dict[str, Any]:
     model_sd, optim_sd = get_state_dict(model, optimizer)
     return {"model": model_sd, "optim": optim_sd, "ema": ema}
@@ -181,28 +193,87 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, ema: dict[str, t
     ``data_state`` is this rank's data-stream state (DALI's reader checkpoint); it is written into the
     same temporary folder, so it appears with the weights or not at all.
     """
-    root = checkpoint_dir(run_dir)
-    final = root / f"step_{step:07d}"
-    tmp = root / f".tmp_step_{step:07d}"
-    if _rank() == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-    _barrier()
+    pending = _begin_save(run_dir, step, _state(model, optimizer, ema), data_state)
     with warnings.catch_warnings():  # single process: DCP warns that it saves without a process group
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.save(_state(model, optimizer, ema), checkpoint_id=str(tmp))
-    if data_state is not None:
-        tmp.mkdir(parents=True, exist_ok=True)
-        (tmp / _data_state_name(_rank(), _world_size())).write_bytes(data_state)
-    _barrier()
+        dcp.save(pending.state, checkpoint_id=str(pending.tmp))
+    return pending.finish(cfg, keep_last)
+
+
+@dataclasses.dataclass
+class _PendingSave:
+    """A checkpoint being written into ``tmp``; ``finish`` makes it visible under ``final``."""
+
+    step: int
+    tmp: Path
+    final: Path
+    run_dir: Path
+    state: Any = None
+    future: Any = None  # DCP async_save's future, or None for a synchronous save
+
+    def finish(self, cfg: Config, keep_last: int) -> Path:
+        """Collective. Waits for this rank's writes, then (once every rank is done) adds ``meta.json`` and
+        renames the folder: the one step that makes a checkpoint complete."""
+        if self.future is not None:
+            self.future.result()
+        _barrier()
+        if _rank() == 0:
+            (self.tmp / META_FILE).write_text(json.dumps({"step": self.step, "config": cfg.to_dict()}, indent=2))
+            shutil.rmtree(self.final, ignore_errors=True)
+            self.tmp.rename(self.final)
+            for old in list_checkpoints(self.run_dir)[:-keep_last] if keep_last > 0 else []:
+                shutil.rmtree(old, ignore_errors=True)
+        _barrier()
+        return self.final
+
+
+def _begin_save(run_dir: Path, step: int, state: dict[str, Any], data_state: Optional[bytes]) -> _PendingSave:
+    root = checkpoint_dir(run_dir)
+    pending = _PendingSave(step, root / f".tmp_step_{step:07d}", root / f"step_{step:07d}", Path(run_dir), state)
     if _rank() == 0:
-        (tmp / META_FILE).write_text(json.dumps({"step": step, "config": cfg.to_dict()}, indent=2))
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-        for old in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(pending.tmp, ignore_errors=True)
     _barrier()
-    return final
+    if data_state is not None:
+        pending.tmp.mkdir(parents=True, exist_ok=True)
+        (pending.tmp / _data_state_name(_rank(), _world_size())).write_bytes(data_state)
+    return pending
+
+
+class AsyncCheckpointer:
+    """Checkpoints written in the background (DCP ``async_save``): the state is copied to host memory
+    during the call, the files are written by a thread while training goes on, and ``finish`` (at the
+    next log step, the next save or the end) waits for the writes and renames the folder. Until then the
+    checkpoint is a temporary folder, so a run killed while writing keeps its previous good checkpoint.
+The trainer completes a save at the first log step where every rank has written its part, and always
+before the next save and at the end.
+    The writer's collectives use a gloo group of their own, never the training group's.
+    """
+
+    def __init__(self) -> None:
+        self.group = dist.new_group(backend="gloo") if dist.is_initialized() else None
+        self.pending: Optional[_PendingSave] = None
+
+    def save(self, run_dir: Path, step: int, model, optimizer, ema: dict[str, torch.Tensor], cfg: Config,
+             keep_last: int, data_state: Optional[bytes] = None) -> None:
+        self.finish(cfg, keep_last)
+        pending = _begin_save(run_dir, step, _state(model, optimizer, ema), data_state)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            pending.future = dcp.async_save(pending.state, checkpoint_id=str(pending.tmp), process_group=self.group)
+        pending.state = None  # async_save has its own host copy
+        self.pending = pending
+
+    def writing(self) -> bool:
+        """Whether this rank's part of the save in flight is still being written."""
+        return self.pending is not None and not self.pending.future.done()
+
+    def finish(self, cfg: Config, keep_last: int) -> Optional[Path]:
+        """Collective. Completes the save in flight, if any (waiting for its writes); returns its folder."""
+        if self.pending is None:
+            return None
+        pending, self.pending = self.pending, None
+        return pending.finish(cfg, keep_last)
 
 
 def _reason(e: BaseException) -> str:

@@ -46,7 +46,9 @@ class ModelConfig:
     z_dropout: float = 0.1  # probability of replacing z by the learned null vector
     backend: str = "auto"  # auto | torch | triton | cuda: auto picks the fused kernels on CUDA, torch on CPU
     fused_check: str = "warn"  # warn | error | off: a fused kernel failing its first-use check on a GPU falls back
-    adaln: str = "stacked"  # stacked (all blocks' adaLN in one matrix product) | per_block (DiT's layout)
+    # auto: stacked (every block's adaLN in one matrix product) for one process and DDP, per_block (DiT's
+    # layout) under FSDP/HSDP, so each block's adaLN weights are gathered with that block | stacked | per_block
+    adaln: str = "auto"
     rms_norm: bool = False  # RMSNorm instead of LayerNorm in the blocks (LightningDiT-style)
     # Fixed 2-D sin-cos positions: "dit" puts the column in the first half of the channels and the row in the
     # second (facebookresearch/DiT, MAE); "rows_first" is the transposed table of models saved before this key.
@@ -58,6 +60,13 @@ class ModelConfig:
             raise ConfigError(f"model.preset={self.preset!r} is unknown; choose one of {sorted(PRESETS)}")
         hidden, depth, heads = PRESETS[self.preset]
         return (self.hidden_size or hidden, self.depth or depth, self.num_heads or heads)
+
+    def adaln_layout(self, sharded: bool = False) -> str:
+        """The concrete adaLN layout: ``auto`` is per_block when the blocks are sharded (FSDP/HSDP), where a
+        stacked matrix would sit in the root unit, gathered before any compute; stacked otherwise."""
+        if self.adaln != "auto":
+            return self.adaln
+        return "per_block" if sharded else "stacked"
 
 
 @dataclass
@@ -129,8 +138,12 @@ class TrainConfig:
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     seed: int = 0
-    parallel: str = "auto"  # auto | fsdp | ddp | single
+    parallel: str = "auto"  # auto | fsdp | hsdp (replicate across nodes, shard within) | ddp | single
     compile: str = "auto"  # auto (on for CUDA) | on | off
+    compile_scope: str = "blocks"  # blocks (each transformer block) | model (the whole loss, one graph)
+    grad_accum: int = 1  # micro-batches per optimizer step; the global batch_size stays as set
+    activation_checkpointing: bool = False  # recompute each block's activations in the backward (less memory)
+    async_save: bool = False  # checkpoints written in a background thread (DCP async_save), still atomic
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
     threads: int = 0  # torch intra-op threads on CPU; 0 keeps torch's default
     log_every: int = 20
@@ -169,7 +182,7 @@ class Config:
             "model.cond_merge": (self.model.cond_merge, {"add", "concat"}),
             "model.backend": (self.model.backend, {"auto", "torch", "triton", "cuda"}),
             "model.fused_check": (self.model.fused_check, {"warn", "error", "off"}),
-            "model.adaln": (self.model.adaln, {"stacked", "per_block"}),
+            "model.adaln": (self.model.adaln, {"auto", "stacked", "per_block"}),
             "model.pos_layout": (self.model.pos_layout, {"dit", "rows_first"}),
             "encoder.arch": (self.encoder.arch, {"vit", "cnn"}),
             "encoder.input": (self.encoder.input, {"clean", "noisy"}),
@@ -184,8 +197,9 @@ class Config:
             "data.bad_images": (self.data.bad_images, {"skip", "error"}),
             "data.mixed_channels": (self.data.mixed_channels, {"convert", "error"}),
             "data.verify": (self.data.verify, {"decode", "header"}),
-            "train.parallel": (self.train.parallel, {"auto", "fsdp", "ddp", "single"}),
+            "train.parallel": (self.train.parallel, {"auto", "fsdp", "hsdp", "ddp", "single"}),
             "train.compile": (self.train.compile, {"auto", "on", "off"}),
+            "train.compile_scope": (self.train.compile_scope, {"blocks", "model"}),
             "train.precision": (self.train.precision, {"auto", "bf16", "fp32"}),
         }
         for key, (value, allowed) in choices.items():
@@ -226,6 +240,8 @@ class Config:
             raise ConfigError(f"model.z_dropout={self.model.z_dropout} must be in [0, 1)")
         if self.train.steps < 1 or self.train.batch_size < 1:
             raise ConfigError("train.steps and train.batch_size must be positive")
+        if self.train.grad_accum < 1:
+            raise ConfigError(f"train.grad_accum={self.train.grad_accum} must be at least 1 (1: no accumulation)")
         if any(not 0.0 <= t <= 1.0 for t in self.eval.ts):
             raise ConfigError(f"eval.ts={self.eval.ts} must lie in [0, 1] (0 = clean, 1 = pure noise)")
         return self
@@ -270,6 +286,8 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
         return float(value)
     if typ is float and isinstance(value, str) and _FLOAT_RE.fullmatch(value.strip()):
         return float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string
+    if typ is str and isinstance(value, bool):
+        return "on" if value else "off"  # YAML 1.1 reads on/off (and yes/no) as booleans: train.compile=on
     if typ is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)  # e.g. preset=S is fine, model.preset=1 reads as "1" and fails validation
     if isinstance(value, typ) and not (typ is int and isinstance(value, bool)):

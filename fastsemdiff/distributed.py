@@ -1,6 +1,7 @@
 """Process group, device and model wrapping (FSDP2, DDP or none) for the trainer."""
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ class Runtime:
     world_size: int
     local_rank: int
     device: torch.device
-    parallel: str  # fsdp | ddp | single
+    parallel: str  # fsdp | hsdp | ddp | single
     dtype: Optional[torch.dtype]  # low-precision compute dtype, or None for fp32
 
     @property
@@ -33,6 +34,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+SHARDED = ("fsdp", "hsdp")
+
+
 def setup(parallel: str, precision: str, threads: int) -> Runtime:
     """Join the process group torchrun describes (nccl on GPU, gloo on CPU), or run alone."""
     cuda = torch.cuda.is_available()
@@ -42,12 +46,19 @@ def setup(parallel: str, precision: str, threads: int) -> Runtime:
         parallel = "fsdp" if world > 1 else "single"
     if parallel == "single" and world > 1:
         raise ConfigError(f"train.parallel=single cannot run under torchrun with {world} processes; use "
-                          "train.parallel=fsdp or ddp, or run one process")
+                          "train.parallel=fsdp, hsdp or ddp, or run one process")
+    if parallel == "hsdp":
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+        if world % local_world:
+            raise ConfigError(f"train.parallel=hsdp needs the same number of processes on every node: {world} "
+                              f"processes do not split into nodes of {local_world}; give every node the same "
+                              "--nproc_per_node")
     device = torch.device(f"cuda:{local_rank}") if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
     if parallel != "single" and not dist.is_initialized():
-        backend = "nccl" if cuda else "gloo"
+        # gloo beside nccl on GPUs: asynchronous checkpoint saving coordinates its ranks over a CPU group
+        backend = "cpu:gloo,cuda:nccl" if cuda else "gloo"
         if "RANK" in os.environ:
             dist.init_process_group(backend, device_id=device if cuda else None)
         else:  # plain `python -m`: a one-process group so FSDP/DDP still apply
@@ -61,28 +72,80 @@ def setup(parallel: str, precision: str, threads: int) -> Runtime:
     return Runtime(rank, world, local_rank, device, parallel, dtype)
 
 
-def wrap(model: nn.Module, rt: Runtime, compile_blocks: bool) -> nn.Module:
-    """Compile each transformer block (optional), then shard per block (FSDP2) or replicate (DDP)."""
+def device_mesh(rt: Runtime):
+    """FSDP's mesh: 1-D over every rank, or for HSDP 2-D (``replicate`` across nodes, ``shard`` within one),
+    so the all-gathers and reduce-scatters stay on a node's fast links and only one all-reduce of the
+    gradient shards crosses nodes."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if rt.parallel == "hsdp":
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", str(rt.world_size)))
+        return init_device_mesh(rt.device.type, (rt.world_size // per_node, per_node),
+                                mesh_dim_names=("replicate", "shard"))
+    return init_device_mesh(rt.device.type, (rt.world_size,))
+
+
+@dataclass
+class Wrapped:
+    """``step``: what the training step calls (maybe compiled); ``module``: the same model uncompiled (for
+    state dicts, gradient-sync switches and the parameters)."""
+
+    step: nn.Module
+    module: nn.Module
+
+
+def wrap(model: nn.Module, rt: Runtime, compile_scope: Optional[str] = None,
+         activation_checkpointing: bool = False) -> Wrapped:
+    """Checkpoint and compile each transformer block (optional), shard per block (FSDP2/HSDP) or replicate
+    (DDP), and with ``compile_scope="model"`` compile the whole loss instead of the blocks."""
     blocks = [*model.encoder.blocks, *model.denoiser.blocks]
-    if compile_blocks:
+    for block in blocks:
+        block.checkpoint_activations = activation_checkpointing
+    if compile_scope == "blocks":
         for block in blocks:
             block.compile()
-    if rt.parallel == "fsdp":
-        from torch.distributed.device_mesh import init_device_mesh
+    wrapped = model
+    if rt.parallel in SHARDED:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        mesh = init_device_mesh(rt.device.type, (rt.world_size,))
-        mp = MixedPrecisionPolicy(param_dtype=rt.dtype, reduce_dtype=torch.float32) if rt.dtype else None
-        kwargs = {"mesh": mesh, **({"mp_policy": mp} if mp else {})}
+        # cast_forward_inputs=False: the images stay fp32, so x_t, alpha, sigma and the prediction target are
+        # computed in fp32 as under single-process autocast; the trainer's autocast casts what meets the
+        # bf16 parameters (FSDP's cast would round the images to bf16 before the loss sees them).
+        mp = (MixedPrecisionPolicy(param_dtype=rt.dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
+              if rt.dtype else None)
+        kwargs = {"mesh": device_mesh(rt), **({"mp_policy": mp} if mp else {})}
         for block in blocks:
             fully_shard(block, **kwargs)
         fully_shard(model, **kwargs)
-        return model
-    if rt.parallel == "ddp":
+    elif rt.parallel == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
-        return DistributedDataParallel(model, device_ids=[rt.device] if rt.device.type == "cuda" else None)
-    return model
+        wrapped = DistributedDataParallel(model, device_ids=[rt.device] if rt.device.type == "cuda" else None)
+    return Wrapped(torch.compile(wrapped) if compile_scope == "model" else wrapped, wrapped)
+
+
+def no_gradient_sync(module: nn.Module, skip: bool):
+    """For all micro-batches of a step but the last: keep the gradients local (DDP's ``no_sync``, FSDP2's
+    ``set_requires_gradient_sync``), so only the last backward communicates."""
+    if hasattr(module, "set_requires_gradient_sync"):
+        module.set_requires_gradient_sync(not skip)
+        return contextlib.nullcontext()
+    if skip and hasattr(module, "no_sync"):
+        return module.no_sync()
+    return contextlib.nullcontext()
+
+
+def fsdp_units(model: nn.Module) -> dict[str, int]:
+    """Each FSDP unit (by module name, "" for the root) and the number of parameters it gathers, read from
+    FSDP2's own parameter groups."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = {}
+    for name, module in model.named_modules():
+        if isinstance(module, FSDPModule):
+            group = module._get_fsdp_state()._fsdp_param_group
+            units[name] = sum(p.sharded_param.numel() for p in group.fsdp_params) if group else 0
+    return units
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -78,7 +78,15 @@ def read_exported(path: Union[str, Path]) -> tuple[Config, dict[str, torch.Tenso
 
 
 def load_state_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """load_state_dict with the mismatch explained in terms of configs, not tensor names."""
+    """load_state_dict with the mismatch explained in terms of configs, not tensor names. Weights in the
+    other adaLN layout (stacked or per block: FSDP runs train per block) are converted first."""
+    from .nn import BlockStack, convert_adaln_state_dict
+
+    state = dict(state)
+    for name, module in model.named_modules():
+        if isinstance(module, BlockStack):
+            convert_adaln_state_dict(state, f"{name}." if name else "", len(module.blocks),
+                                     "stacked" if module.adaLN_stack is not None else "per_block")
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))

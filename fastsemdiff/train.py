@@ -26,6 +26,7 @@ from .config import Config, ConfigError, load_config
 from .data import DatasetError, build_train_data, load_split, mix_seed, resolve_latents_config
 from .errors import CheckpointError, TrainingDiverged
 from .export import save_weights
+from .distributed import Wrapped
 from .models import SemanticDiffusion
 from .probe import knn_accuracy
 
@@ -104,14 +105,46 @@ def parse_args(argv: Optional[list[str]]) -> tuple[Config, bool]:
     return cfg, args.resume or cfg.train.resume
 
 
+def resolve_compile(cfg: Config, device: torch.device) -> Optional[str]:
+    """What ``torch.compile`` covers: None (eager), "blocks" or "model" (``train.compile_scope``)."""
+    on = cfg.train.compile == "on" or (cfg.train.compile == "auto" and device.type == "cuda")
+    return cfg.train.compile_scope if on else None
+
+
+def forward_backward(model: Wrapped, core: SemanticDiffusion, x0: torch.Tensor, labels: torch.Tensor,
+                     gen: torch.Generator, grad_accum: int, autocast) -> tuple[torch.Tensor, dict]:
+    """The step's loss and gradients over ``grad_accum`` equal micro-batches of this rank's batch.
+
+    The step's draws are made once for the whole batch and sliced, so the accumulated loss is the mean of
+    the micro-batch means, i.e. the unaccumulated step's loss; only the last backward syncs gradients."""
+    noise = core.draw_noise(x0, gen)
+    size = x0.shape[0] // grad_accum
+    total, parts_sum = torch.zeros((), device=x0.device), {}
+    for m in range(grad_accum):
+        lo, hi = m * size, (m + 1) * size
+        with distributed.no_gradient_sync(model.module, skip=m < grad_accum - 1):
+            with autocast:  # labels reach the loss only for encoder.objective=supervised (the ceiling baseline)
+                loss, parts = model.step(x0[lo:hi], noise.slice(lo, hi), labels[lo:hi])
+            (loss / grad_accum).backward()
+        total += loss.detach() / grad_accum
+        for k, v in parts.items():
+            parts_sum[k] = parts_sum.get(k, 0) + v / grad_accum
+    return total, parts_sum
+
+
 def train(cfg: Config, resume: bool = False) -> Path:
     cfg = resolve_latents_config(cfg)  # data.source=latents: input shape, VAE and scaling from the manifest
     tc = cfg.train
     rt = distributed.setup(tc.parallel, tc.precision, tc.threads)
     run_dir = Path(tc.run_dir)
-    if tc.batch_size % rt.world_size:
-        raise ConfigError(f"train.batch_size={tc.batch_size} is not divisible by the {rt.world_size} processes")
+    if tc.batch_size % (rt.world_size * tc.grad_accum):
+        raise ConfigError(f"train.batch_size={tc.batch_size} does not split into {rt.world_size} process(es) x "
+                          f"train.grad_accum={tc.grad_accum} equal micro-batches; choose a batch size divisible "
+                          f"by {rt.world_size * tc.grad_accum}")
     local_batch = tc.batch_size // rt.world_size
+    if resolve_compile(cfg, rt.device) == "model" and rt.parallel in distributed.SHARDED:
+        raise ConfigError(f"train.compile_scope=model is not supported with train.parallel={rt.parallel}: FSDP2's "
+                          "per-block gathers run between the blocks; use train.compile_scope=blocks")
 
     # ---- resume guard: never silently start over a run that has checkpoints
     latest = ckpt.latest_checkpoint(run_dir)
@@ -129,20 +162,26 @@ def train(cfg: Config, resume: bool = False) -> Path:
                             device=rt.device, say=say, latents=cfg.latents)
     probe = QuickProbe(cfg, rt.device) if tc.probe_every else None
 
-    # ---- model, identical on every rank before sharding
+    # ---- model, identical on every rank before sharding; a resumed run keeps its checkpoint's adaLN layout
+    layout = cfg.model.adaln_layout(sharded=rt.parallel in distributed.SHARDED)
+    if resume:
+        try:
+            layout = ckpt.adaln_layout(latest) or layout
+        except Exception:  # unreadable metadata: load_checkpoint below reports it with the fix
+            pass
     torch.manual_seed(tc.seed)
-    core = SemanticDiffusion(cfg).to(rt.device)
-    use_compile = tc.compile == "on" or (tc.compile == "auto" and rt.device.type == "cuda")
-    model = distributed.wrap(core, rt, use_compile)
-    params = [p for p in model.parameters() if p.requires_grad]
+    core = SemanticDiffusion(cfg, adaln=layout).to(rt.device)
+    model = distributed.wrap(core, rt, resolve_compile(cfg, rt.device), tc.activation_checkpointing)
+    params = [p for p in model.module.parameters() if p.requires_grad]
     names = [n for n, p in core.named_parameters() if p.requires_grad]
     optimizer = make_optimizer(params, cfg, rt.device)
     ema = {n: p.detach().clone() for n, p in zip(names, params)}
     ema_list = list(ema.values())
+    saver = ckpt.AsyncCheckpointer() if tc.async_save else None
 
     start = 0
     if resume:  # the newest checkpoint that reads (a corrupt one is set aside, saying so); same config only
-        latest, start = ckpt.resume_latest(run_dir, model, optimizer, ema, cfg, say)
+        latest, start = ckpt.resume_latest(run_dir, model.module, optimizer, ema, cfg, say)
         data.load_state(ckpt.load_data_state(latest, rt.rank, rt.world_size))
     if rt.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -153,21 +192,20 @@ def train(cfg: Config, resume: bool = False) -> Path:
         print(f"fastsemdiff: {n_params / 1e6:.2f}M parameters, {rt.parallel} on {rt.world_size} x {rt.device.type}, "
               f"{len(data)} images ({data.name} loader), steps {start}->{tc.steps}, run dir {run_dir}", flush=True)
 
-    autocast = (torch.autocast(rt.device.type, dtype=rt.dtype) if rt.dtype and rt.parallel != "fsdp"
-                else contextlib.nullcontext())
+    # bf16 in every mode through autocast (under FSDP2 the parameters are also gathered in bf16): the
+    # images and the diffusion target stay fp32, as do the parts autocast keeps in fp32.
+    autocast = torch.autocast(rt.device.type, dtype=rt.dtype) if rt.dtype else contextlib.nullcontext()
     metrics = open(run_dir / "metrics.jsonl", "a") if rt.is_main else None
     bar = tqdm(total=tc.steps, initial=start, disable=not (rt.is_main and tc.progress), dynamic_ncols=True)
     finite = torch.ones((), dtype=torch.bool, device=rt.device)
     last_good = latest if resume else None
     t_log, n_log, loss_sum = time.perf_counter(), 0, torch.zeros((), device=rt.device)
 
-    model.train()
+    model.step.train()
     for step in range(start, tc.steps):
         gen = torch.Generator(rt.device).manual_seed(mix_seed(tc.seed, step, rt.rank, 1))
         x0, labels = data.batch(step)
-        with autocast:  # labels reach the loss only for encoder.objective=supervised (the ceiling baseline)
-            loss, parts = model(x0, gen, labels)
-        loss.backward()
+        loss, parts = forward_backward(model, core, x0, labels, gen, tc.grad_accum, autocast)
         grad_norm = apply_update(params, optimizer, ema_list, step, cfg)
         local_norm = grad_norm.to_local() if hasattr(grad_norm, "to_local") else grad_norm
         finite &= torch.isfinite(loss.detach()) & torch.isfinite(local_norm)
@@ -176,12 +214,16 @@ def train(cfg: Config, resume: bool = False) -> Path:
         done = step + 1
 
         if done % tc.log_every == 0 or done == tc.steps or done % tc.ckpt_every == 0:
+            saving = saver is not None and saver.writing()  # a background save still writing on this rank
             if rt.world_size > 1 and dist.is_initialized():
                 # One collective gives the mean loss over ranks and makes every rank take the same branch: a
-                # NaN seen by one rank alone would otherwise leave the others waiting in the next checkpoint.
-                summed = torch.stack([loss_sum, (~finite).float()])
+                # NaN seen by one rank alone would otherwise leave the others waiting in the next checkpoint
+                # (and a background save is completed only once every rank has written its part).
+                summed = torch.stack([loss_sum, (~finite).float(), torch.tensor(float(saving), device=rt.device)])
                 dist.all_reduce(summed)
-                loss_sum, finite = summed[0] / rt.world_size, summed[1] == 0
+                loss_sum, finite, saving = summed[0] / rt.world_size, summed[1] == 0, bool(summed[2] > 0)
+            if saver and (not saving or not bool(finite)):  # good weights: checked finite before the save began
+                last_good = saver.finish(cfg, tc.keep_last) or last_good
             if not bool(finite):
                 raise TrainingDiverged(
                     f"loss or gradient norm became NaN/inf between steps {done - n_log} and {done}; the last good "
@@ -203,8 +245,13 @@ def train(cfg: Config, resume: bool = False) -> Path:
             t_log, n_log, loss_sum = time.perf_counter(), 0, torch.zeros((), device=rt.device)
         bar.update(1)
         if done % tc.ckpt_every == 0 or done == tc.steps:
-            last_good = ckpt.save_checkpoint(run_dir, done, model, optimizer, ema, cfg, tc.keep_last,
-                                             data_state=data.state())
+            if saver:
+                saver.save(run_dir, done, model.module, optimizer, ema, cfg, tc.keep_last, data_state=data.state())
+            else:
+                last_good = ckpt.save_checkpoint(run_dir, done, model.module, optimizer, ema, cfg, tc.keep_last,
+                                                 data_state=data.state())
+    if saver:
+        saver.finish(cfg, tc.keep_last)
     bar.close()
     data.close()
 

@@ -34,7 +34,8 @@ REPO = Path(__file__).resolve().parents[1]
 # regular install, run with PYTHONSAFEPATH=1 so the checkout does not shadow it, here and in every child).
 PACKAGE_ROOT = Path(importlib.util.find_spec("fastsemdiff").origin).resolve().parents[1]
 PYTHON = sys.executable
-TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
+# torch's launcher run by this interpreter (the venv's `torchrun` script may name another interpreter)
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 
 # A model small enough for 2 shared CPU cores: 32 wide, 2 blocks, 16 tokens (patch 7 on 28x28).
 FAST = ["model.hidden_size=32", "model.depth=2", "model.num_heads=2", "encoder.dim=16",
@@ -110,7 +111,7 @@ def child_env(**extra: str) -> dict[str, str]:
 
 def torchrun_cmd(nproc: int, *args: str) -> list[str]:
     """``torchrun --nproc_per_node N -m fastsemdiff.train ARGS`` on a rendezvous port the OS picks (never collides)."""
-    return [TORCHRUN, "--nproc_per_node", str(nproc), "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0",
+    return [*TORCHRUN, "--nproc_per_node", str(nproc), "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0",
             "--max-restarts", "0", "-m", "fastsemdiff.train", *args]
 
 

@@ -180,3 +180,11 @@ def test_to_json_round_trip():
     d = json.loads(cfg.to_json())
     assert d == dataclasses.asdict(cfg)
     assert from_dict(d).to_dict() == cfg.to_dict()
+
+
+def test_on_off_words_of_string_options():
+    """YAML reads `on`/`off` as booleans; a string option such as train.compile takes them as the words."""
+    from fastsemdiff.config import load_config as load
+
+    assert load(None, ["train.compile=on"]).train.compile == "on"
+    assert load(None, ["train.compile=off"]).train.compile == "off"

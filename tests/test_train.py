@@ -51,7 +51,7 @@ def _fresh_training_state(cfg):
 
 def _read_dcp(path: Path, cfg) -> dict[str, dict[str, torch.Tensor]]:
     """The model and EMA tensors of a (possibly sharded) DCP checkpoint, gathered into plain tensors."""
-    model = SemanticDiffusion(cfg)
+    model = SemanticDiffusion(cfg, adaln=ckpt.adaln_layout(path))
     state = {"model": {k: torch.empty_like(v) for k, v in model.state_dict().items()},
              "ema": {n: torch.empty_like(p) for n, p in model.named_parameters() if p.requires_grad}}
     flat = {f"{section}.{k}": v for section, part in state.items() for k, v in part.items()}  # DCP's saved names
@@ -261,8 +261,8 @@ def _nan_from_call(monkeypatch, bad_call: int) -> None:
     """Make the training loss NaN from its ``bad_call``-th call on (1-based), i.e. from that step."""
     calls = {"n": 0}
 
-    def loss(self, x0, generator=None):
-        out, parts = _REAL_LOSS(self, x0, generator)
+    def loss(self, x0, *args):
+        out, parts = _REAL_LOSS(self, x0, *args)
         calls["n"] += 1
         return (out * float("nan"), parts) if calls["n"] >= bad_call else (out, parts)
 
@@ -303,8 +303,8 @@ NAN_ON_RANK0 = """
 import os, sys
 from fastsemdiff.models.semantic import SemanticDiffusion
 real, calls = SemanticDiffusion.loss, [0]
-def loss(self, x0, generator=None):
-    out, parts = real(self, x0, generator)
+def loss(self, x0, *args):
+    out, parts = real(self, x0, *args)
     calls[0] += 1
     if calls[0] == {bad} and os.environ["RANK"] == "0":
         out = out * float("nan")
@@ -322,7 +322,8 @@ def test_nan_on_one_rank_stops_every_rank(tmp_path, fake_fmnist):
     script.write_text(NAN_ON_RANK0.replace("{bad}", "8"))
     run = tmp_path / "run"
     cmd = torchrun_cmd(2, *train_args(run, fake_fmnist, "train.steps=12", "train.ckpt_every=4"))
-    cmd[cmd.index("-m"):cmd.index("fastsemdiff.train") + 1] = [str(script)]
+    at = cmd.index("fastsemdiff.train")
+    cmd[at - 1:at + 1] = [str(script)]  # the script instead of `-m fastsemdiff.train`
     r = run_cmd(cmd, timeout=150)
     assert r.returncode != 0
     out = r.stdout + r.stderr

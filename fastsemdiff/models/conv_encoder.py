@@ -83,7 +83,8 @@ class ConvTimeEncoder(nn.Module):
         return self.norm(F.adaptive_avg_pool2d(h, self.grid).flatten(1))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, generator: Optional[torch.Generator] = None,
-                sample: Optional[bool] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                sample: Optional[bool] = None, noise: Optional[torch.Tensor] = None
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         sample = self.training if sample is None else sample
         out = self.head(self.features(x, t))
-        return code_from_head(out, self.variational, self.normalize, sample, generator)
+        return code_from_head(out, self.variational, self.normalize, sample, generator, noise)

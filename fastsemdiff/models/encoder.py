@@ -62,15 +62,20 @@ class TimeEncoder(BlockStack, nn.Module):
         h = self.x_embedder(x) + self.pos_embed.to(x.dtype)
         for block, mod in zip(self.blocks, self.block_modulations(c)):
             h = block(h, c, mod)
-        return self.norm(h.mean(dim=1))
+        pooled, n = h.mean(dim=1), self.norm
+        # the weights meet the pooled tokens' dtype: under FSDP2's bf16 policy they arrive in bf16 while the
+        # pooled residual stream is fp32 (CPU layer_norm refuses the mix); autocast alone keeps them fp32
+        return F.layer_norm(pooled, n.normalized_shape, n.weight.to(pooled.dtype), n.bias.to(pooled.dtype), n.eps)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, generator: Optional[torch.Generator] = None,
-                sample: Optional[bool] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                sample: Optional[bool] = None, noise: Optional[torch.Tensor] = None
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Returns z [B, d] and the statistics the regulariser needs (``mu``/``logvar`` when variational).
 
         A variational encoder samples z = mu + std * n when ``sample`` (default: in training mode), else
-        returns mu.
+        returns mu; n is ``noise`` [B, d] when given (drawn outside, so the step traces without a
+        generator), else drawn from ``generator``.
         """
         sample = self.training if sample is None else sample
         out = self.head(self.features(x, t))
-        return code_from_head(out, self.variational, self.normalize, sample, generator)
+        return code_from_head(out, self.variational, self.normalize, sample, generator, noise)

@@ -5,7 +5,7 @@ through z = E(x0, t), so the encoder learns what denoising at time t needs (DRL'
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +19,28 @@ from .conv_encoder import ConvTimeEncoder
 from .encoder import TimeEncoder
 
 TimeArg = Union[float, torch.Tensor]
+
+
+class StepNoise(NamedTuple):
+    """Every random draw of one training loss, per sample (dim 0 is the batch).
+
+    Drawn outside the model (``SemanticDiffusion.draw_noise``), so that the loss is a pure function of
+    tensors: a micro-batch is a slice of its step's draws (gradient accumulation leaves the loss as it
+    was) and the whole model traces under ``torch.compile`` (a ``torch.Generator`` argument does not).
+    """
+
+    t: torch.Tensor  # [B] diffusion times
+    eps: torch.Tensor  # [B, C, H, W] Gaussian noise
+    drop: torch.Tensor  # [B] bool: z replaced by the null embedding
+    cons: Optional[torch.Tensor] = None  # [B] uniform in [-1, 1]: the consistency pass's t' - t / cons_step
+    z_noise: Optional[torch.Tensor] = None  # [B, d] the variational encoder's sample of z_t
+    z_noise2: Optional[torch.Tensor] = None  # [B, d] ... and of z_t'
+
+    def slice(self, start: int, stop: int) -> "StepNoise":
+        return StepNoise(*(None if v is None else v[start:stop] for v in self))
+
+
+NoiseArg = Union[StepNoise, torch.Generator, None]
 
 
 def images_to_model_range(images: torch.Tensor) -> torch.Tensor:
@@ -42,12 +64,16 @@ def input_shape(cfg: Config) -> tuple[int, int]:
 
 
 class SemanticDiffusion(nn.Module):
-    def __init__(self, cfg: Config):
+    """``adaln`` overrides the config's adaLN layout (the trainer picks per_block under FSDP); the weights
+    of either layout load into either."""
+
+    def __init__(self, cfg: Config, adaln: Optional[str] = None):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
         m, e, d = cfg.model, cfg.encoder, cfg.data
         hidden, depth, heads = m.resolved()
+        layout = adaln or m.adaln_layout()
         channels, side = input_shape(cfg)
         self.image_shape = (channels, side, side)  # what the networks see: pixels, or latents (data.source=latents)
         self.codec = codec_for(cfg)  # latents: the VAE between images and that space (not a submodule), else None
@@ -61,12 +87,12 @@ class SemanticDiffusion(nn.Module):
             self.encoder = TimeEncoder(
                 side, m.patch_size, channels, hidden, e.depth or max(1, depth // 2), heads, e.dim,
                 mlp_ratio=m.mlp_ratio, time_conditioned=e.time_conditioned, normalize=e.normalize,
-                variational=e.regularizer == "kl", qk_norm=m.qk_norm, backend=m.backend, adaln=m.adaln,
+                variational=e.regularizer == "kl", qk_norm=m.qk_norm, backend=m.backend, adaln=layout,
                 rms_norm=m.rms_norm, fused_check=m.fused_check, pos_layout=m.pos_layout,
             )
         self.denoiser = DiT(
             side, m.patch_size, channels, hidden, depth, heads, mlp_ratio=m.mlp_ratio, z_dim=e.dim,
-            cond_merge=m.cond_merge, qk_norm=m.qk_norm, backend=m.backend, adaln=m.adaln, rms_norm=m.rms_norm,
+            cond_merge=m.cond_merge, qk_norm=m.qk_norm, backend=m.backend, adaln=layout, rms_norm=m.rms_norm,
             fused_check=m.fused_check, pos_layout=m.pos_layout,
         )
         self.schedule = get_schedule(cfg.diffusion.schedule)
@@ -82,51 +108,74 @@ class SemanticDiffusion(nn.Module):
     def encoder_input(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         return x0 if self.cfg.encoder.input == "clean" else self.schedule.add_noise(x0, t, eps)
 
-    def forward(self, x0: torch.Tensor, generator: Optional[torch.Generator] = None,
-                labels: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The training loss (``forward`` so that FSDP and DDP wrap the whole step). Labels are used only by
-        the supervised baseline objective."""
+    def draw_noise(self, x0: torch.Tensor, generator: Optional[torch.Generator] = None) -> StepNoise:
+        """The random draws of one loss on the batch ``x0`` (only those the config uses), from ``generator``."""
+        cfg, B, dev = self.cfg, x0.shape[0], x0.device
+        t = self.schedule.sample_t(B, dev, generator)
+        eps = torch.randn(x0.shape, device=dev, generator=generator)
+        drop = torch.rand(B, device=dev, generator=generator) < cfg.model.z_dropout
+        cons = z_noise = z_noise2 = None
+        if cfg.encoder.objective != "supervised" and self._uses_consistency():
+            cons = torch.rand(B, device=dev, generator=generator) * 2 - 1
+        if cfg.encoder.regularizer == "kl":
+            z_noise = torch.randn(B, cfg.encoder.dim, device=dev, generator=generator)
+            if cons is not None:
+                z_noise2 = torch.randn(B, cfg.encoder.dim, device=dev, generator=generator)
+        return StepNoise(t, eps, drop, cons, z_noise, z_noise2)
+
+    def _uses_consistency(self) -> bool:
+        e = self.cfg.encoder
+        return self.cfg.diffusion.lambda_cons > 0 and (e.time_conditioned or e.input == "noisy")
+
+    def _noise(self, x0: torch.Tensor, noise: NoiseArg) -> StepNoise:
+        return noise if isinstance(noise, StepNoise) else self.draw_noise(x0, noise)
+
+    def forward(self, x0: torch.Tensor, noise: NoiseArg = None, labels: Optional[torch.Tensor] = None,
+                generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The training loss (``forward`` so that FSDP and DDP wrap the whole step). ``noise`` is the step's
+        ``StepNoise`` (or a generator to draw it from; ``generator=`` says the same). Labels are used only by
+        the supervised baseline."""
+        noise = generator if noise is None else noise
         if self.cfg.encoder.objective == "supervised":
-            return self.supervised_loss(x0, labels, generator)
-        return self.loss(x0, generator)
+            return self.supervised_loss(x0, labels, noise)
+        return self.loss(x0, noise)
 
     def supervised_loss(self, x0: torch.Tensor, labels: Optional[torch.Tensor],
-                        generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                        noise: NoiseArg = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Cross-entropy of a linear head on z_t = E(x0, t) at a random t per sample: the same encoder and
         readout as the method, trained with labels instead of the denoiser (the probe's ceiling)."""
         if labels is None:
             raise ValueError("encoder.objective=supervised needs labels: the training data must be labelled")
-        B, dev = x0.shape[0], x0.device
-        t = self.schedule.sample_t(B, dev, generator)
-        eps = torch.randn(x0.shape, device=dev, generator=generator)
-        z, _ = self.encoder(self.encoder_input(x0, t, eps), t, generator=generator)
+        dev = x0.device
+        n = self._noise(x0, noise)
+        t, eps = n.t, n.eps
+        z, _ = self.encoder(self.encoder_input(x0, t, eps), t, noise=n.z_noise)
         logits = self.classifier(z.to(self.classifier.weight.dtype))
         ce = F.cross_entropy(logits.float(), labels.to(dev).long())
         acc = (logits.argmax(-1) == labels.to(dev)).float().mean()
         return ce, {"ce": ce.detach(), "train_acc": acc.detach()}
 
-    def loss(self, x0: torch.Tensor, generator: Optional[torch.Generator] = None
+    def loss(self, x0: torch.Tensor, noise: NoiseArg = None, generator: Optional[torch.Generator] = None
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """One self-conditional denoising loss on a batch x0 in [-1, 1]; returns (loss, detached parts)."""
+        """One self-conditional denoising loss on a batch x0 in [-1, 1] with the draws ``noise`` (a
+        ``StepNoise``, or a generator to draw them from); returns (loss, detached parts)."""
         cfg, sch = self.cfg, self.schedule
-        B, dev = x0.shape[0], x0.device
-        t = sch.sample_t(B, dev, generator)
-        eps = torch.randn(x0.shape, device=dev, generator=generator)
+        n = self._noise(x0, generator if noise is None else noise)
+        t, eps = n.t, n.eps
         x_t = sch.add_noise(x0, t, eps)
 
-        z, stats = self.encoder(self.encoder_input(x0, t, eps), t, generator=generator)
-        drop = torch.rand(B, device=dev, generator=generator) < cfg.model.z_dropout
-        out = self.denoiser(x_t, t, z, drop)
+        z, stats = self.encoder(self.encoder_input(x0, t, eps), t, noise=n.z_noise)
+        out = self.denoiser(x_t, t, z, n.drop)
         mse = (out.float() - target(cfg.diffusion.prediction, sch, t, x0, eps)).pow(2).mean()
         parts = {"mse": mse.detach()}
         loss = mse
 
-        needs_cons = cfg.encoder.time_conditioned or cfg.encoder.input == "noisy"
-        if cfg.diffusion.lambda_cons > 0 and needs_cons:
-            step = (torch.rand(B, device=dev, generator=generator) * 2 - 1) * cfg.diffusion.cons_step
-            t2 = (t + step).clamp(sch.t_min, sch.t_max)
+        if self._uses_consistency():
+            if n.cons is None:
+                raise ValueError("diffusion.lambda_cons > 0 needs StepNoise.cons: draw the noise with draw_noise")
+            t2 = (t + n.cons * cfg.diffusion.cons_step).clamp(sch.t_min, sch.t_max)
             with torch.no_grad():
-                z2, _ = self.encoder(self.encoder_input(x0, t2, eps), t2, generator=generator)
+                z2, _ = self.encoder(self.encoder_input(x0, t2, eps), t2, noise=n.z_noise2)
             cons = (1 - F.cosine_similarity(z.float(), z2.float(), dim=-1)).mean()
             loss = loss + cfg.diffusion.lambda_cons * cons
             parts["cons"] = cons.detach()

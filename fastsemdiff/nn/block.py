@@ -137,8 +137,12 @@ class DiTBlock(nn.Module):
     """x + gate_msa * Attn(modulated LN(x)), then + gate_mlp * MLP(modulated LN(.)), all modulation from c.
 
     With ``modulation=False`` the block owns no adaLN weights and is given its six modulation vectors
-    (``mod``) by a ``StackedAdaLNModulation`` of the model.
+    (``mod``) by a ``StackedAdaLNModulation`` of the model. With ``checkpoint_activations`` set, a
+    forward under autograd keeps only the block's inputs and recomputes the rest in the backward
+    (``torch.utils.checkpoint``, non-reentrant): memory for compute, the same gradients.
     """
+
+    checkpoint_activations: bool = False
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, qk_norm: bool = False,
                  backend: str = "auto", modulation: bool = True, rms_norm: bool = False, fused_check: str = "warn"):
@@ -152,6 +156,14 @@ class DiTBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, c: Optional[torch.Tensor] = None,
                 mod: Optional[Sequence[torch.Tensor]] = None) -> torch.Tensor:
+        if self.checkpoint_activations and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+
+            return checkpoint(self._forward, x, c, mod, use_reentrant=False)
+        return self._forward(x, c, mod)
+
+    def _forward(self, x: torch.Tensor, c: Optional[torch.Tensor],
+                 mod: Optional[Sequence[torch.Tensor]]) -> torch.Tensor:
         if mod is None:
             if self.adaLN_modulation is None:
                 raise ValueError("this DiTBlock has no adaLN weights of its own (modulation=False): pass mod=")
