@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..nn import BlockStack, DiTBlock, PatchEmbed, TimestepEmbedder, fixed_pos_embed
