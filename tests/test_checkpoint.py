@@ -324,7 +324,7 @@ cfg = load_config(None, args)
 rt = distributed.setup("fsdp", "fp32", 1)
 torch.manual_seed(0)
 core = SemanticDiffusion(cfg)
-model = distributed.wrap(core, rt, False)
+model = distributed.wrap(core, rt).module
 params = [p for p in model.parameters() if p.requires_grad]
 names = [n for n, p in core.named_parameters() if p.requires_grad]
 optimizer = torch.optim.AdamW(params, lr=1e-3)
@@ -348,7 +348,7 @@ def test_fsdp_shards_load_the_other_adaln_layout(trained_run, tmp_path):
     script.write_text(FSDP_LOAD)
     args = [*trained_run.args, "model.adaln=per_block"]
     path = ckpt.latest_checkpoint(trained_run.run_dir)
-    r = run_cmd([TORCHRUN, "--nproc_per_node", "2", "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0",
+    r = run_cmd([*TORCHRUN, "--nproc_per_node", "2", "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0",
                  "--max-restarts", "0", str(script), str(path), str(out), *args], timeout=180)
     assert r.returncode == 0, r.stdout + r.stderr
     got = torch.load(out, weights_only=True)
