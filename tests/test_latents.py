@@ -327,7 +327,7 @@ def test_resume_refuses_latents_of_another_scaling(tmp_path, latent_run, extract
     (run / "model.safetensors").unlink()
     with pytest.raises(SystemExit):
         train_mod.main(["--resume", *latent_train_args(run, other, "train.steps=6", "train.ckpt_every=3")])
-    assert "latents.scaling_factor: checkpoint 0.5 vs now 0.25" in capsys.readouterr().err
+    assert "latents.scaling_factor: checkpoint 0.5, now 0.25" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------ embeddings, probe and images
