@@ -471,6 +471,14 @@ ACCEPTED_STACK = {
     TIMESTEP_CUDA_KERNEL: (32, "sinf/cosf (accurate, to match torch bit for bit): the same Payne-Hanek slow path, "
                                "never taken for t f <= 1000"),
 }
+# Stack frames of one variant on one triton version, accepted with why ((kernel, variant, width, dtype, arch,
+# triton "major.minor") -> (bytes, reason)): found by CI on the GPU image's triton, not on the newer one.
+ACCEPTED_STACK_VARIANT = {
+    ("_bwd_kernel", "rms+plain", 1152, "bfloat16", 90, "3.6"): (
+        8, "triton 3.6 spills 8 bytes (two registers) in the RMSNorm backward at C = 1152 bf16 on sm_90, at 64 "
+           "registers x 256 threads; triton 3.8 compiles the same source with none. Not DiT's norm (LayerNorm); "
+           "accepted until scripts/gpu_check.py times it on the 3.6 image"),
+}
 # fastsemdiff._C kernels whose stores are not 128-bit, with why.
 ACCEPTED_NARROW = {
     TIMESTEP_CUDA_KERNEL: "writes one fp32 per thread, coalesced (a [B, 256] fp32 output once per step)",
@@ -497,6 +505,13 @@ def _row(impl: str, kernel: str, variant: str, width: int, dtype: str, arch: int
     """One result: the facts and what fails the codegen rules (``problems``; accepted deviations in ``note``)."""
     problems, notes = [], []
     accepted_bytes, why = ACCEPTED_STACK.get(kernel, (0, ""))
+    triton_version = ""
+    if impl == "triton":
+        import triton
+
+        triton_version = ".".join(triton.__version__.split(".")[:2])
+    accepted_bytes, why = ACCEPTED_STACK_VARIANT.get((kernel, variant, width, dtype, arch, triton_version),
+                                                     (accepted_bytes, why))
     if code.spills > accepted_bytes:
         problems.append(f"stack {code.stack} B, local {code.local} B")
     elif code.spills:
