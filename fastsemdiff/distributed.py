@@ -37,6 +37,18 @@ def _free_port() -> int:
 SHARDED = ("fsdp", "hsdp")
 
 
+def init_process_group(backend: str, **kwargs) -> None:
+    """``dist.init_process_group``, with torch._dynamo imported first.
+
+    Importing torch._dynamo while a process group exists (torch.compile, diffusers and others import it lazily)
+    keeps that group alive past ``destroy_process_group`` (torch 2.11 and 2.14): its gloo worker threads then
+    outlive the interpreter, free the last collective's tensors during shutdown and abort the process
+    ("terminate called without an active exception", exit -6) at random. Imported before, it holds nothing."""
+    import torch._dynamo  # noqa: F401  (the import is the point)
+
+    dist.init_process_group(backend, **kwargs)
+
+
 def setup(parallel: str, precision: str, threads: int) -> Runtime:
     """Join the process group torchrun describes (nccl on GPU, gloo on CPU), or run alone."""
     cuda = torch.cuda.is_available()
@@ -60,9 +72,9 @@ def setup(parallel: str, precision: str, threads: int) -> Runtime:
         # gloo beside nccl on GPUs: asynchronous checkpoint saving coordinates its ranks over a CPU group
         backend = "cpu:gloo,cuda:nccl" if cuda else "gloo"
         if "RANK" in os.environ:
-            dist.init_process_group(backend, device_id=device if cuda else None)
+            init_process_group(backend, device_id=device if cuda else None)
         else:  # plain `python -m`: a one-process group so FSDP/DDP still apply
-            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+            init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
     if not cuda:
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // local_world))
@@ -153,5 +165,6 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def cleanup() -> None:
+    """Destroy the process group, which joins its worker threads while the interpreter is still alive."""
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from . import distributed
 from .config import ConfigError, load_config
 from .data import DatasetError, check_images, load_split
 from .data.augment import load_image
@@ -233,7 +234,7 @@ def extract(argv: Sequence[str]) -> Path:
     local = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device(args.device or (f"cuda:{local}" if torch.cuda.is_available() else "cpu"))
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("gloo")  # only barriers: the shards are files
+        distributed.init_process_group("gloo")  # only barriers: the shards are files
     if device.type == "cpu" and (args.threads or world > 1):
         torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // world))
     out = Path(args.out)
@@ -296,8 +297,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         print(f"fastsemdiff.latents: error: {e}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        distributed.cleanup()
 
 
 if __name__ == "__main__":

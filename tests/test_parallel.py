@@ -486,3 +486,44 @@ def test_whole_model_compile_under_fsdp_is_refused(tmp_path, fake_fmnist):
             train_mod.train(load_config(None, args))
     finally:
         distributed.cleanup()
+
+
+GROUP_LIFETIME = """
+import os, sys
+import torch.distributed as dist
+from fastsemdiff import distributed
+if sys.argv[1] == "helper":
+    distributed.init_process_group("gloo")
+else:
+    dist.init_process_group("gloo")
+import torch._dynamo  # imported lazily once the group exists, as torch.compile and diffusers do
+box = [dist.get_rank()]
+dist.broadcast_object_list(box, src=0)
+distributed.cleanup()
+names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+left = sorted(n for n in names if "gloo" in n)
+with open(os.path.join(sys.argv[2], f"rank{os.environ['RANK']}.txt"), "w") as f:
+    f.write(" ".join(left))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads the thread names from /proc")
+@pytest.mark.parametrize("init", ["helper", "plain"])
+def test_cleanup_joins_the_gloo_threads(tmp_path, init):
+    """The process group is gone, its threads joined, when cleanup returns: a group kept alive past it frees
+    tensors from its threads during interpreter shutdown and aborts the process at random (a CI failure of
+    the 2-rank latent extraction). ``plain`` shows what distributed.init_process_group guards against."""
+    script = tmp_path / "group_lifetime.py"
+    script.write_text(GROUP_LIFETIME)
+    r = run_cmd([*TORCHRUN, "--nproc_per_node", "2", "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0",
+                 "--max-restarts", "0", str(script), init, str(tmp_path)], timeout=120)
+    left = {rank: (tmp_path / f"rank{rank}.txt").read_text() for rank in (0, 1)
+            if (tmp_path / f"rank{rank}.txt").exists()}
+    assert len(left) == 2, r.stdout + r.stderr
+    if init == "helper":
+        assert r.returncode == 0 and left == {0: "", 1: ""}, f"threads left: {left}\n{r.stdout}{r.stderr}"
+    else:
+        assert all("pt_gloo_runloop" in names for names in left.values()), (
+            "torch no longer keeps a group alive when torch._dynamo is imported after it; the import in "
+            f"distributed.init_process_group can go ({left})")
