@@ -78,6 +78,11 @@ class EncoderConfig:
     conv_strides: list[int] = field(default_factory=lambda: [1, 2, 1, 2])  # arch=cnn: 28x28 -> 7x7
     pool_grid: int = 2  # arch=cnn: the last map is average-pooled to pool_grid x pool_grid before the head
     input: str = "clean"  # clean: E(x0, t) | noisy: E(x_t, t)
+    # The encoder's own view of x0 (the denoiser still reconstructs x0 itself): translated by up to
+    # view_shift pixels (the border filled with the background, -1) and flipped left-right with view_flip,
+    # drawn per sample, so z cannot carry what changes under them.
+    view_shift: int = 0
+    view_flip: bool = False
     time_conditioned: bool = True  # false: a diffae-style static code E(x0)
     normalize: bool = False  # L2-normalise z (the "directional vector"); off probed better (docs/ABLATIONS.md)
     depth: Optional[int] = None  # None: half the denoiser's depth
@@ -218,6 +223,9 @@ class Config:
             raise ConfigError(f"encoder.conv_channels={e.conv_channels} and encoder.conv_strides={e.conv_strides} "
                               "must be lists of positive integers of the same length (one entry per conv stage)")
         positive["encoder.pool_grid"] = e.pool_grid
+        if e.view_shift < 0 or (self.input_side()[0] and e.view_shift >= self.input_side()[0] // 2):
+            raise ConfigError(f"encoder.view_shift={e.view_shift} must be 0 (off) or a few pixels, less than half "
+                              "the input side")
         for key, value in positive.items():
             if value < 1:
                 raise ConfigError(f"{key}={value} must be a positive integer")

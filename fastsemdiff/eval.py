@@ -365,6 +365,7 @@ def _curves(result: dict) -> dict[str, list[dict]]:
 
 def probe_command(args: argparse.Namespace) -> dict:
     model = load_run(args.run, args.device)
+    run_dir = resolve_model_path(args.run).parent  # where the model, its metrics and its readout live
     cfg = model.cfg
     ts = check_ts(args.ts if args.ts is not None else cfg.eval.ts)
     train_images, train_labels = load_data(cfg, "train", args.limit_train)
@@ -379,11 +380,11 @@ def probe_command(args: argparse.Namespace) -> dict:
     result = run_probe(model, train_images, train_labels, test_images, test_labels, ts,
                        args.batch_size or cfg.eval.batch_size, cfg.eval.knn_k,
                        with_baselines=not args.no_baselines, baseline_runs=runs, features_out=features)
-    result["training_img_per_s"] = training_speed(resolve_model_path(args.run).parent)
+    result["training_img_per_s"] = training_speed(run_dir)
     (out / "probe.json").write_text(json.dumps(result, indent=2) + "\n")
     if args.limit_train is None and args.limit_test is None:  # a full-split probe decides embed()'s default
         readout = best_readout(result)
-        write_readout(resolve_model_path(args.run).parent, readout)
+        write_readout(run_dir, readout)
         model.readout = readout
     flat = {"raw pixels, linear": result["raw_pixels"]["linear"], "raw pixels, kNN": result["raw_pixels"]["knn"]}
     for name in ("pixel_pca", "ddae"):

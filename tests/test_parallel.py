@@ -255,9 +255,12 @@ def test_grad_accum_that_does_not_divide_the_batch_is_refused(tmp_path, fake_fmn
         train_mod.train(load_config(None, _args(tmp_path / "r", fake_fmnist, "train.grad_accum=3")))
 
 
-def test_activation_checkpointing_gives_the_same_gradients():
-    """Each block recomputed in the backward: the same loss and gradients, and fewer saved activations."""
-    cfg = load_config(None, ["model.hidden_size=32", "model.depth=2", "model.num_heads=2", "encoder.dim=16"])
+@pytest.mark.parametrize("arch", ["vit", "cnn"])
+def test_activation_checkpointing_gives_the_same_gradients(arch):
+    """Each block (the CNN encoder's FiLM stages too) recomputed in the backward: the same loss and
+    gradients, and fewer saved activations."""
+    cfg = load_config(None, ["model.hidden_size=32", "model.depth=2", "model.num_heads=2", "encoder.dim=16",
+                             f"encoder.arch={arch}", "encoder.conv_channels=[8,16]", "encoder.conv_strides=[2,2]"])
     x0 = torch.rand(8, 1, 28, 28, generator=torch.Generator().manual_seed(1)) * 2 - 1
     grads, saved = {}, {}
     for on in (False, True):
@@ -275,6 +278,17 @@ def test_activation_checkpointing_gives_the_same_gradients():
     for n in grads[False]:
         torch.testing.assert_close(grads[True][n], grads[False][n], rtol=1e-5, atol=1e-7, msg=n)
     assert saved[True] < saved[False] / 2, saved
+    if arch == "cnn":  # the encoder alone saves less too: its stages are checkpointed, not only the denoiser
+        by_encoder = {}
+        for on in (False, True):
+            for stage in core.encoder.blocks:
+                stage.checkpoint_activations = on
+            count = [0]
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: count.__setitem__(0, count[0] + 1) or t,
+                                                          lambda t: t):
+                core.encoder(x0, torch.rand(8))
+            by_encoder[on] = count[0]
+        assert by_encoder[True] < by_encoder[False] / 2, by_encoder
 
 
 def test_activation_checkpointing_trains_and_resumes(tmp_path, fake_fmnist):

@@ -19,7 +19,10 @@ from ..nn import TimestepEmbedder
 
 class FiLMConvStage(nn.Module):
     """Conv 3x3 -> GroupNorm -> (1 + scale(c)) * . + shift(c) -> GELU. The FiLM map starts at zero, so at
-    initialisation the stage ignores t and the encoder is a plain CNN."""
+    initialisation the stage ignores t and the encoder is a plain CNN. ``checkpoint_activations``
+    (train.activation_checkpointing sets it) recomputes the stage in the backward, as the DiT blocks do."""
+
+    checkpoint_activations: bool = False
 
     def __init__(self, in_channels: int, out_channels: int, stride: int, cond_dim: int, groups: int = 8):
         super().__init__()
@@ -30,6 +33,13 @@ class FiLMConvStage(nn.Module):
         nn.init.zeros_(self.film.bias)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        if self.checkpoint_activations and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+
+            return checkpoint(self._forward, x, c, use_reentrant=False)
+        return self._forward(x, c)
+
+    def _forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         scale, shift = self.film(F.silu(c)).chunk(2, dim=-1)
         h = self.norm(self.conv(x))
         return F.gelu(h * (1 + scale[:, :, None, None]) + shift[:, :, None, None])

@@ -35,6 +35,7 @@ class StepNoise(NamedTuple):
     cons: Optional[torch.Tensor] = None  # [B] uniform in [-1, 1]: the consistency pass's t' - t / cons_step
     z_noise: Optional[torch.Tensor] = None  # [B, d] the variational encoder's sample of z_t
     z_noise2: Optional[torch.Tensor] = None  # [B, d] ... and of z_t'
+    view: Optional[torch.Tensor] = None  # [B, 3] int: the encoder view's (dy, dx) shift and flip (0 | 1)
 
     def slice(self, start: int, stop: int) -> "StepNoise":
         return StepNoise(*(None if v is None else v[start:stop] for v in self))
@@ -50,6 +51,20 @@ def images_to_model_range(images: torch.Tensor) -> torch.Tensor:
     if not images.is_floating_point():
         raise TypeError(f"images must be uint8 (0..255) or float (0..1), got {images.dtype}")
     return images.float() * 2.0 - 1.0
+
+
+def shifted_view(x: torch.Tensor, view: torch.Tensor, pad: int) -> torch.Tensor:
+    """Each image of x [B, C, H, W] moved by its (dy, dx) = view[:, :2] pixels (|dy|, |dx| <= pad; the
+    uncovered border is the background, -1) and flipped left-right where view[:, 2] is 1."""
+    B, _, H, W = x.shape
+    if pad:
+        padded = F.pad(x, (pad, pad, pad, pad), value=-1.0)
+        rows = (torch.arange(H, device=x.device) + pad)[None] - view[:, 0:1]  # [B, H]: output row i reads row i - dy
+        cols = (torch.arange(W, device=x.device) + pad)[None] - view[:, 1:2]
+        b = torch.arange(B, device=x.device)[:, None, None]
+        x = padded.permute(0, 2, 3, 1)[b, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+    flip = view[:, 2].bool()[:, None, None, None]
+    return torch.where(flip, x.flip(-1), x)
 
 
 def input_shape(cfg: Config) -> tuple[int, int]:
@@ -105,8 +120,11 @@ class SemanticDiffusion(nn.Module):
         return next(self.parameters()).device
 
     # ----------------------------------------------------------------------------------------- training
-    def encoder_input(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        return x0 if self.cfg.encoder.input == "clean" else self.schedule.add_noise(x0, t, eps)
+    def encoder_input(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
+                      view: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """What E reads: x0 (or x_t with ``encoder.input=noisy``), in the view ``view`` when training draws one."""
+        x = x0 if self.cfg.encoder.input == "clean" else self.schedule.add_noise(x0, t, eps)
+        return x if view is None else shifted_view(x, view, self.cfg.encoder.view_shift)
 
     def draw_noise(self, x0: torch.Tensor, generator: Optional[torch.Generator] = None) -> StepNoise:
         """The random draws of one loss on the batch ``x0`` (only those the config uses), from ``generator``."""
@@ -121,7 +139,13 @@ class SemanticDiffusion(nn.Module):
             z_noise = torch.randn(B, cfg.encoder.dim, device=dev, generator=generator)
             if cons is not None:
                 z_noise2 = torch.randn(B, cfg.encoder.dim, device=dev, generator=generator)
-        return StepNoise(t, eps, drop, cons, z_noise, z_noise2)
+        view = None
+        e = cfg.encoder
+        if e.view_shift or e.view_flip:
+            shift = torch.randint(-e.view_shift, e.view_shift + 1, (B, 2), device=dev, generator=generator)
+            flip = torch.randint(0, 2 if e.view_flip else 1, (B, 1), device=dev, generator=generator)
+            view = torch.cat([shift, flip], 1)
+        return StepNoise(t, eps, drop, cons, z_noise, z_noise2, view)
 
     def _uses_consistency(self) -> bool:
         e = self.cfg.encoder
@@ -149,7 +173,7 @@ class SemanticDiffusion(nn.Module):
         dev = x0.device
         n = self._noise(x0, noise)
         t, eps = n.t, n.eps
-        z, _ = self.encoder(self.encoder_input(x0, t, eps), t, noise=n.z_noise)
+        z, _ = self.encoder(self.encoder_input(x0, t, eps, n.view), t, noise=n.z_noise)
         logits = self.classifier(z.to(self.classifier.weight.dtype))
         ce = F.cross_entropy(logits.float(), labels.to(dev).long())
         acc = (logits.argmax(-1) == labels.to(dev)).float().mean()
@@ -164,7 +188,7 @@ class SemanticDiffusion(nn.Module):
         t, eps = n.t, n.eps
         x_t = sch.add_noise(x0, t, eps)
 
-        z, stats = self.encoder(self.encoder_input(x0, t, eps), t, noise=n.z_noise)
+        z, stats = self.encoder(self.encoder_input(x0, t, eps, n.view), t, noise=n.z_noise)
         out = self.denoiser(x_t, t, z, n.drop)
         mse = (out.float() - target(cfg.diffusion.prediction, sch, t, x0, eps)).pow(2).mean()
         parts = {"mse": mse.detach()}
@@ -175,7 +199,7 @@ class SemanticDiffusion(nn.Module):
                 raise ValueError("diffusion.lambda_cons > 0 needs StepNoise.cons: draw the noise with draw_noise")
             t2 = (t + n.cons * cfg.diffusion.cons_step).clamp(sch.t_min, sch.t_max)
             with torch.no_grad():
-                z2, _ = self.encoder(self.encoder_input(x0, t2, eps), t2, noise=n.z_noise2)
+                z2, _ = self.encoder(self.encoder_input(x0, t2, eps, n.view), t2, noise=n.z_noise2)
             cons = (1 - F.cosine_similarity(z.float(), z2.float(), dim=-1)).mean()
             loss = loss + cfg.diffusion.lambda_cons * cons
             parts["cons"] = cons.detach()
