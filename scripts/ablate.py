@@ -39,8 +39,14 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
     "normalize": (["encoder.normalize=true"], "z L2-normalised (the directional vector)"),
     "vit-encoder": (["encoder.arch=vit", "encoder.depth=1"], "the 1-block ViT encoder instead of the CNN"),
     "cnn-encoder": (["encoder.arch=cnn"], "the FiLM CNN encoder instead of the ViT"),
-    "mean-pool": (["encoder.pool_grid=1"], "CNN map mean-pooled to one vector instead of a 2x2 grid"),
+    "mean-pool": (["encoder.pool_grid=1"], "CNN map mean-pooled to one vector instead of the config's grid"),
+    "grid-2": (["encoder.pool_grid=2"], "CNN map pooled to 2x2 before the head"),
+    "grid-4": (["encoder.pool_grid=4"], "CNN map pooled to 4x4 before the head"),
+    "no-view-flip": (["encoder.view_flip=false"], "the encoder sees x0 unflipped"),
+    "view-flip": (["encoder.view_flip=true"], "the encoder's view of x0 flipped left-right at random"),
+    "view-shift-2": (["encoder.view_shift=2"], "the encoder's view of x0 moved by up to 2 px"),
     "eps-target": (["diffusion.prediction=eps"], "eps-prediction instead of x0"),
+    "x0-target": (["diffusion.prediction=x0"], "x0-prediction instead of eps"),
 }
 
 
