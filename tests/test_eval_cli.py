@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from fastsemdiff import eval as eval_mod
 from fastsemdiff.config import load_config
 from fastsemdiff.data import DEFAULT_PATH, load_split
 from fastsemdiff.eval import format_table, main as eval_main, run_probe
@@ -164,6 +165,10 @@ def test_eval_probe_cli(run_dir, tmp_path, capsys):
     assert set(result["label_efficiency"]) == {"100"}  # 200 images hold too few per class for 1,000
     assert {"embedding, multi-t", "raw pixels", "pixel PCA", "DDAE", "static, multi-t", "untrained"} <= set(
         result["label_efficiency"]["100"])  # the untrained twin ignores t: one embedding, no multi-t
+    each = result["label_efficiency_draws"]["100"]
+    for name, mean in result["label_efficiency"]["100"].items():  # the mean of LABEL_DRAWS draws of labels
+        assert len(each[name]) == eval_mod.LABEL_DRAWS and mean == pytest.approx(sum(each[name]) / len(each[name]))
+    assert len(set(each["raw pixels"])) > 1, "every draw of the labelled images gave the same accuracy"
     assert b["untrained_encoder"]["multi_t"]["t_blind"] and b["untrained_encoder"]["multi_t"]["dim"] == 16
     assert not b["static"]["multi_t"].get("t_blind")  # this "static" run is the t-dependent test model
     out = capsys.readouterr().out
