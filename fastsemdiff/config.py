@@ -44,7 +44,7 @@ class ModelConfig:
     qk_norm: bool = False
     cond_merge: str = "add"  # add | concat: how Linear(z) joins the timestep embedding
     z_dropout: float = 0.1  # probability of replacing z by the learned null vector
-    backend: str = "auto"  # auto | torch | triton | cuda: auto picks the fused kernels on CUDA, torch on CPU
+    backend: str = "auto"  # auto | torch | triton | cuda, decided per call by fastsemdiff.ops.dispatch
     fused_check: str = "warn"  # warn | error | off: a fused kernel failing its first-use check on a GPU falls back
     # auto: stacked (every block's adaLN in one matrix product) for one process and DDP, per_block (DiT's
     # layout) under FSDP/HSDP, so each block's adaLN weights are gathered with that block | stacked | per_block

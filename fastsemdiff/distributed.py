@@ -160,10 +160,6 @@ def fsdp_units(model: nn.Module) -> dict[str, int]:
     return units
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if hasattr(model, "module") and not hasattr(model, "encoder") else model
-
-
 def cleanup() -> None:
     """Destroy the process group, which joins its worker threads while the interpreter is still alive."""
     if dist.is_initialized():

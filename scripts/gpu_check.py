@@ -20,7 +20,9 @@ still runs; what was not measured says why):
    ``model.backend=torch`` and with ``auto`` from the same seed; the loss curves must agree within
    ``CURVE_TOLERANCE`` (stated in the JSON and the summary).
 6. ``csrc-tests``: waits for the build, then ``tests/test_csrc_cuda.py`` and ``tests/test_csrc_build.py``.
-7. ``bench-adaln``: ``bench/test_bench_adaln.py`` at [256, 256, 1152] bf16: eager, compiled, triton, cuda.
+7. ``bench-adaln``: ``bench/test_bench_adaln.py`` at [256, 256, 1152] bf16 and
+   ``bench/test_bench_timestep_embedding.py`` at t [256] x 256: eager, compiled, triton, cuda (the rows that
+   ``fastsemdiff.ops.dispatch.AUTO_MEASURED`` is filled from).
 8. ``bench-train-XL2`` / ``-B2`` / ``-S2``: ``bench/test_bench_train.py``'s DiT step (reference eager,
    reference compiled, fused; diffusers' DiT where importable), one process per size, largest first (the
    SPEC's targets), so that a budget running out costs the smallest.
@@ -590,7 +592,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     jsons = []
     adaln = work / "bench-adaln.json"
     jsons.append(adaln)
-    c.stages.append(bench_stage(c, "bench-adaln", ["bench/test_bench_adaln.py", "-k",
+    c.stages.append(bench_stage(c, "bench-adaln", ["bench/test_bench_adaln.py",
+                                                   "bench/test_bench_timestep_embedding.py", "-k",
                                                    "cpu and mln and forward and not backward and not grmln "
                                                    "and not compile" if dry
                                                    else "target"], c.box(120, 300), adaln))

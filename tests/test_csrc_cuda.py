@@ -18,7 +18,7 @@ from torch.testing import assert_close
 
 from fastsemdiff.nn.embedding import timestep_embedding
 from fastsemdiff.nn.norm import gated_residual_modulated_norm_ref, modulated_layer_norm_ref
-from fastsemdiff.ops import _cuda
+from fastsemdiff.ops import _cuda, dispatch
 
 if not torch.cuda.is_available():
     pytest.skip("the CUDA kernels need a CUDA device (none here)", allow_module_level=True)
@@ -206,13 +206,13 @@ def test_unsupported_inputs_raise_clear_errors():
     base = torch.randn(6, 72, device=DEV, dtype=torch.bfloat16)
     misaligned = base[:, 4:68]  # starts 8 bytes into a row
     mods = torch.randn(2, 64, device=DEV, dtype=torch.bfloat16)
-    assert _cuda.norm_unsupported_reason(misaligned, mods) is not None
+    assert dispatch.launch_backend("cuda", "modulated_layer_norm", misaligned, (mods,)) == "triton"
     with pytest.raises(RuntimeError, match="16-byte aligned"):
         OPS.mln_fwd(misaligned, mods, mods, None, None, EPS, 3, False)
     with pytest.raises(RuntimeError, match="tokens_per_mod_row"):
         OPS.mln_fwd(torch.randn(6, 64, device=DEV), torch.randn(4, 64, device=DEV),
                     torch.randn(4, 64, device=DEV), None, None, EPS, 4, False)
-    assert _cuda.norm_unsupported_reason(torch.randn(6, 64, device=DEV)) is None
+    assert dispatch.launch_backend("cuda", "modulated_layer_norm", torch.randn(6, 64, device=DEV)) == "cuda"
 
 
 def test_empty_input():

@@ -1,5 +1,5 @@
 """The fused kernels' first-use check (``fastsemdiff.ops.guard``), the torch fallback it switches to, and the
-backend decision (``fastsemdiff.nn.backend.choose_backend``).
+fused ops without Triton (the decision itself: tests/test_dispatch.py).
 
 The check runs on CUDA devices only; here ``"cpu"`` is added to ``guard.CHECKED_DEVICE_TYPES`` so that it
 checks the Triton kernels under the interpreter (conftest.py sets ``TRITON_INTERPRET=1``). Faults are
@@ -17,10 +17,8 @@ import torch
 from fastsemdiff import ops
 from fastsemdiff.config import ConfigError, load_config
 from fastsemdiff.nn import GatedResidualModulatedNorm, ModulatedLayerNorm, TimestepEmbedder
-from fastsemdiff.nn import backend as backend_mod
-from fastsemdiff.nn.backend import choose_backend
 from fastsemdiff.nn.norm import gated_residual_modulated_norm_ref, modulated_layer_norm_ref
-from fastsemdiff.ops import _cuda, guard
+from fastsemdiff.ops import _cuda, dispatch, guard
 from fastsemdiff.ops.guard import FusedCheckError, FusedKernelMismatch
 
 from kernel_helpers import DEVICE, EPS, KINDS, check_op, mod_shape, randn
@@ -29,60 +27,12 @@ B, N, C = 2, 5, 16
 bf16, f16, f32, f64 = torch.bfloat16, torch.float16, torch.float32, torch.float64
 
 
-# ---------------------------------------------------------------------------------------- the decision
-def decide(requested, device="cuda", dtype=bf16, channels=384, aligned=True, triton=True, cuda=True,
-           measured=None, op="modulated_layer_norm"):
-    return choose_backend(requested, op, device, dtype, channels, aligned, triton_available=triton,
-                          cuda_available=cuda, measured=measured)
-
-
-def test_auto_takes_torch_for_dtypes_the_kernels_do_not_compute_in():
-    assert decide("auto", dtype=f64) == "torch"  # the kernels would compute fp64 in fp32
-    assert decide("auto", dtype=f64, measured={"modulated_layer_norm": "cuda"}) == "torch"
-    assert decide("triton", dtype=f64) == "torch" and decide("cuda", dtype=f64) == "torch"
-    for dtype in (f32, bf16, f16):
-        assert decide("auto", dtype=dtype) == "triton"
-    assert decide("auto", dtype=f64, op="timestep_embedding") == "triton"  # fp32 in the reference too
-
-
-def test_auto_and_explicit_choices():
-    assert decide("auto", device="cpu") == "torch" and decide("auto", device=None) == "torch"
-    assert decide("auto", triton=False) == "torch"
-    assert decide("auto", measured={"modulated_layer_norm": "cuda"}) == "cuda"
-    assert decide("auto", measured={"modulated_layer_norm": "cuda"}, cuda=False) == "triton"
-    assert decide("auto", measured={"modulated_layer_norm": "cuda"}, channels=12) == "triton"
-    assert decide("torch", triton=False, cuda=False) == "torch"
-    assert decide("triton", device="cpu") == "triton"  # forced: the interpreter serves CPU tensors
-    assert decide("cuda") == "cuda"
-
-
-def test_cuda_backend_falls_back_where_its_kernels_do_not_take_the_input():
-    for facts in ({"channels": 12}, {"channels": 16384}, {"aligned": False}, {"device": "cpu"}):
-        assert decide("cuda", **facts) == "triton", facts
-        assert decide("cuda", triton=False, **facts) == "torch", facts
-
-
-def test_missing_pieces_say_why():
-    with pytest.raises(RuntimeError, match="backend='triton' needs the triton package"):
-        decide("triton", triton=False)
-    with pytest.raises(RuntimeError, match="backend='cuda': fastsemdiff._C"):
-        decide("cuda", cuda=False)
-    with pytest.raises(ValueError, match="choose one of"):
-        decide("fastest")
-
-
-def test_resolve_backend_reads_the_facts_from_the_tensor():
-    x = randn(2, 3, 8, seed=1, dtype=f64)
-    assert backend_mod.resolve_backend("auto", x, "modulated_layer_norm") == "torch"
-    assert backend_mod.resolve_backend("triton", x, "modulated_layer_norm") == "torch"  # fp64 on any backend
-
-
 # ---------------------------------------------------------------- backend="cuda" without Triton installed
 @pytest.fixture
 def no_triton(monkeypatch):
     """Triton hidden: not findable, not importable, the kernels' modules forgotten; the CUDA extension looks
     loaded (it need not be built for this: CPU tensors never reach it)."""
-    monkeypatch.setattr(backend_mod, "TRITON_AVAILABLE", False)
+    monkeypatch.setattr(dispatch, "TRITON_AVAILABLE", False)
     monkeypatch.setitem(sys.modules, "triton", None)
     for name in [n for n in sys.modules if n.startswith("fastsemdiff.kernels")]:
         monkeypatch.delitem(sys.modules, name)

@@ -15,11 +15,9 @@ from torch.testing import assert_close
 pytest.importorskip("triton")
 
 from fastsemdiff.kernels import modulated_layer_norm as K  # noqa: E402
-from fastsemdiff.nn import DiTBlock, ModulatedLayerNorm, modulated_layer_norm_ref, resolve_backend  # noqa: E402
-from fastsemdiff.nn import backend as backend_mod  # noqa: E402
+from fastsemdiff.nn import ModulatedLayerNorm, modulated_layer_norm_ref  # noqa: E402
 from fastsemdiff.ops import modulated_layer_norm  # noqa: E402
 
-from helpers import gen  # noqa: E402
 from kernel_helpers import DEVICE, DTYPES, EPS, KINDS, check_op, mod_shape, randn  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("poison_kernel_outputs")
@@ -175,21 +173,6 @@ def test_bad_shapes_are_rejected():
 
 
 # ---------------------------------------------------------------------------------- nn and backends
-def test_resolve_backend():
-    x = randn(2, 3, 8, seed=1)
-    assert "triton" in backend_mod.BACKENDS
-    assert resolve_backend("triton", x) == "triton" and resolve_backend("torch", x) == "torch"
-    assert resolve_backend("auto", x) == ("triton" if x.is_cuda else "torch")
-    assert resolve_backend("auto") == "torch"
-
-
-def test_triton_backend_requires_triton(monkeypatch):
-    monkeypatch.setattr(backend_mod, "TRITON_AVAILABLE", False)
-    with pytest.raises(RuntimeError, match="triton"):
-        resolve_backend("triton")
-    assert resolve_backend("auto", randn(2, 8, seed=1)) == "torch"
-
-
 @pytest.mark.parametrize("rms", [False, True], ids=["layer", "rms"])
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("affine", [False, True], ids=["plain", "affine"])
@@ -234,20 +217,14 @@ def test_opcheck(per_token, rms):
     torch.library.opcheck(bwd, (dy2, x2, mean, rstd, scale, None, None, t, rms, "triton"))
 
 
-def test_cuda_backend_without_extension_says_why(monkeypatch):
-    """backend='cuda' where fastsemdiff._C cannot be used: a clear error naming the reason and the way out."""
+def test_cuda_launchers_fall_back_to_triton_off_gpu(monkeypatch):
+    """The 'cuda' op backend runs Triton for inputs the CUDA kernels do not take (here: CPU tensors; the
+    extension made to look loaded, so this holds where it is not built too)."""
     from fastsemdiff.ops import _cuda
 
     monkeypatch.setattr(_cuda, "_loaded", True)
-    monkeypatch.setattr(_cuda, "_ops", None)
-    monkeypatch.setattr(_cuda, "_reason", "fastsemdiff._C was not built (test)")
-    with pytest.raises(RuntimeError, match=r"backend='cuda': fastsemdiff._C was not built.*'triton'"):
-        resolve_backend("cuda", randn(2, 3, 8, seed=1))
-    assert resolve_backend("auto", randn(2, 3, 8, seed=1), "modulated_layer_norm") in ("torch", "triton")
-
-
-def test_cuda_launchers_fall_back_to_triton_off_gpu():
-    """The 'cuda' op backend runs Triton for inputs the CUDA kernels do not take (here: CPU tensors)."""
+    monkeypatch.setattr(_cuda, "_ops", object())
+    monkeypatch.setattr(_cuda, "_reason", None)
     (x, shift, scale, w, b), _ = make_inputs(2, 5, 100, "BC", True, torch.float32, seed=150)
     got = modulated_layer_norm(x, shift, scale, w, b, eps=EPS, backend="cuda")
     assert_close(got, modulated_layer_norm_ref(x, shift, scale, w, b, eps=EPS), rtol=1e-5, atol=1e-5)

@@ -1,6 +1,10 @@
-"""Drop-in DiT layers with a ``backend=`` switch; the torch path defines each layer's meaning."""
+"""Drop-in DiT layers with a ``backend=`` switch; the torch path defines each layer's meaning.
+
+Which backend runs a call is decided in ``fastsemdiff.ops.dispatch`` (re-exported here: ``BACKENDS``,
+``resolve_backend``).
+"""
+from ..ops.dispatch import BACKENDS, resolve_backend
 from .attention import Attention, Mlp
-from .backend import BACKENDS, resolve_backend
 from .block import AdaLNModulation, BlockStack, DiTBlock, FinalLayer, StackedAdaLNModulation, convert_adaln_state_dict
 from .embedding import (POS_LAYOUTS, PatchEmbed, TimestepEmbedder, fixed_pos_embed, sincos_pos_embed_2d,
                         timestep_embedding)

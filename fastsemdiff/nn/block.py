@@ -7,7 +7,6 @@ splits), and models convert on load, so checkpoints of either layout load into e
 """
 from __future__ import annotations
 
-import re
 from typing import Optional, Sequence
 
 import torch
@@ -15,7 +14,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import Attention, Mlp
-from .backend import check_backend
 from .norm import GatedResidual, GatedResidualModulatedNorm, ModulatedLayerNorm
 
 
@@ -25,10 +23,9 @@ class AdaLNModulation(nn.Sequential):
     A Sequential(SiLU, Linear) so its keys are DiT's ``adaLN_modulation.1.weight/bias``.
     """
 
-    def __init__(self, dim: int, chunks: int, cond_dim: int | None = None, backend: str = "auto"):
+    def __init__(self, dim: int, chunks: int, cond_dim: int | None = None):
         super().__init__(nn.SiLU(), nn.Linear(cond_dim or dim, chunks * dim))
         self.chunks = chunks
-        self.backend = check_backend(backend)
 
     def forward(self, c: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return super().forward(c).chunk(self.chunks, dim=-1)
@@ -151,8 +148,8 @@ class DiTBlock(nn.Module):
         self.attn = Attention(hidden_size, num_heads, qkv_bias=True, qk_norm=qk_norm)
         self.norm2 = GatedResidualModulatedNorm(hidden_size, backend=backend, rms=rms_norm, fused_check=fused_check)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
-        self.residual = GatedResidual(backend=backend)
-        self.adaLN_modulation = AdaLNModulation(hidden_size, 6, backend=backend) if modulation else None
+        self.residual = GatedResidual()
+        self.adaLN_modulation = AdaLNModulation(hidden_size, 6) if modulation else None
 
     def forward(self, x: torch.Tensor, c: Optional[torch.Tensor] = None,
                 mod: Optional[Sequence[torch.Tensor]] = None) -> torch.Tensor:
@@ -182,7 +179,7 @@ class FinalLayer(nn.Module):
         super().__init__()
         self.norm_final = ModulatedLayerNorm(hidden_size, backend=backend, rms=rms_norm, fused_check=fused_check)
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
-        self.adaLN_modulation = AdaLNModulation(hidden_size, 2, backend=backend)
+        self.adaLN_modulation = AdaLNModulation(hidden_size, 2)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(c)

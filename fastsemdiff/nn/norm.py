@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from .backend import check_backend, check_fused_check, resolve_backend
+from ..ops.dispatch import check_backend, resolve_backend
+from ..ops.guard import check_mode
 
 
 def _per_token(m: torch.Tensor) -> torch.Tensor:
@@ -53,8 +54,9 @@ def gated_residual_modulated_norm_ref(x, h, gate, shift, scale, weight=None, bia
 class ModulatedLayerNorm(nn.Module):
     """``LN(x) * (1 + scale) + shift``: DiT's ``modulate(norm(x), shift, scale)`` as one layer.
 
-    ``rms=True`` normalises by the root mean square instead (LightningDiT's RMSNorm block). On the
-    ``triton`` backend a ``[B, N, C]`` input runs the fused kernel, forward and backward. ``fused_check``
+    ``rms=True`` normalises by the root mean square instead (LightningDiT's RMSNorm block). ``backend``
+    (``auto`` | ``torch`` | ``triton`` | ``cuda``): which kernels run each call is decided by
+    ``fastsemdiff.ops.dispatch`` (a fused one runs forward and backward on ``[B, N, C]`` inputs). ``fused_check``
     (``warn`` | ``error`` | ``off``): what a fused kernel that fails its first-use check on a GPU does
     (``fastsemdiff.ops.guard``).
     """
@@ -63,15 +65,15 @@ class ModulatedLayerNorm(nn.Module):
                  rms: bool = False, fused_check: str = "warn"):
         super().__init__()
         self.dim, self.eps, self.backend, self.rms = dim, eps, check_backend(backend), rms
-        self.fused_check = check_fused_check(fused_check)
+        self.fused_check = check_mode(fused_check)
         self.weight: Optional[nn.Parameter] = nn.Parameter(torch.ones(dim)) if elementwise_affine else None
         self.bias: Optional[nn.Parameter] = (nn.Parameter(torch.zeros(dim)) if elementwise_affine and not rms
                                              else None)
 
     def _fused(self, x: torch.Tensor, op: str) -> Optional[str]:
         """The fused backend for this input, or None for the reference path."""
-        backend = resolve_backend(self.backend, x, op)
-        return backend if backend != "torch" and x.dim() == 3 else None
+        backend = resolve_backend(self.backend, op, x)
+        return None if backend == "torch" else backend
 
     def forward(self, x, shift, scale):
         fused = self._fused(x, "modulated_layer_norm")
@@ -86,11 +88,9 @@ class ModulatedLayerNorm(nn.Module):
 
 
 class GatedResidual(nn.Module):
-    """``x + gate * h``: adaLN-Zero's gated residual (gate starts at zero, so the block starts as identity)."""
-
-    def __init__(self, backend: str = "auto"):
-        super().__init__()
-        self.backend = check_backend(backend)
+    """``x + gate * h``: adaLN-Zero's gated residual (gate starts at zero, so the block starts as identity).
+    Plain torch: alone it is one elementwise op, which torch.compile fuses with its neighbours; the fused
+    kernels take it where it meets a norm (``GatedResidualModulatedNorm``)."""
 
     def forward(self, x, h, gate):
         return gated_residual_ref(x, h, gate)

@@ -2,7 +2,8 @@
 
 Importing this module imports nothing; :func:`load` imports the extension once, on first use, and never
 raises: where it was not built, or does not load (for instance it was built against another torch
-version), :func:`load` returns None and :func:`unavailable_reason` says why in one line.
+version), :func:`load` returns None and :func:`unavailable_reason` says why in one line. It only loads:
+which inputs go to these kernels is decided in ``fastsemdiff.ops.dispatch``.
 
 The ops (``torch.ops.fastsemdiff_C.<name>``, registered with ``TORCH_LIBRARY``: CUDA kernels, Meta kernels
 for torch.compile / FakeTensor, and a CPU kernel that raises a clear error):
@@ -18,7 +19,7 @@ for torch.compile / FakeTensor, and a CPU kernel that raises a clear error):
 Rows are ``x`` viewed as ``[M, C]``; ``shift``/``scale``/``gate`` are ``[M // tokens_per_mod_row, C]``
 (``tokens_per_mod_row`` = N for per-sample modulation, 1 for per-token). ``dweight``/``dbias`` are empty
 fp32 ``[0]`` tensors where that parameter is None. Limits of the norm ops (anything else raises a
-RuntimeError; :func:`norm_unsupported_reason` checks them beforehand so a dispatcher can fall back):
+RuntimeError; ``fastsemdiff.ops.dispatch`` checks them beforehand and sends other inputs to Triton):
 C a multiple of 8 and at most 8192; x float32, float16 or bfloat16; each [rows, C] operand with unit column
 stride (otherwise it is copied) starting at a 16-byte aligned address with a row stride of a multiple of
 16 bytes. Operands of another float dtype than x are converted to fresh tensors first (h, dy, dx_out to
@@ -32,10 +33,6 @@ import importlib
 from typing import Optional
 
 OPS = ("mln_fwd", "mln_bwd", "grmln_fwd", "grmln_bwd", "timestep_embedding")
-NORM_OPS = ("mln_fwd", "mln_bwd", "grmln_fwd", "grmln_bwd")
-CHANNEL_MULTIPLE = 8  # 16-byte vectors: 8 x bf16/fp16, 2 x 4 x fp32
-MAX_CHANNELS = 8192  # one row lives in registers
-VECTOR_BYTES = 16
 
 _loaded = False
 _ops = None
@@ -85,36 +82,3 @@ def unavailable_reason() -> Optional[str]:
     load()
     return _reason
 
-
-def _aligned_rows(t) -> bool:
-    """Whether the kernels can read ``t`` (viewed as [rows, C]) in 16-byte vectors without an error."""
-    if t.numel() == 0 or (t.dim() >= 1 and t.stride(-1) != 1):
-        return True  # empty, or copied to a fresh (aligned) contiguous tensor by the op
-    if t.data_ptr() % VECTOR_BYTES:
-        return False
-    return all(t.stride(d) * t.element_size() % VECTOR_BYTES == 0 for d in range(t.dim() - 1) if t.shape[d] > 1)
-
-
-def norm_unsupported_reason(x, *others) -> Optional[str]:
-    """None when the CUDA norm ops take ``x`` (``[..., C]``) and the other row operands (``h``, ``dy``,
-    modulation, ...; None entries are skipped) as they are, else why not (so a caller can fall back to
-    Triton). Reads data pointers: call it on real tensors, not under FakeTensor tracing."""
-    import torch
-
-    if not available():
-        return _reason
-    if not x.is_cuda:
-        return "x is not a CUDA tensor"
-    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        return f"x is {x.dtype}; the CUDA kernels take float32, float16 or bfloat16"
-    C = x.shape[-1]
-    if C % CHANNEL_MULTIPLE or C == 0:
-        return f"C={C} is not a multiple of {CHANNEL_MULTIPLE}"
-    if C > MAX_CHANNELS:
-        return f"C={C} exceeds {MAX_CHANNELS}"
-    for t in (x, *others):
-        if t is None or t.dtype != x.dtype:
-            continue  # a modulation of another dtype is converted to a fresh fp32 tensor by the op
-        if not _aligned_rows(t):
-            return "an operand is not 16-byte aligned (start address or row stride)"
-    return None

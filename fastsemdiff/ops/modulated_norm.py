@@ -9,14 +9,14 @@ Ops (on 2-D rows; see ``kernels/modulated_layer_norm.py`` for the layout; ``R = 
 * ``fastsemdiff::modulated_norm_bwd`` / ``gated_residual_modulated_norm_bwd``: their backwards.
   Gradients of absent inputs come back as empty ``[0]`` tensors (a custom op cannot return None).
 
-``backend`` names the kernels that run the op: ``"triton"`` (``fastsemdiff.kernels``) or ``"cuda"`` (the
-``fastsemdiff._C`` extension; inputs it does not take run on Triton, or on plain torch where Triton is not
-installed). ``check`` (``warn`` | ``error`` | ``off``) is the first-use check of those kernels against the
-reference (``fastsemdiff.ops.guard``); a configuration that fails it under ``warn`` runs on torch
-(``fastsemdiff.ops.torch_launchers``). The user-facing
-functions ``modulated_layer_norm`` and ``gated_residual_modulated_norm`` take ``x [B, N, C]`` with DiT's
-modulation shapes; the Triton kernels are imported on the first call, so ``TRITON_INTERPRET`` may still
-be set after ``fastsemdiff`` has been imported.
+``backend`` names the kernels asked for: ``"triton"`` (``fastsemdiff.kernels``) or ``"cuda"`` (the
+``fastsemdiff._C`` extension); ``fastsemdiff.ops.dispatch`` decides, on the real tensors, what runs (inputs
+the CUDA kernels do not take run on Triton, or on plain torch where Triton is not installed). ``check``
+(``warn`` | ``error`` | ``off``) is the first-use check of those kernels against the reference
+(``fastsemdiff.ops.guard``); a configuration that fails it under ``warn`` runs on torch
+(``fastsemdiff.ops.torch_launchers``). The user-facing functions ``modulated_layer_norm`` and
+``gated_residual_modulated_norm`` take ``x [B, N, C]`` with DiT's modulation shapes; the Triton kernels are
+imported on the first call, so ``TRITON_INTERPRET`` may still be set after ``fastsemdiff`` has been imported.
 """
 from __future__ import annotations
 
@@ -25,7 +25,6 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-FUSED_BACKENDS = ("triton", "cuda")
 CHECK_EPS = 1e-6
 
 
@@ -36,8 +35,8 @@ def _triton():
 
 
 class _CudaLaunchers:
-    """The CUDA extension's norm ops behind the Triton launchers' signatures (inputs they take only: see
-    ``_launchers``)."""
+    """The CUDA extension's norm ops behind the Triton launchers' signatures (for the inputs
+    ``fastsemdiff.ops.dispatch`` sends them)."""
 
     @staticmethod
     def modulated_norm_fwd(x, shift, scale, weight, bias, eps, tokens_per_mod_row, rms, h=None, gate=None):
@@ -75,26 +74,19 @@ def _module(backend: str):
 
 def _launchers(backend: str, check: str, x: Tensor, rows: tuple, scale: Tensor, weight: Optional[Tensor],
                bias: Optional[Tensor], tokens_per_mod_row: int, rms: bool, residual: bool):
-    """The launchers that run this call: the CUDA kernels where they take the tensors (``rows``: every
-    [rows, C] operand), else Triton, else (no Triton, or a failed first-use check) plain torch."""
-    if backend not in FUSED_BACKENDS:
-        raise ValueError(f"fused modulated norm: unknown backend {backend!r}; choose one of {FUSED_BACKENDS}")
-    from ..nn.backend import TRITON_AVAILABLE
+    """The launchers that run this call: those of the kernels ``fastsemdiff.ops.dispatch`` picks for these
+    tensors (``rows``: every other [rows, C] operand), or plain torch where it picks torch or the kernels
+    failed their first-use check."""
+    from . import dispatch
 
-    if backend == "cuda":
-        from . import _cuda
-
-        if _cuda.norm_unsupported_reason(x, *rows) is not None:
-            backend = "triton" if TRITON_AVAILABLE else "torch"
-    elif not TRITON_AVAILABLE:
-        backend = "torch"
+    op = "gated_residual_modulated_norm" if residual else "modulated_layer_norm"
+    backend = dispatch.launch_backend(backend, op, x, rows)
     if backend == "torch":
         return _module("torch")
     from . import guard
 
-    key = ("gated_residual_modulated_norm" if residual else "modulated_layer_norm", backend, str(x.device), x.dtype,
-           scale.dtype, None if weight is None else weight.dtype, None if bias is None else bias.dtype,
-           x.shape[-1], rms, tokens_per_mod_row == 1)
+    key = (op, backend, str(x.device), x.dtype, scale.dtype, None if weight is None else weight.dtype,
+           None if bias is None else bias.dtype, x.shape[-1], rms, tokens_per_mod_row == 1)
     what = (f"{key[0]} ({backend}, {str(x.dtype).replace('torch.', '')}, C={x.shape[-1]}, "
             f"{'RMSNorm' if rms else 'LayerNorm'}, per-{'token' if key[-2] else 'sample'} modulation"
             f"{', affine' if weight is not None else ''})")

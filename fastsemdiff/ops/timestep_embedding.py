@@ -1,4 +1,10 @@
-"""The sinusoidal timestep embedding as a custom op (``fastsemdiff::timestep_embedding``) with autograd."""
+"""The sinusoidal timestep embedding as a custom op (``fastsemdiff::timestep_embedding``) with autograd.
+
+``backend="auto"`` layers run the torch reference for it (``fastsemdiff.ops.dispatch.AUTO_UNMEASURED``): the
+op computes one small ``[B, 256]`` table per step, and until a GPU row of
+``bench/test_bench_timestep_embedding.py`` in bench/RESULTS.md shows these kernels faster than the compiled
+torch path, nothing says they pay. ``backend="triton"`` / ``"cuda"`` run them.
+"""
 from __future__ import annotations
 
 import math
@@ -14,21 +20,20 @@ def _reference(t: Tensor, dim: int, max_period: float) -> Tensor:
 
 
 def _kernel(backend: str, t: Tensor):
-    """The forward that runs this call: the CUDA kernel, the Triton kernel, or (no Triton) the reference."""
-    from ..nn.backend import TRITON_AVAILABLE
+    """The forward that runs this call, as ``fastsemdiff.ops.dispatch`` picks it for ``t``: the CUDA kernel,
+    the Triton kernel, or the reference."""
+    from . import dispatch
 
-    if backend == "cuda":
+    name = dispatch.launch_backend(backend, "timestep_embedding", t)
+    if name == "cuda":
         from . import _cuda
 
-        if _cuda.available() and t.is_cuda:
-            return "cuda", lambda t, dim, max_period: _cuda.load().timestep_embedding(t, dim, max_period)
-    elif backend != "triton":
-        raise ValueError(f"timestep_embedding: unknown fused backend {backend!r}; choose 'triton' or 'cuda'")
-    if not TRITON_AVAILABLE:
-        return "torch", _reference
-    from fastsemdiff.kernels.timestep_embedding import timestep_embedding_fwd
+        return name, lambda t, dim, max_period: _cuda.load().timestep_embedding(t, dim, max_period)
+    if name == "triton":
+        from fastsemdiff.kernels.timestep_embedding import timestep_embedding_fwd
 
-    return "triton", timestep_embedding_fwd
+        return name, timestep_embedding_fwd
+    return name, _reference
 
 
 def _check(kernel, t_dtype: torch.dtype, dim: int, max_period: float, device: torch.device) -> list:
