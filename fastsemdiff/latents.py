@@ -302,3 +302,4 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
 if __name__ == "__main__":
     main()
+    distributed.exit_if_gloo_outlives_the_group()

@@ -282,3 +282,4 @@ def main(argv: Optional[list[str]] = None) -> None:
 
 if __name__ == "__main__":
     main()
+    distributed.exit_if_gloo_outlives_the_group()

@@ -514,8 +514,7 @@ import torch._dynamo  # imported lazily once the group exists, as torch.compile 
 box = [dist.get_rank()]
 dist.broadcast_object_list(box, src=0)
 distributed.cleanup()
-names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
-left = sorted(n for n in names if "gloo" in n)
+left = distributed.gloo_threads()
 with open(os.path.join(sys.argv[2], f"rank{os.environ['RANK']}.txt"), "w") as f:
     f.write(" ".join(left))
 """
