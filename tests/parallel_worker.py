@@ -16,3 +16,4 @@ if __name__ == "__main__":
             train(load_config(None, run["args"]), run.get("resume", False))
     finally:
         distributed.cleanup()
+    distributed.exit_if_gloo_outlives_the_group()

@@ -335,6 +335,7 @@ full_ema = {k: v.full_tensor() for k, v in ema.items()}
 if rt.rank == 0:
     torch.save({"step": step, "model": msd, "optim": osd["state"], "ema": full_ema}, out)
 distributed.cleanup()
+distributed.exit_if_gloo_outlives_the_group()  # the FSDP model above still holds the group
 """
 
 
