@@ -32,10 +32,11 @@ from . import distributed
 from .config import ConfigError, load_config
 from .data import DatasetError, check_images, load_split
 from .data.augment import load_image
+from .data.device_dataset import images_to_model_range
 from .data.latent_store import (FORMAT, read_manifest, save_array, shard_file, shard_is_complete, shard_ranges,
                                 write_manifest)
 from .data.splits import split_path
-from .vae import check_vae_folder, load_vae, pixels_to_vae_range, vae_factors, vae_hash
+from .vae import check_vae_folder, load_vae, vae_factors, vae_hash
 
 FP16_MAX = 65504.0
 # Manifest entries that must agree for a rerun to continue an extraction rather than mix two of them.
@@ -100,7 +101,7 @@ class Encoder:
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, flip: bool = False) -> np.ndarray:
-        x = pixels_to_vae_range(images.to(self.device, non_blocking=True))
+        x = images_to_model_range(images.to(self.device, non_blocking=True))
         if flip:
             x = x.flip(-1)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):

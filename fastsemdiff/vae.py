@@ -15,6 +15,7 @@ from typing import Optional, Union
 
 import torch
 
+from .data.device_dataset import images_to_model_range
 from .data.errors import DatasetError
 
 CONFIG_FILE = "config.json"
@@ -93,15 +94,6 @@ def vae_factors(vae) -> tuple[float, float]:
     return float(scale if scale is not None else 1.0), float(shift if shift is not None else 0.0)
 
 
-def pixels_to_vae_range(images: torch.Tensor) -> torch.Tensor:
-    """uint8 0..255 or float 0..1 -> float32 in [-1, 1], the range diffusers' VAEs are trained on."""
-    if images.dtype == torch.uint8:
-        return images.float() / 127.5 - 1.0
-    if not images.is_floating_point():
-        raise TypeError(f"images must be uint8 (0..255) or float (0..1), got {images.dtype}")
-    return images.float() * 2.0 - 1.0
-
-
 class LatentCodec:
     """Images <-> the scaled latents the model trains on, through the VAE a run's latents came from.
 
@@ -132,7 +124,7 @@ class LatentCodec:
         """Images [B, C, H, W] (uint8 or float 0..1) -> scaled latents float32 [B, c, h, w] on ``device``."""
         vae, out = self.vae(device), []
         for i in range(0, images.shape[0], batch_size):
-            x = pixels_to_vae_range(images[i:i + batch_size].to(device))
+            x = images_to_model_range(images[i:i + batch_size].to(device))
             with _autocast(device):
                 mean = vae.encode(x).latent_dist.mean
             out.append((mean.float() - self.shift_factor) * self.scaling_factor)

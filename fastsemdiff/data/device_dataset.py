@@ -23,6 +23,16 @@ def to_model_range(images: torch.Tensor) -> torch.Tensor:
     return images.to(torch.float32).div_(127.5).sub_(1.0)
 
 
+def images_to_model_range(images: torch.Tensor) -> torch.Tensor:
+    """uint8 0..255 or float 0..1 -> float32 in [-1, 1]: what the networks see, and the range diffusers'
+    VAEs are trained on (the latent extraction feeds them the same)."""
+    if images.dtype == torch.uint8:
+        return images.float() / 127.5 - 1.0
+    if not images.is_floating_point():
+        raise TypeError(f"images must be uint8 (0..255) or float (0..1), got {images.dtype}")
+    return images.float() * 2.0 - 1.0
+
+
 def mix_seed(*values: int) -> int:
     """A well-spread 64-bit seed from integers (splitmix64 steps), so nearby steps get unrelated streams."""
     h = 0x9E3779B97F4A7C15

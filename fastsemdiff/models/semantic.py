@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import Config, ConfigError
+from ..data.device_dataset import images_to_model_range
 from ..diffusion import get_schedule, sample, target, to_x0_eps
 from ..vae import codec_for
 from .dit import DiT
@@ -42,15 +43,6 @@ class StepNoise(NamedTuple):
 
 
 NoiseArg = Union[StepNoise, torch.Generator, None]
-
-
-def images_to_model_range(images: torch.Tensor) -> torch.Tensor:
-    """uint8 0..255 or float 0..1 -> float32 in [-1, 1]."""
-    if images.dtype == torch.uint8:
-        return images.float() / 127.5 - 1.0
-    if not images.is_floating_point():
-        raise TypeError(f"images must be uint8 (0..255) or float (0..1), got {images.dtype}")
-    return images.float() * 2.0 - 1.0
 
 
 def shifted_view(x: torch.Tensor, view: torch.Tensor, pad: int) -> torch.Tensor:
