@@ -7,7 +7,7 @@ import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -160,6 +160,18 @@ def fsdp_units(model: nn.Module) -> dict[str, int]:
             group = module._get_fsdp_state()._fsdp_param_group
             units[name] = sum(p.sharded_param.numel() for p in group.fsdp_params) if group else 0
     return units
+
+
+def run_command(prog: str, work: Callable[[], object], user_errors: tuple[type[Exception], ...]) -> None:
+    """The body of a command that may run under torchrun: ``work()``, with an error the user can act on
+    printed as ``prog: error: ...`` (exit 2, no traceback), and the process group destroyed however it ends."""
+    try:
+        work()
+    except user_errors as e:
+        print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    finally:
+        cleanup()
 
 
 def cleanup() -> None:

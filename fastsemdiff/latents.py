@@ -292,13 +292,7 @@ def _on_rank0(work, rank: int) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        extract(argv)
-    except (ConfigError, DatasetError) as e:
-        print(f"fastsemdiff.latents: error: {e}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
-    finally:
-        distributed.cleanup()
+    distributed.run_command("fastsemdiff.latents", lambda: extract(argv), (ConfigError, DatasetError))
 
 
 if __name__ == "__main__":

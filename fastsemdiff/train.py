@@ -10,7 +10,6 @@ import argparse
 import contextlib
 import json
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -270,14 +269,8 @@ def train(cfg: Config, resume: bool = False) -> Path:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    try:
-        cfg, resume = parse_args(argv)
-        train(cfg, resume)
-    except (ConfigError, DatasetError, CheckpointError, TrainingDiverged) as e:
-        print(f"fastsemdiff.train: error: {e}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
-    finally:
-        distributed.cleanup()
+    distributed.run_command("fastsemdiff.train", lambda: train(*parse_args(argv)),
+                            (ConfigError, DatasetError, CheckpointError, TrainingDiverged))
 
 
 if __name__ == "__main__":
