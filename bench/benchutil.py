@@ -101,6 +101,20 @@ def measure_matmul_tflops(n: int, dtype: torch.dtype, reps: int = 10, trials: in
     return 2 * n**3 / best / 1e12
 
 
+def skip_unless_fused_timeable(impl: str, what: str) -> None:
+    """Skip a ``triton`` or ``cuda`` case where it cannot be timed: Triton off a GPU runs in the interpreter,
+    and the CUDA C++ kernels need a GPU and the built extension. ``what`` names the op in the reason."""
+    if impl == "triton" and not HAS_CUDA:
+        pytest.skip(f"{what}, Triton: timed on GPUs only (on a CPU the interpreter runs it)")
+    if impl == "cuda":
+        if not HAS_CUDA:
+            pytest.skip(f"{what}, CUDA C++: runs on GPUs only")
+        from fastsemdiff.ops import _cuda
+
+        if not _cuda.available():
+            pytest.skip(f"{what}, CUDA C++: {_cuda.unavailable_reason()}")
+
+
 def oom_skip(exc: BaseException, what: str) -> None:
     """Turn a CUDA out-of-memory error into a skip that says which case did not fit."""
     torch.cuda.empty_cache()

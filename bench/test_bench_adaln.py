@@ -21,7 +21,7 @@ import torch
 from fastsemdiff.nn import gated_residual_modulated_norm_ref, modulated_layer_norm_ref
 from fastsemdiff.ops import gated_residual_modulated_norm, modulated_layer_norm
 
-from benchutil import DEVICE, HAS_CUDA, bench_call
+from benchutil import DEVICE, HAS_CUDA, bench_call, skip_unless_fused_timeable
 
 GPU_SHAPES = {"target-256x256x1152": (256, 256, 1152), "DiT-S-256x256x384": (256, 256, 384),
               "DiT-B-256x256x768": (256, 256, 768)}
@@ -85,15 +85,7 @@ def _case(op: str, impl: str, mode: str, shape: tuple[int, int, int]):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("op", ["mln", "grmln"])
 def test_adaln(benchmark, copy_ceiling_gbs, op, impl, mode, shape_name):
-    if impl == "triton" and not HAS_CUDA:
-        pytest.skip("Triton kernels are timed on GPUs only (on a CPU they run in the interpreter)")
-    if impl == "cuda" and not HAS_CUDA:
-        pytest.skip("the CUDA C++ kernels run on GPUs only")
-    if impl == "cuda":
-        from fastsemdiff.ops import _cuda
-
-        if not _cuda.available():
-            pytest.skip(f"the CUDA C++ kernels: {_cuda.unavailable_reason()}")
+    skip_unless_fused_timeable(impl, "adaLN")
     benchmark.group = f"adaln-{op}-{mode}-{shape_name}"
     call, nbytes = _case(op, impl, mode, SHAPES[shape_name])
     reps, rounds = (20, 15) if HAS_CUDA else (5, 5)

@@ -21,7 +21,7 @@ import torch
 from fastsemdiff.nn import timestep_embedding as reference
 from fastsemdiff.ops import timestep_embedding as fused
 
-from benchutil import DEVICE, HAS_CUDA, bench_call
+from benchutil import DEVICE, HAS_CUDA, bench_call, skip_unless_fused_timeable
 
 GPU_SHAPES = {"target-256x256": (256, 256), "batch-4096x256": (4096, 256)}
 CPU_SHAPES = {"cpu-64x256": (64, 256)}
@@ -41,15 +41,7 @@ def _function(impl: str):
 @pytest.mark.parametrize("shape_name", list(SHAPES))
 @pytest.mark.parametrize("impl", IMPLS)
 def test_timestep_embedding(benchmark, copy_ceiling_gbs, impl, shape_name):
-    if impl == "triton" and not HAS_CUDA:
-        pytest.skip("the Triton kernel is timed on GPUs only (on a CPU it runs in the interpreter)")
-    if impl == "cuda" and not HAS_CUDA:
-        pytest.skip("the CUDA C++ kernel runs on GPUs only")
-    if impl == "cuda":
-        from fastsemdiff.ops import _cuda
-
-        if not _cuda.available():
-            pytest.skip(f"the CUDA C++ kernel: {_cuda.unavailable_reason()}")
+    skip_unless_fused_timeable(impl, "timestep embedding")
     B, dim = SHAPES[shape_name]
     t = torch.rand(B, device=DEVICE, generator=torch.Generator(device=DEVICE).manual_seed(0)) * 1000
     fn = _function(impl)

@@ -223,9 +223,6 @@ class Config:
             raise ConfigError(f"encoder.conv_channels={e.conv_channels} and encoder.conv_strides={e.conv_strides} "
                               "must be lists of positive integers of the same length (one entry per conv stage)")
         positive["encoder.pool_grid"] = e.pool_grid
-        if e.view_shift < 0 or (self.input_side()[0] and e.view_shift >= self.input_side()[0] // 2):
-            raise ConfigError(f"encoder.view_shift={e.view_shift} must be 0 (off) or a few pixels, less than half "
-                              "the input side")
         for key, value in positive.items():
             if value < 1:
                 raise ConfigError(f"{key}={value} must be a positive integer")
@@ -234,6 +231,9 @@ class Config:
         if hidden % 4:
             raise ConfigError(f"model hidden size {hidden} must be divisible by 4 (2-D sin-cos positions)")
         side, what = self.input_side()
+        if e.view_shift < 0 or (side and e.view_shift >= side // 2):
+            raise ConfigError(f"encoder.view_shift={e.view_shift} must be 0 (off) or a few pixels, less than half "
+                              f"the input side ({what}={side})")
         if side and side % self.model.patch_size:
             raise ConfigError(
                 f"{what}={side} is not divisible by model.patch_size={self.model.patch_size}; choose a patch size "
