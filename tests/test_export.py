@@ -167,7 +167,8 @@ LEGACY = Path(__file__).resolve().parent / "data" / "legacy-v1"  # written by te
 
 def test_export_from_before_pos_layout_embeds_exactly_as_before():
     """A file of commit 29a0d73 (no model.pos_layout, no pos_embed tensors): it loads with its rows-first
-    positions and gives, bit for bit, the embeddings and denoiser outputs that version computed."""
+    positions and gives the embeddings and denoiser outputs that version computed, to float rounding (the
+    recording CPU's kernels, AVX2 or AVX-512, round differently; a wrong layout moves them by ~1e-1)."""
     meta_config = json.loads((LEGACY / "config.json").read_text())
     assert "pos_layout" not in meta_config["model"]
     assert not any(k.endswith("pos_embed") for k in load_file(str(LEGACY / MODEL_FILE)))
@@ -178,8 +179,8 @@ def test_export_from_before_pos_layout_embeds_exactly_as_before():
         z = model.embed(expected["images"], expected["t"])
         denoised = model.denoiser(expected["x_t"], expected["t"], z)
     assert expected["z"].abs().max() > 0.1
-    assert torch.equal(z, expected["z"])
-    assert torch.equal(denoised, expected["denoised"])
+    torch.testing.assert_close(z, expected["z"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(denoised, expected["denoised"], rtol=1e-5, atol=1e-5)
     # the same weights under today's default layout embed differently: the recorded layout matters
     cfg, tensors = read_exported(LEGACY)
     cfg.model.pos_layout = "dit"
