@@ -162,6 +162,10 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     ts: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.5, 0.7])
+    # The multi-t readout's grid, some of ts; empty: all of ts. Codes at nearby t are nearly the same (a
+    # linear map predicts z at t = 0.9 from z at t = 0 with R^2 = 0.90), so a few spread-out t carry what
+    # the whole grid does at a fraction of the width (docs/ABLATIONS.md, "The multi-t readout").
+    multi_ts: list[float] = field(default_factory=list)
     batch_size: int = 1000
     knn_k: int = 20
 
@@ -252,6 +256,10 @@ class Config:
             raise ConfigError(f"train.grad_accum={self.train.grad_accum} must be at least 1 (1: no accumulation)")
         if any(not 0.0 <= t <= 1.0 for t in self.eval.ts):
             raise ConfigError(f"eval.ts={self.eval.ts} must lie in [0, 1] (0 = clean, 1 = pure noise)")
+        if not set(self.eval.multi_ts) <= set(self.eval.ts):
+            raise ConfigError(f"eval.multi_ts={self.eval.multi_ts} must be some of eval.ts={self.eval.ts}: the "
+                              "multi-t readout concatenates embeddings the probe computes at eval.ts; add the "
+                              "missing times to eval.ts")
         return self
 
     def input_side(self) -> tuple[int, str]:

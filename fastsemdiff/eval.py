@@ -113,32 +113,40 @@ def _embed_grid(timer, model, train_images, test_images, ts, batch_size, progres
     return train_z * (len(ts) // len(grid)), test_z * (len(ts) // len(grid))
 
 
-def _probe_grid(timer, train_z, test_z, train_y, test_y, ts, knn_k, classes, part=""):
-    """Linear and kNN at each t and on the concatenation over t. Where every t has the same tensor (a
-    t-blind model) it is probed once, and its multi-t readout is that one embedding (dim d)."""
+def _concat(zs: list, ts: Sequence[float], multi_ts: Sequence[float]) -> torch.Tensor:
+    """The multi-t readout: the embeddings at ``multi_ts`` (some of ``ts``), concatenated in that order."""
+    return torch.cat([zs[ts.index(t)] for t in multi_ts], 1)
+
+
+def _probe_grid(timer, train_z, test_z, train_y, test_y, ts, knn_k, classes, part="", multi_ts=None):
+    """Linear and kNN at each t and on the concatenation over ``multi_ts`` (default: every t). Where every t
+    has the same tensor (a t-blind model) it is probed once, and its multi-t readout is that one embedding."""
+    multi_ts = list(multi_ts or ts)
     if all(z is train_z[0] for z in train_z):
         linear, knn = _probe(timer, train_z[0], train_y, test_z[0], test_y, knn_k, classes, part)
         per_t = [{"t": t, "linear": linear, "knn": knn} for t in ts]
-        multi_t = {"ts": list(ts), "linear": linear, "knn": knn, "dim": train_z[0].shape[1], "t_blind": True}
+        multi_t = {"ts": multi_ts, "linear": linear, "knn": knn, "dim": train_z[0].shape[1], "t_blind": True}
         return per_t, dict(per_t[0]), multi_t
     per_t = []
     for t, a, b in zip(ts, train_z, test_z):
         linear, knn = _probe(timer, a, train_y, b, test_y, knn_k, classes, part)
         per_t.append({"t": t, "linear": linear, "knn": knn})
-    if len(ts) > 1:
-        linear, knn = _probe(timer, torch.cat(train_z, 1), train_y, torch.cat(test_z, 1), test_y, knn_k, classes,
-                             f"{part}multi-t ")
+    if len(multi_ts) > 1:
+        linear, knn = _probe(timer, _concat(train_z, ts, multi_ts), train_y, _concat(test_z, ts, multi_ts), test_y,
+                             knn_k, classes, f"{part}multi-t ")
     else:  # one t: the concatenation is that t's embedding, already probed
-        linear, knn = per_t[0]["linear"], per_t[0]["knn"]
-    multi_t = {"ts": list(ts), "linear": linear, "knn": knn, "dim": sum(z.shape[1] for z in train_z)}
+        row = per_t[ts.index(multi_ts[0])]
+        linear, knn = row["linear"], row["knn"]
+    dim = sum(train_z[ts.index(t)].shape[1] for t in multi_ts)
+    multi_t = {"ts": multi_ts, "linear": linear, "knn": knn, "dim": dim}
     return per_t, dict(max(per_t, key=lambda r: r["linear"])), multi_t
 
 
-def _readout(name: str, train_z, test_z, multi_t: dict) -> dict:
+def _readout(name: str, train_z, test_z, ts, multi_t: dict) -> dict:
     """A baseline's features for label efficiency: its multi-t concatenation, or its one embedding if t-blind."""
     if multi_t.get("t_blind"):
         return {name: (train_z[0], test_z[0])}
-    return {f"{name}, multi-t": (torch.cat(train_z, 1), torch.cat(test_z, 1))}
+    return {f"{name}, multi-t": (_concat(train_z, ts, multi_t["ts"]), _concat(test_z, ts, multi_t["ts"]))}
 
 
 def _select_ddae(timer, model, train_images, train_labels, ts, batch_size, classes, progress):
@@ -165,23 +173,29 @@ def _select_ddae(timer, model, train_images, train_labels, ts, batch_size, class
 def run_probe(model, train_images: torch.Tensor, train_labels: torch.Tensor, test_images: torch.Tensor,
               test_labels: torch.Tensor, ts: Sequence[float], batch_size: int, knn_k: int,
               progress: bool = True, with_baselines: bool = True, baseline_runs: Optional[dict] = None,
-              label_sizes: Sequence[int] = (100, 1000), features_out: Optional[dict] = None) -> dict:
-    """Linear-probe and kNN top-1 (%) of the embedding at every t, for all t concatenated, and the same for
+              label_sizes: Sequence[int] = (100, 1000), features_out: Optional[dict] = None,
+              multi_ts: Optional[Sequence[float]] = None) -> dict:
+    """Linear-probe and kNN top-1 (%) of the embedding at every t, for the concatenation over ``multi_ts``
+    (some of ``ts``; default all), and the same for
     every baseline (raw pixels always; PCA, untrained architecture, DDAE and ``baseline_runs`` models with
     ``with_baselines``), plus label efficiency. ``features_out``, when given, receives every method's
     (train, test) features, so the caller's plots need not embed again."""
     start = time.perf_counter()
     timer = _Timer()
     ts = [float(t) for t in ts]
+    multi_ts = [float(t) for t in (multi_ts or ts)]
+    if not set(multi_ts) <= set(ts):
+        raise ValueError(f"multi_ts {multi_ts} must be some of ts {ts}")
     classes = int(max(train_labels.max(), test_labels.max())) + 1
     dev = model.device
     features: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # method -> (train, test), for label efficiency
 
     train_z, test_z = _embed_grid(timer, model, train_images, test_images, ts, batch_size, progress, "probe over t")
-    per_t, best_t, multi_t = _probe_grid(timer, train_z, test_z, train_labels, test_labels, ts, knn_k, classes)
+    per_t, best_t, multi_t = _probe_grid(timer, train_z, test_z, train_labels, test_labels, ts, knn_k, classes,
+                                         multi_ts=multi_ts)
     k_best = ts.index(best_t["t"])
     features["embedding, best t"] = (train_z[k_best], test_z[k_best])
-    features["embedding, multi-t"] = (torch.cat(train_z, 1), torch.cat(test_z, 1))
+    features["embedding, multi-t"] = (_concat(train_z, ts, multi_ts), _concat(test_z, ts, multi_ts))
     dim = train_z[0].shape[1]
     del train_z, test_z
 
@@ -212,8 +226,8 @@ def run_probe(model, train_images: torch.Tensor, train_labels: torch.Tensor, tes
         rz_train, rz_test = _embed_grid(timer, fresh, train_images, test_images, ts, batch_size, progress,
                                         "untrained encoder")
         r_per_t, r_best, r_multi = _probe_grid(timer, rz_train, rz_test, train_labels, test_labels, ts, knn_k,
-                                               classes, "untrained ")
-        features.update(_readout("untrained", rz_train, rz_test, r_multi))
+                                               classes, "untrained ", multi_ts)
+        features.update(_readout("untrained", rz_train, rz_test, ts, r_multi))
         result_baselines["untrained_encoder"] = {"per_t": r_per_t, "best_t": r_best, "multi_t": r_multi}
         del fresh, rz_train, rz_test
 
@@ -231,8 +245,8 @@ def run_probe(model, train_images: torch.Tensor, train_labels: torch.Tensor, tes
         for name, other in (baseline_runs or {}).items():
             oz_train, oz_test = _embed_grid(timer, other, train_images, test_images, ts, batch_size, progress, name)
             o_per_t, o_best, o_multi = _probe_grid(timer, oz_train, oz_test, train_labels, test_labels, ts, knn_k,
-                                                   classes, f"{name} ")
-            features.update(_readout(name, oz_train, oz_test, o_multi))
+                                                   classes, f"{name} ", multi_ts)
+            features.update(_readout(name, oz_train, oz_test, ts, o_multi))
             result_baselines[name] = {"per_t": o_per_t, "best_t": o_best, "multi_t": o_multi}
 
     label_eff: dict = {}
@@ -306,7 +320,7 @@ def format_table(result: dict) -> str:
         lines.append(row.format(f"{r['t']:g}", r["linear"], r["knn"]))
     lines.append(f"{'-' * 10}-+-{'-' * 9}-+-{'-' * 7}")
     m, b, p = result["multi_t"], result["best_t"], result["raw_pixels"]
-    lines.append(row.format("multi-t", m["linear"], m["knn"]) + f"   ({len(m['ts'])} ts, dim {m['dim']})")
+    lines.append(row.format("multi-t", m["linear"], m["knn"]) + f"   (t in {m['ts']}, dim {m['dim']})")
     lines.append(row.format("best t", b["linear"], b["knn"]) + f"   (t = {b['t']:g})")
     lines.append(row.format("pixels", p["linear"], p["knn"]))
     summary = [("embedding, multi-t", m["linear"], m["knn"], f"dim {m['dim']}"),
@@ -371,23 +385,37 @@ def _curves(result: dict) -> dict[str, list[dict]]:
     return curves
 
 
+def multi_t_grid(cli_multi_ts, cli_ts, cfg_multi_ts, ts: list[float]) -> list[float]:
+    """The multi-t readout's grid: --multi-ts, else eval.multi_ts (unless --ts replaced the grid it was
+    chosen from), else every t of the probe; it must be some of the probed ts."""
+    chosen = cli_multi_ts if cli_multi_ts is not None else (cfg_multi_ts if cli_ts is None else None)
+    multi_ts = check_ts(chosen) if chosen else ts
+    missing = sorted(set(multi_ts) - set(ts))
+    if missing:
+        raise SystemExit(f"error: the multi-t grid {multi_ts} has times the probe does not embed ({missing}); "
+                         f"add them to --ts (now {ts}) or choose --multi-ts among those")
+    return multi_ts
+
+
 def probe_command(args: argparse.Namespace) -> dict:
     model = load_run(args.run, args.device)
     run_dir = resolve_model_path(args.run).parent  # where the model, its metrics and its readout live
     cfg = model.cfg
     ts = check_ts(args.ts if args.ts is not None else cfg.eval.ts)
+    multi_ts = multi_t_grid(args.multi_ts, args.ts, cfg.eval.multi_ts, ts)
     train_images, train_labels = load_data(cfg, "train", args.limit_train)
     test_images, test_labels = load_data(cfg, "test", args.limit_test)
     out = Path(args.out) if args.out else default_out(args.run)
     out.mkdir(parents=True, exist_ok=True)
-    print(f"probing {args.run}: {len(train_labels)} train / {len(test_labels)} test images, t in {ts}, "
-          f"device {model.device}")
+    print(f"probing {args.run}: {len(train_labels)} train / {len(test_labels)} test images, t in {ts} "
+          f"(multi-t readout: {multi_ts}), device {model.device}")
 
     runs = {name: load_run(path, args.device) for name, path in (args.baseline_run or [])}
     features: dict = {}
     result = run_probe(model, train_images, train_labels, test_images, test_labels, ts,
                        args.batch_size or cfg.eval.batch_size, cfg.eval.knn_k,
-                       with_baselines=not args.no_baselines, baseline_runs=runs, features_out=features)
+                       with_baselines=not args.no_baselines, baseline_runs=runs, features_out=features,
+                       multi_ts=multi_ts)
     result["training_img_per_s"] = training_speed(run_dir)
     (out / "probe.json").write_text(json.dumps(result, indent=2) + "\n")
     if args.limit_train is None and args.limit_test is None:  # a full-split probe decides embed()'s default
@@ -429,6 +457,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("probe", help="linear probe and kNN accuracy of the embeddings across t")
     p.add_argument("--run", required=True, help=f"run directory holding {MODEL_FILE} (or the file itself)")
     p.add_argument("--ts", type=float, nargs="+", default=None, help="diffusion times (default: eval.ts)")
+    p.add_argument("--multi-ts", type=float, nargs="+", default=None,
+                   help="the times the multi-t readout concatenates, some of --ts (default: eval.multi_ts, or "
+                        "every t of --ts)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: the best available)")
     p.add_argument("--batch-size", type=int, default=None, help="embedding batch size (default: eval.batch_size)")
     p.add_argument("--out", default=None, help="folder for probe.json and probe.png (default: the run directory)")

@@ -80,6 +80,47 @@ def test_run_probe_embeds_a_t_blind_model_once():
     assert len({r["linear"] for r in result["per_t"]}) == 1
 
 
+def test_multi_t_readout_concatenates_the_chosen_times_in_their_order(model):
+    """eval.multi_ts picks the readout's times from the probed grid: its width, its features (z at those t,
+    in that order, as embed_multi gives them) and its probe differ from the all-t concatenation."""
+    gen = torch.Generator().manual_seed(4)
+    train_x = (torch.rand(150, 1, 28, 28, generator=gen) * 255).to(torch.uint8)
+    test_x = (torch.rand(50, 1, 28, 28, generator=gen) * 255).to(torch.uint8)
+    train_y, test_y = torch.arange(150) % 3, torch.arange(50) % 3
+    ts, pick = [0.0, 0.3, 0.6, 0.9], [0.9, 0.0]
+    features: dict = {}
+    kw = dict(batch_size=64, knn_k=5, progress=False, with_baselines=False, label_sizes=(10,))
+    result = run_probe(model, train_x, train_y, test_x, test_y, ts, multi_ts=pick, features_out=features, **kw)
+    assert result["multi_t"]["ts"] == pick and result["multi_t"]["dim"] == 2 * 16
+    assert [r["t"] for r in result["per_t"]] == ts  # the curve still covers every probed t
+    with torch.inference_mode():
+        expected = model.embed_multi(test_x, pick, 64)
+    torch.testing.assert_close(features["embedding, multi-t"][1], expected)
+    every = run_probe(model, train_x, train_y, test_x, test_y, ts, **kw)
+    assert every["multi_t"]["dim"] == 4 * 16 and every["multi_t"]["ts"] == ts
+    one = run_probe(model, train_x, train_y, test_x, test_y, ts, multi_ts=[0.6], **kw)
+    assert one["multi_t"]["linear"] == one["per_t"][2]["linear"] and one["multi_t"]["dim"] == 16
+    with pytest.raises(ValueError, match="some of ts"):
+        run_probe(model, train_x, train_y, test_x, test_y, ts, multi_ts=[0.5], **kw)
+
+
+@pytest.mark.parametrize("cli_multi, cli_ts, cfg_multi, ts, expected", [
+    (None, None, [], [0.0, 0.5], [0.0, 0.5]),  # nothing chosen: every probed t
+    (None, None, [0.5], [0.0, 0.5], [0.5]),  # the config's grid
+    ([0.0], None, [0.5], [0.0, 0.5], [0.0]),  # --multi-ts wins
+    (None, [0.0, 0.2], [0.5], [0.0, 0.2], [0.0, 0.2]),  # --ts replaced the grid eval.multi_ts was chosen from
+])
+def test_multi_t_grid_resolution(cli_multi, cli_ts, cfg_multi, ts, expected):
+    assert eval_mod.multi_t_grid(cli_multi, cli_ts, cfg_multi, ts) == expected
+
+
+def test_multi_t_grid_outside_the_probed_times_is_a_clear_error(capsys):
+    with pytest.raises(SystemExit, match=r"add them to --ts"):
+        eval_mod.multi_t_grid([0.7], None, [], [0.0, 0.5])
+    with pytest.raises(Exception, match="eval.multi_ts"):
+        load_config(None, ["eval.ts=[0, 0.5]", "eval.multi_ts=[0.7]"])
+
+
 @pytest.fixture(scope="module")
 def run_dir(model, tmp_path_factory):
     """A run directory with an exported untrained model, as training would leave it."""
