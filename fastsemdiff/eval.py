@@ -397,6 +397,42 @@ def multi_t_grid(cli_multi_ts, cli_ts, cfg_multi_ts, ts: list[float]) -> list[fl
     return multi_ts
 
 
+def _flat_figures(result: dict) -> dict[str, float]:
+    """The t-free linear figures the plot draws as lines: the multi-t readout, the random-conv controls,
+    pixels, PCA, DDAE (kNN of the pixels too)."""
+    m = result["multi_t"]
+    flat = {f"our multi-t readout ({m['dim']}-d), linear": m["linear"]}
+    for c in result.get("baselines", {}).get("random_conv", {}).values():
+        flat[f"random conv {c['dim']}-d, linear"] = c["linear"]
+    flat.update({"raw pixels, linear": result["raw_pixels"]["linear"], "raw pixels, kNN": result["raw_pixels"]["knn"]})
+    for name in ("pixel_pca", "ddae"):
+        if name in result.get("baselines", {}):
+            flat[f"{name.replace('_', ' ')}, linear (chosen)"] = result["baselines"][name]["linear"]
+    return flat
+
+
+def source_commit() -> Optional[str]:
+    """The git commit of the checkout this package runs from (an editable install), or None."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "-C", str(Path(__file__).resolve().parent), "rev-parse", "--short", "HEAD"],
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    commit = out.stdout.strip()
+    return commit if out.returncode == 0 and commit else None
+
+
+def _report_note(result: dict) -> str:
+    """Under the plot: where the figures come from, so a PNG read alone says which run and machine."""
+    parts = [f"commit {result['commit']}" if result.get("commit") else "commit unknown",
+             f"{result['n_train']:,} train / {result['n_test']:,} test images"]
+    if result.get("training_img_per_s"):
+        parts.append(f"trained at {result['training_img_per_s']:.0f} images/s")
+    return "; ".join(parts)
+
+
 def probe_command(args: argparse.Namespace) -> dict:
     model = load_run(args.run, args.device)
     run_dir = resolve_model_path(args.run).parent  # where the model, its metrics and its readout live
@@ -417,16 +453,14 @@ def probe_command(args: argparse.Namespace) -> dict:
                        with_baselines=not args.no_baselines, baseline_runs=runs, features_out=features,
                        multi_ts=multi_ts)
     result["training_img_per_s"] = training_speed(run_dir)
+    result["commit"] = source_commit()
     (out / "probe.json").write_text(json.dumps(result, indent=2) + "\n")
     if args.limit_train is None and args.limit_test is None:  # a full-split probe decides embed()'s default
         readout = best_readout(result)
         write_readout(run_dir, readout)
         model.readout = readout
-    flat = {"raw pixels, linear": result["raw_pixels"]["linear"], "raw pixels, kNN": result["raw_pixels"]["knn"]}
-    for name in ("pixel_pca", "ddae"):
-        if name in result["baselines"]:
-            flat[f"{name.replace('_', ' ')}, linear (chosen)"] = result["baselines"][name]["linear"]
-    plot_accuracy_vs_t(result["per_t"], out / "probe.png", flat, _curves(result))
+    plot_accuracy_vs_t(result["per_t"], out / "probe.png", _flat_figures(result), _curves(result),
+                       note=_report_note(result))
     test_features = features["embedding, multi-t"][1]
     plot_embedding_2d(baselines.project_2d(test_features).cpu(), test_labels, out / "embedding-2d.png")
     if not args.no_baselines:

@@ -102,16 +102,18 @@ def class_balanced_subset(labels: torch.Tensor, per_class: int, seed: int = 0) -
 
 
 def plot_accuracy_vs_t(rows: list[dict], path: Union[str, Path], baselines: Optional[dict[str, float]] = None,
-                       curves: Optional[dict[str, list[dict]]] = None) -> None:
+                       curves: Optional[dict[str, list[dict]]] = None, note: str = "") -> None:
     """PNG of linear-probe and kNN accuracy against t (rows of {t, linear, knn}); other methods' linear
-    accuracy against t (``curves``: name -> rows of {t, linear}) dotted, t-free baselines dashed."""
+    accuracy against t (``curves``: name -> rows of {t, linear}) dotted, t-free figures (baselines, controls,
+    the multi-t readout) dashed; ``note`` (e.g. commit and images/s) under the axes. The y-range holds the
+    embedding's rows and the t-free figures; a much lower curve (DDAE at large t) runs off the bottom."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on a server; must precede the pyplot import
     import matplotlib.pyplot as plt
 
     ts = [r["t"] for r in rows]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(7, 4.6))
     ax.plot(ts, [r["linear"] for r in rows], marker="o", label="linear probe")
     ax.plot(ts, [r["knn"] for r in rows], marker="s", label="kNN")
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -120,11 +122,16 @@ def plot_accuracy_vs_t(rows: list[dict], path: Union[str, Path], baselines: Opti
                 color=colors[(i + 2) % len(colors)], label=name)
     for i, (name, value) in enumerate((baselines or {}).items(), start=len(curves or {})):
         ax.axhline(value, linestyle="--", linewidth=1, color=colors[(i + 2) % len(colors)], label=name)
+    shown = [r[k] for r in rows for k in ("linear", "knn")] + list((baselines or {}).values())
+    top = max(shown + [v["linear"] for other in (curves or {}).values() for v in other])
+    ax.set_ylim(max(0.0, min(shown) - 4.0), min(100.0, top + 1.5))
     ax.set_xlabel("diffusion time t (0 = clean)")
     ax.set_ylabel("top-1 accuracy (%)")
     ax.set_title("Accuracy vs diffusion time" if curves else "Embedding accuracy vs diffusion time")
     ax.grid(alpha=0.3)
-    ax.legend(loc="best", fontsize="small")
-    fig.tight_layout()
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize="x-small")
+    if note:
+        fig.text(0.01, 0.01, note, fontsize="x-small", color="0.3")
+    fig.tight_layout(rect=(0, 0.04 if note else 0, 1, 1))
     fig.savefig(path, format="png", dpi=120)
     plt.close(fig)

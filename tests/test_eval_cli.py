@@ -191,6 +191,12 @@ def test_eval_probe_cli(run_dir, tmp_path, capsys):
     result = json.loads((tmp_path / "probe.json").read_text())
     assert {"per_t", "best_t", "multi_t", "raw_pixels", "embedding_dim", "n_train", "n_test", "seconds"} <= set(result)
     assert (result["n_train"], result["n_test"]) == (200, 100)
+    assert result["commit"] == eval_mod.source_commit()  # None outside a git checkout
+    note = eval_mod._report_note(result)
+    assert "200 train / 100 test images" in note and (result["commit"] or "commit unknown") in note
+    flat = eval_mod._flat_figures(result)
+    assert flat["our multi-t readout (32-d), linear"] == result["multi_t"]["linear"]
+    assert {"random conv 16-d, linear", "random conv 32-d, linear"} <= set(flat)
     for png in ("probe.png", "embedding-2d.png", "reconstructions.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG", png
     b = result["baselines"]

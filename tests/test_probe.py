@@ -84,3 +84,26 @@ def test_plot_writes_a_png(tmp_path):
     path = tmp_path / "acc.png"
     plot_accuracy_vs_t(rows, path, {"raw pixels": 84.2})
     assert path.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_plot_keeps_the_embedding_in_range_and_writes_the_note(tmp_path, monkeypatch):
+    """A far lower curve (DDAE at large t) must not squash the embedding's rows to a line: the y-range is
+    set by the rows and the t-free figures; the note is drawn under the axes."""
+    import matplotlib.figure
+
+    rows = [{"t": 0.0, "linear": 87.0, "knn": 84.0}, {"t": 1.0, "linear": 85.0, "knn": 83.5}]
+    seen = {}
+    save = matplotlib.figure.Figure.savefig
+
+    def spy(fig, *a, **k):
+        seen["ylim"] = fig.axes[0].get_ylim()
+        seen["texts"] = [t.get_text() for t in fig.texts]
+        return save(fig, *a, **k)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", spy)
+    plot_accuracy_vs_t(rows, tmp_path / "acc.png", {"random conv 384-d, linear": 88.4},
+                       {"DDAE": [{"t": 0.0, "linear": 80.0}, {"t": 1.0, "linear": 10.0}]}, note="commit abc")
+    lo, hi = seen["ylim"]
+    assert 78.0 <= lo <= 83.5 and 88.4 < hi <= 100.0
+    assert seen["texts"] == ["commit abc"]
+    assert (tmp_path / "acc.png").read_bytes()[:8] == PNG_MAGIC
