@@ -118,14 +118,13 @@ def _concat(zs: list, ts: Sequence[float], multi_ts: Sequence[float]) -> torch.T
     return torch.cat([zs[ts.index(t)] for t in multi_ts], 1)
 
 
-def _probe_grid(timer, train_z, test_z, train_y, test_y, ts, knn_k, classes, part="", multi_ts=None):
-    """Linear and kNN at each t and on the concatenation over ``multi_ts`` (default: every t). Where every t
+def _probe_grid(timer, train_z, test_z, train_y, test_y, ts, multi_ts, knn_k, classes, part=""):
+    """Linear and kNN at each t and on the concatenation over ``multi_ts`` (some of ``ts``). Where every t
     has the same tensor (a t-blind model) it is probed once, and its multi-t readout is that one embedding."""
-    multi_ts = list(multi_ts or ts)
     if all(z is train_z[0] for z in train_z):
         linear, knn = _probe(timer, train_z[0], train_y, test_z[0], test_y, knn_k, classes, part)
         per_t = [{"t": t, "linear": linear, "knn": knn} for t in ts]
-        multi_t = {"ts": multi_ts, "linear": linear, "knn": knn, "dim": train_z[0].shape[1], "t_blind": True}
+        multi_t = {"ts": list(multi_ts), "linear": linear, "knn": knn, "dim": train_z[0].shape[1], "t_blind": True}
         return per_t, dict(per_t[0]), multi_t
     per_t = []
     for t, a, b in zip(ts, train_z, test_z):
@@ -138,7 +137,7 @@ def _probe_grid(timer, train_z, test_z, train_y, test_y, ts, knn_k, classes, par
         row = per_t[ts.index(multi_ts[0])]
         linear, knn = row["linear"], row["knn"]
     dim = sum(train_z[ts.index(t)].shape[1] for t in multi_ts)
-    multi_t = {"ts": multi_ts, "linear": linear, "knn": knn, "dim": dim}
+    multi_t = {"ts": list(multi_ts), "linear": linear, "knn": knn, "dim": dim}
     return per_t, dict(max(per_t, key=lambda r: r["linear"])), multi_t
 
 
@@ -191,8 +190,8 @@ def run_probe(model, train_images: torch.Tensor, train_labels: torch.Tensor, tes
     features: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # method -> (train, test), for label efficiency
 
     train_z, test_z = _embed_grid(timer, model, train_images, test_images, ts, batch_size, progress, "probe over t")
-    per_t, best_t, multi_t = _probe_grid(timer, train_z, test_z, train_labels, test_labels, ts, knn_k, classes,
-                                         multi_ts=multi_ts)
+    per_t, best_t, multi_t = _probe_grid(timer, train_z, test_z, train_labels, test_labels, ts, multi_ts, knn_k,
+                                         classes)
     k_best = ts.index(best_t["t"])
     features["embedding, best t"] = (train_z[k_best], test_z[k_best])
     features["embedding, multi-t"] = (_concat(train_z, ts, multi_ts), _concat(test_z, ts, multi_ts))
@@ -225,8 +224,8 @@ def run_probe(model, train_images: torch.Tensor, train_labels: torch.Tensor, tes
         fresh = baselines.untrained_like(model)
         rz_train, rz_test = _embed_grid(timer, fresh, train_images, test_images, ts, batch_size, progress,
                                         "untrained encoder")
-        r_per_t, r_best, r_multi = _probe_grid(timer, rz_train, rz_test, train_labels, test_labels, ts, knn_k,
-                                               classes, "untrained ", multi_ts)
+        r_per_t, r_best, r_multi = _probe_grid(timer, rz_train, rz_test, train_labels, test_labels, ts, multi_ts,
+                                               knn_k, classes, "untrained ")
         features.update(_readout("untrained", rz_train, rz_test, ts, r_multi))
         result_baselines["untrained_encoder"] = {"per_t": r_per_t, "best_t": r_best, "multi_t": r_multi}
         del fresh, rz_train, rz_test
@@ -244,8 +243,8 @@ def run_probe(model, train_images: torch.Tensor, train_labels: torch.Tensor, tes
         }
         for name, other in (baseline_runs or {}).items():
             oz_train, oz_test = _embed_grid(timer, other, train_images, test_images, ts, batch_size, progress, name)
-            o_per_t, o_best, o_multi = _probe_grid(timer, oz_train, oz_test, train_labels, test_labels, ts, knn_k,
-                                                   classes, f"{name} ", multi_ts)
+            o_per_t, o_best, o_multi = _probe_grid(timer, oz_train, oz_test, train_labels, test_labels, ts,
+                                                   multi_ts, knn_k, classes, f"{name} ")
             features.update(_readout(name, oz_train, oz_test, ts, o_multi))
             result_baselines[name] = {"per_t": o_per_t, "best_t": o_best, "multi_t": o_multi}
 

@@ -25,9 +25,10 @@ def to_model_range(images: torch.Tensor) -> torch.Tensor:
 
 def images_to_model_range(images: torch.Tensor) -> torch.Tensor:
     """uint8 0..255 or float 0..1 -> float32 in [-1, 1]: what the networks see, and the range diffusers'
-    VAEs are trained on (the latent extraction feeds them the same)."""
+    VAEs are trained on (the latent extraction feeds them the same). Pixels go through ``to_model_range``,
+    the training batches' own scaling."""
     if images.dtype == torch.uint8:
-        return images.float() / 127.5 - 1.0
+        return to_model_range(images)
     if not images.is_floating_point():
         raise TypeError(f"images must be uint8 (0..255) or float (0..1), got {images.dtype}")
     return images.float() * 2.0 - 1.0
