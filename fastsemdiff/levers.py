@@ -93,12 +93,12 @@ def check_compile_mode(cfg: Config, device: torch.device, compiling: bool) -> No
     mode = cfg.train.compile_mode
     if mode == "default":
         return
-    if not compiling:
-        raise ConfigError(f"train.compile_mode={mode} needs torch.compile, which is off for this run "
-                          f"(train.compile={cfg.train.compile} on {device.type}); set train.compile=on")
     if mode == "reduce-overhead" and device.type != "cuda":
         raise ConfigError(f"train.compile_mode=reduce-overhead captures the step in CUDA graphs, which need a CUDA "
                           f"device; this run is on {device.type}: use train.compile_mode=default")
+    if not compiling:
+        raise ConfigError(f"train.compile_mode={mode} needs torch.compile, which is off for this run "
+                          f"(train.compile={cfg.train.compile} on {device.type}); set train.compile=on")
 
 
 def check_fp8(choice: str, device: torch.device) -> None:

@@ -22,7 +22,7 @@ from gpucheck import runner  # noqa: E402
 from gpucheck.stages import train_curves  # noqa: E402
 
 STAGES = ["environment", "install", "build-cuda", "kernel-tests", "model-check", "train-curves", "csrc-tests",
-          "bench-adaln", "bench-train-tiny", "report"]
+          "bench-adaln", "bench-train-tiny", "profile", "switch-matrix", "report"]
 
 
 @pytest.fixture(scope="module")
@@ -62,12 +62,21 @@ def test_dry_run_passes_every_stage(dry_run):
     assert model["grad_rel_error"]["bf16_fused"] > 0  # a real comparison, not identical code paths
     assert stages["csrc-tests"]["details"]["counts"].get("failed", 0) == 0
     assert any(item["what"] == "build-cuda" for item in record["not_measured"])
+    profiled = stages["profile"]["details"]["rows"]
+    assert {r["size"] for r in profiled} == {"tiny", "main"}
+    assert all(r["profile"]["source"].startswith("CPU op events") and r["profile"]["by_category_us"]["matmul/conv"] > 0
+               for r in profiled)
+    matrix = {r["variant"]: r for r in stages["switch-matrix"]["details"]["rows"] if r["size"] == "tiny"}
+    assert matrix["mlp_epilogue=addmm"]["ratio_to_reference"] > 0 and matrix["update=loop"]["finite"]
+    for refused in ("attention=cudnn", "fp8=rowwise", "reduce-overhead"):  # the CPU's refusals, with reasons
+        assert "skipped" in matrix[refused], matrix[refused]
 
 
 def test_dry_run_writes_the_benchmarks_tables_and_summary(dry_run):
     out, _, output, _ = dry_run
-    assert sorted(p.name for p in out.iterdir()) == ["bench.json", "gpu_check.json", "logs.txt", "summary.txt",
-                                                    "tables.md"]
+    assert sorted(p.name for p in out.iterdir()) == ["bench.json", "gpu_check.json", "logs.txt", "profile.json",
+                                                    "profile.md", "summary.txt", "switch_matrix.json",
+                                                    "switch_matrix.md", "tables.md"]
     bench = json.loads((out / "bench.json").read_text())
     groups = {b["group"] for b in bench["benchmarks"]}
     assert any(g.startswith("adaln-mln-forward") for g in groups) and any(g.startswith("train-dit") for g in groups)
@@ -144,7 +153,7 @@ def test_an_unknown_stage_is_a_clear_error_listing_the_stages(tmp_path):
     proc = _gpu_check("--dry-run", "--only", "install,kernel-test", "--out", str(tmp_path / "out"), timeout=120)
     assert proc.returncode == 2 and not (tmp_path / "out").exists()
     assert "unknown stage kernel-test for --only" in proc.stderr, proc.stderr
-    for name in STAGES[:-3] + ["bench-train", "report"]:
+    for name in [n for n in STAGES if n != "bench-train-tiny"] + ["bench-train"]:
         assert name in proc.stderr.split("the stages are:")[1]
     with pytest.raises(ValueError, match="the stages are: environment, install"):
         runner.select(runner.discover(), "nope")
@@ -155,9 +164,11 @@ def test_stages_are_discovered_in_their_order_and_keep_the_contract():
     orders = {m.NAME: m.ORDER for m in mods}
     assert [m.ORDER for m in mods] == sorted(m.ORDER for m in mods)
     assert {k: orders[k] for k in ("environment", "install", "build-cuda", "kernel-tests", "model-check",
-                                   "train-curves", "csrc-tests", "bench-adaln", "bench-train", "report")} == {
+                                   "train-curves", "csrc-tests", "bench-adaln", "bench-train", "profile",
+                                   "switch-matrix", "report")} == {
         "environment": 0, "install": 10, "build-cuda": 20, "kernel-tests": 30, "model-check": 31,
-        "train-curves": 32, "csrc-tests": 40, "bench-adaln": 50, "bench-train": 60, "report": 99}
+        "train-curves": 32, "csrc-tests": 40, "bench-adaln": 50, "bench-train": 60, "profile": 70,
+        "switch-matrix": 75, "report": 99}
     assert mods[-1].NAME == "report"
     parallel = [m.NAME for m in mods if getattr(m, "PARALLEL", False)]
     assert {"kernel-tests", "model-check", "train-curves"} <= set(parallel)
