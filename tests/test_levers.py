@@ -380,14 +380,15 @@ def test_fp8_conversion_swaps_exactly_the_filtered_linears_keeping_parameters():
 
 # ----------------------------------------------------------------------------------- the trainer's start
 
-@pytest.mark.parametrize("override,fragments", [
-    ("model.attention=efficient", ["model.attention=efficient", "cpu"]),
-    ("train.fp8=rowwise", ["train.fp8=rowwise", "8.9"]),
+@pytest.mark.parametrize("overrides,fragments", [
+    (["model.attention=efficient"], ["model.attention=efficient", "cpu"]),
+    (["train.fp8=rowwise"], ["train.fp8=rowwise", "8.9"]),
+    (["train.compile=on", "train.compile_mode=reduce-overhead"], ["reduce-overhead", "CUDA graphs", "cpu"]),
 ])
-def test_trainer_refuses_before_reading_data(override, fragments, tmp_path, fake_fmnist, capsys):
+def test_trainer_refuses_before_reading_data(overrides, fragments, tmp_path, fake_fmnist, capsys):
     from test_train import _main_error
 
-    msg = _main_error(capsys, train_args(tmp_path / "run", fake_fmnist, override))
+    msg = _main_error(capsys, train_args(tmp_path / "run", fake_fmnist, *overrides))
     for f in fragments:
         assert f in msg, msg
     assert not (tmp_path / "run").exists()
@@ -402,3 +403,20 @@ def test_trainer_runs_with_the_switches_set(tmp_path, fake_fmnist):
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == [1, 2, 3] and all(r["loss"] == r["loss"] for r in lines)
     assert (run / "model.safetensors").exists()
+
+
+def test_compile_mode_reaches_torch_compile(monkeypatch):
+    """distributed.wrap hands train.compile_mode to every block's compile (and to the whole-model compile)."""
+    from fastsemdiff import distributed
+
+    seen = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: seen.append(kw.get("mode")))
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: (seen.append(("model", kw.get("mode"))), m)[1])
+    cfg = load_config()
+    core = SemanticDiffusion(cfg)
+    rt = distributed.Runtime(0, 1, 0, CPU, "single", None)
+    distributed.wrap(core, rt, "blocks", compile_mode="max-autotune-no-cudagraphs")
+    assert seen == ["max-autotune-no-cudagraphs"] * (len(core.encoder.blocks) + len(core.denoiser.blocks))
+    seen.clear()
+    distributed.wrap(core, rt, "model", compile_mode="default")
+    assert seen == [("model", None)]

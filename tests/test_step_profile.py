@@ -79,3 +79,22 @@ def test_matrix_plans_put_the_reference_first_and_refusals_in_the_dry_run():
     assert {"B2", "S2"} <= {p[0] for p in switch_matrix.gpu_rows(["XL2", "main", "B2", "S2"])}
     dry = {p[2] for p in switch_matrix.dry_rows()}
     assert {"attention=cudnn", "fp8=rowwise", "reduce-overhead", "mlp_epilogue=addmm"} <= dry
+
+
+def test_bench_steps_apply_the_switches_and_refuse_what_the_device_cannot_run():
+    from trainstep import CPU_SIZES, build_step, main_job_step
+
+    from fastsemdiff.config import ConfigError
+    from fastsemdiff.nn import Attention, Mlp
+
+    step = build_step("dit", CPU_SIZES["tiny"], "torch_eager", torch.device("cpu"),
+                      ["model.attention=math", "model.mlp_epilogue=addmm", "train.update=loop"])
+    assert {m.backend for m in step.module.modules() if isinstance(m, Attention)} == {"math"}
+    assert {m.epilogue for m in step.module.modules() if isinstance(m, Mlp)} == {"addmm"}
+    assert step.optimizer.defaults["foreach"] is False
+    step()
+    assert bool(step.finite) and len(step.losses) == 1
+    with pytest.raises(ConfigError, match="cudnn"):
+        build_step("dit", CPU_SIZES["tiny"], "torch_eager", torch.device("cpu"), ["model.attention=cudnn"])
+    main = main_job_step(torch.device("cpu"), ["model.mlp_epilogue=addmm"], batch=4)
+    assert main.batch == 4 and main.cfg.encoder.arch == "cnn" and main.flops > 0
