@@ -78,8 +78,9 @@ def split_events(events, on_gpu: bool) -> dict:
         kernels = [e for e in events if e.device_type == DeviceType.CUDA]
         for evt in events:
             if evt.device_type == DeviceType.CPU and evt.kernels:
-                cat = categorize([k.name for k in evt.kernels[:1]] + _chain(evt))
-                cats[cat] += sum(k.duration for k in evt.kernels)
+                chain = _chain(evt)
+                for k in evt.kernels:  # one op may launch several kinds (a CUDA graph replay: all of them)
+                    cats[categorize([k.name] + chain)] += k.duration
         intervals = [(k.time_range.start, k.time_range.end) for k in kernels]
         busy = _union_us(intervals)
         span = (max(b for _, b in intervals) - min(a for a, _ in intervals)) if intervals else 0.0

@@ -98,3 +98,30 @@ def test_bench_steps_apply_the_switches_and_refuse_what_the_device_cannot_run():
         build_step("dit", CPU_SIZES["tiny"], "torch_eager", torch.device("cpu"), ["model.attention=cudnn"])
     main = main_job_step(torch.device("cpu"), ["model.mlp_epilogue=addmm"], batch=4)
     assert main.batch == 4 and main.cfg.encoder.arch == "cnn" and main.flops > 0
+
+
+def test_gpu_split_from_kernel_events():
+    """The GPU branch on synthetic events: kernels are categorised one by one through their launching op's
+    ancestry, gaps are the span minus the union of kernel intervals, and kernels linked to no op count as other."""
+    from types import SimpleNamespace as NS
+
+    from torch.autograd import DeviceType
+
+    def op(name, parent=None, kernels=()):
+        return NS(name=name, cpu_parent=parent, device_type=DeviceType.CPU,
+                  kernels=[NS(name=n, duration=d) for n, d in kernels])
+
+    def kernel(start, end):
+        return NS(name="k", device_type=DeviceType.CUDA, time_range=NS(start=start, end=end), kernels=[], cpu_parent=None)
+
+    update = op("step.update")
+    events = [op("aten::addmm", kernels=[("sm90_xmma_gemm", 40.0)]),
+              op("aten::_flash_attention_forward", kernels=[("flash_fwd_kernel", 20.0)]),
+              op("aten::_foreach_lerp_", update, kernels=[("multi_tensor_apply_kernel", 10.0)]),
+              op("cudaGraphLaunch", kernels=[("triton_per_fused_native_layer_norm_0", 5.0), ("nvjet_tst_gemm", 5.0)]),
+              kernel(0, 40), kernel(40, 60), kernel(70, 80), kernel(80, 85), kernel(85, 90), kernel(90, 95)]
+    p = profile_step.split_events(events, on_gpu=True)
+    cats = p["by_category_us"]
+    assert cats == {"matmul/conv": 45.0, "attention": 20.0, "norm": 5.0, "other": 5.0, "optimizer+ema": 10.0}
+    assert p["unattributed_us"] == 5.0  # 85 us of kernels, 80 attributed to ops
+    assert p["span_us"] == 95 and p["busy_us"] == 85 and p["gaps_us"] == 10
