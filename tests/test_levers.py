@@ -420,3 +420,18 @@ def test_compile_mode_reaches_torch_compile(monkeypatch):
     seen.clear()
     distributed.wrap(core, rt, "model", compile_mode="default")
     assert seen == [("model", None)]
+
+
+def test_mlp_epilogue_traces_under_autocast():
+    """The autocast branch (cast to the autocast dtype, then autocast off around the Function) compiles whole."""
+    torch.manual_seed(0)
+    m = Mlp(72, 288)
+    m.epilogue = "addmm"
+    x = torch.randn(2, 16, 72, generator=gen(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        eager = m(x)
+        compiled = torch.compile(m, backend="aot_eager", fullgraph=True)(x)
+    assert compiled.dtype == torch.bfloat16
+    torch.testing.assert_close(compiled, eager)
+    compiled.float().sum().backward()
+    assert m.fc1.weight.grad.dtype == torch.float32 and m.fc1.weight.grad.abs().sum() > 0
