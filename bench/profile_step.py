@@ -195,6 +195,9 @@ def main(argv: list[str] | None = None) -> int:
             shown = row.get("skipped") or f"{row['images_per_s']:.0f} img/s"
             print(f"[profile] {size_id} {label}: {shown}", flush=True)
     md = table(rows)
+    if args.dry_run:
+        md = ("DRY RUN on a CPU (tiny shapes, 1 warm-up and 2 timed steps on a shared machine): the code paths ran; "
+              "the figures mean nothing.\n\n" + md)
     print(md)
     if args.json:
         Path(args.json).write_text(json.dumps({"device": str(device), "torch": torch.__version__, "rows": rows},

@@ -162,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.json).write_text(json.dumps({"device": str(device), "torch": torch.__version__,
                                                "wall_s": round(time.monotonic() - t0, 1), "rows": rows}, indent=1))
     md = table(rows)
+    if args.dry_run:
+        md = ("DRY RUN on a CPU (tiny shapes, 1 warm-up and 2 timed steps on a shared machine): the code paths ran; "
+              "the figures mean nothing.\n\n" + md)
     print(md)
     if args.md:
         Path(args.md).write_text(md + "\n")
