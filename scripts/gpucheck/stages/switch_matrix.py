@@ -3,10 +3,10 @@ reference of the same size (the main job's rows: to its defaults), the loss afte
 weights and draws, host syncs per step; into switch_matrix.md / switch_matrix.json in the output folder.
 
 Rows, in order (a row that would start after the time box is recorded "not reached"): DiT-XL/2 reference
-(torch.compile) and fused, the main job and the main job under CUDA graphs (reduce-overhead), then at XL/2 each of
-attention=flash/cudnn, mlp_epilogue=addmm, update=foreach, fp8=rowwise/tensorwise, attention=efficient/flash_attn,
-update=loop, reduce-overhead and max-autotune-no-cudagraphs (the slow compiles last), then the main job's whole-model
-CUDA graph. Time box: 120 s on a GPU, and it is the first stage dropped when the 480 s budget runs short (highest
+(torch.compile) and fused, the main job with its defaults, under CUDA graphs (reduce-overhead, per block), as one
+whole-model CUDA graph and whole-model compiled without graphs, then at XL/2 each of attention=flash/cudnn,
+mlp_epilogue=addmm, update=foreach, fp8=rowwise/tensorwise, attention=efficient/flash_attn, update=loop,
+reduce-overhead and max-autotune-no-cudagraphs (the slow compiles last), then the main job with update=foreach. Time box: 120 s on a GPU, and it is the first stage dropped when the 480 s budget runs short (highest
 ORDER but the report); the full matrix with B/2 and S/2 is
 ``python scripts/gpu_check.py --only install,switch-matrix --budget 900`` (FASTSEMDIFF_SWITCH_SIZES=XL2,main,B2,S2).
 A dry run measures the tiny CPU step and the main job's at batch 16, and records the CPU's refusals (cudnn, fp8,
