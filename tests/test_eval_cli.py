@@ -208,6 +208,8 @@ def test_eval_probe_cli(run_dir, tmp_path, capsys):
         assert set(row["metrics"]) == {"linear", "knn", "100"}
         for m in row["metrics"].values():
             assert m["beats"] == (m["ours"] > m["control"])
+            assert m["lead"] == round(m["ours"] - m["control"], 2) and m["leads_by_required"] == (m["lead"] >= 1.0)
+    assert result["controls_verdict"] == eval_mod.controls_verdict(result["against_controls"])
     assert b["pixel_pca"]["dim"] == 16 and 0 <= b["ddae"]["block"] < 2 and b["ddae"]["t"] in (0.0, 0.5)
     assert set(result["label_efficiency"]) == {"100"}  # 200 images hold too few per class for 1,000
     assert {"embedding, multi-t", "raw pixels", "pixel PCA", "DDAE", "static, multi-t", "untrained"} <= set(
@@ -245,3 +247,43 @@ def test_sample_cli(run_dir, tmp_path):
         assert img.size == grid_size(4, 28, 28, nrow=2) and img.mode == "L"
     with Image.open(tmp_path / "reconstructions.png") as img:
         assert img.size == grid_size(8, 28, 28, nrow=2)
+
+
+def _result_with_leads(leads: dict[str, float]) -> dict:
+    """A probe result whose best-t readout leads its 128-d control by ``leads`` (metric -> points)."""
+    control = {"linear": 85.0, "knn": 83.0, "1000": 78.0, "100": 68.0}
+    ours = {k: control[k] + leads[k] for k in control}
+    name, cname = "embedding, best t", "random conv, 128-d"
+    return {"best_t": {"t": 0.0, "linear": ours["linear"], "knn": ours["knn"]}, "multi_t": {"dim": 384},
+            "embedding_dim": 128,
+            "baselines": {"random_conv": {"128": {"dim": 128, "linear": control["linear"], "knn": control["knn"],
+                                                  "filters": 8}}},
+            "label_efficiency": {n: {name: ours[n], cname: control[n]} for n in ("1000", "100")}}
+
+
+def test_against_controls_states_the_one_point_lead():
+    # 1.004 prints as 1.00 and passes; 0.99 is short by 0.01; a loss is short by more than a point
+    result = _result_with_leads({"linear": 1.004, "knn": 0.99, "1000": 2.5, "100": -0.4})
+    (row,) = eval_mod.against_controls(result)  # no 384-d control: the multi-t readout has no row
+    m = row["metrics"]
+    assert m["linear"]["lead"] == 1.0 and m["linear"]["leads_by_required"] and m["linear"]["short_by"] == 0.0
+    assert m["knn"]["lead"] == 0.99 and not m["knn"]["leads_by_required"] and m["knn"]["short_by"] == 0.01
+    assert m["knn"]["beats"]  # beats the control, but not by the required point
+    assert m["1000"]["leads_by_required"] and m["1000"]["to_goal"] == pytest.approx(83.0 - 80.5)
+    assert not m["100"]["beats"] and m["100"]["short_by"] == 1.4
+    verdict = eval_mod.controls_verdict([row])
+    assert not verdict["all_lead_by_required"] and verdict["required_lead"] == eval_mod.REQUIRED_LEAD == 1.0
+    assert verdict["short"] == ["embedding, best t: knn (lead +0.99)", "embedding, best t: 100 (lead -0.40)"]
+    result["against_controls"] = [row]
+    result.update(per_t=[{"t": 0.0, "linear": 86.0, "knn": 84.0}], raw_pixels={"linear": 80, "knn": 80, "dim": 784})
+    result["multi_t"].update(ts=[0.0], linear=86.0, knn=84.0)
+    text = format_table(result)
+    assert "knn 83.99 vs 83.00 beats by 0.99 (short of +1 by 0.01)" in text
+    assert "100 67.60 vs 68.00 LOSES by 0.40 (short of +1 by 1.40)" in text and "linear 86.00 vs 85.00 beats by 1.00, goal" in text
+    assert "on every metric: NO (embedding, best t: knn (lead +0.99)" in text
+
+
+def test_controls_verdict_passes_only_when_every_metric_leads_by_a_point():
+    row = eval_mod.against_controls(_result_with_leads({"linear": 1.2, "knn": 3.0, "1000": 1.0, "100": 2.0}))
+    assert eval_mod.controls_verdict(row) == {"required_lead": 1.0, "all_lead_by_required": True, "short": []}
+    assert not eval_mod.controls_verdict([])["all_lead_by_required"]  # no control to compare: not a pass
