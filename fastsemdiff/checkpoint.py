@@ -50,6 +50,8 @@ FIXED_ON_RESUME = (
     "encoder.depth", "encoder.dim",
     "encoder.regularizer", "encoder.reg_weight", "encoder.objective", "encoder.num_classes",
     "diffusion.schedule", "diffusion.prediction", "diffusion.lambda_cons", "diffusion.cons_step",
+    "diffusion.t_sampling", "diffusion.t_mean", "diffusion.t_std", "diffusion.t_shift", "diffusion.loss_weight",
+    "diffusion.min_snr_gamma",
     "data.image_size", "data.channels",
     # data.source=latents: the latent space itself (another VAE or scaling gives same-shaped latents that
     # mean something else); pixel runs hold the defaults on both sides

@@ -99,6 +99,15 @@ class DiffusionConfig:
     prediction: str = "eps"  # eps | v | x0 | velocity
     lambda_cons: float = 0.0  # weight of the sequential-consistency term; 0.1 gained nothing (docs/ABLATIONS.md)
     cons_step: float = 0.05  # |t' - t| is drawn uniformly up to this
+    # How training draws t (diffusion/timesteps.py): uniform, or logit-normal sigmoid(t_mean + t_std * N(0, 1));
+    # then t_shift > 1 moves the draws toward noise (SD3's shift; 1: none). For the encoder's sake: z is needed
+    # where the denoiser cannot guess x0 alone.
+    t_sampling: str = "uniform"  # uniform | logit_normal
+    t_mean: float = 0.0
+    t_std: float = 1.0
+    t_shift: float = 1.0
+    loss_weight: str = "none"  # none | min_snr: min(SNR, min_snr_gamma) on the x0-error, caps the low-noise terms
+    min_snr_gamma: float = 5.0
 
 
 @dataclass
@@ -199,6 +208,8 @@ class Config:
             "encoder.objective": (self.encoder.objective, {"self_conditional", "supervised"}),
             "diffusion.schedule": (self.diffusion.schedule, {"vp-cosine", "vp-linear", "ve", "flow"}),
             "diffusion.prediction": (self.diffusion.prediction, {"eps", "v", "x0", "velocity"}),
+            "diffusion.t_sampling": (self.diffusion.t_sampling, {"uniform", "logit_normal"}),
+            "diffusion.loss_weight": (self.diffusion.loss_weight, {"none", "min_snr"}),
             "data.source": (self.data.source, {"fashion-mnist", "folder", "npz", "latents"}),
             "latents.resident": (self.latents.resident, {"auto", "device", "stream"}),
             "data.loader": (self.data.loader, {"auto", "dali", "torch"}),
@@ -250,6 +261,13 @@ class Config:
             raise ConfigError(f"data.workers={self.data.workers} must be >= 0")
         if not 0.0 <= self.model.z_dropout < 1.0:
             raise ConfigError(f"model.z_dropout={self.model.z_dropout} must be in [0, 1)")
+        df = self.diffusion
+        if df.t_std <= 0 or df.t_shift <= 0 or df.min_snr_gamma <= 0:
+            raise ConfigError(f"diffusion.t_std={df.t_std}, diffusion.t_shift={df.t_shift} and diffusion.min_snr_gamma="
+                              f"{df.min_snr_gamma} must be positive (t_shift=1 and loss_weight=none turn them off)")
+        if df.loss_weight == "min_snr" and df.prediction == "velocity":
+            raise ConfigError("diffusion.loss_weight=min_snr is defined for eps, v and x0 predictions; with "
+                              "prediction=velocity set loss_weight=none")
         if self.train.steps < 1 or self.train.batch_size < 1:
             raise ConfigError("train.steps and train.batch_size must be positive")
         if self.train.grad_accum < 1:

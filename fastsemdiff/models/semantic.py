@@ -13,7 +13,7 @@ from torch import nn
 
 from ..config import Config, ConfigError
 from ..data.device_dataset import images_to_model_range
-from ..diffusion import get_schedule, sample, target, to_x0_eps
+from ..diffusion import get_schedule, loss_weights, sample, target, to_x0_eps, train_times
 from ..vae import codec_for
 from .dit import DiT
 from .conv_encoder import ConvTimeEncoder
@@ -121,7 +121,8 @@ class SemanticDiffusion(nn.Module):
     def draw_noise(self, x0: torch.Tensor, generator: Optional[torch.Generator] = None) -> StepNoise:
         """The random draws of one loss on the batch ``x0`` (only those the config uses), from ``generator``."""
         cfg, B, dev = self.cfg, x0.shape[0], x0.device
-        t = self.schedule.sample_t(B, dev, generator)
+        df = cfg.diffusion
+        t = train_times(self.schedule, B, dev, generator, df.t_sampling, df.t_mean, df.t_std, df.t_shift)
         eps = torch.randn(x0.shape, device=dev, generator=generator)
         drop = torch.rand(B, device=dev, generator=generator) < cfg.model.z_dropout
         cons = z_noise = z_noise2 = None
@@ -182,9 +183,11 @@ class SemanticDiffusion(nn.Module):
 
         z, stats = self.encoder(self.encoder_input(x0, t, eps, n.view), t, noise=n.z_noise)
         out = self.denoiser(x_t, t, z, n.drop)
-        mse = (out.float() - target(cfg.diffusion.prediction, sch, t, x0, eps)).pow(2).mean()
+        err = (out.float() - target(cfg.diffusion.prediction, sch, t, x0, eps)).pow(2)
+        mse = err.mean()
         parts = {"mse": mse.detach()}
-        loss = mse
+        w = loss_weights(cfg.diffusion.loss_weight, sch, t, cfg.diffusion.prediction, cfg.diffusion.min_snr_gamma)
+        loss = mse if w is None else (w * err.flatten(1).mean(1)).mean()
 
         if self._uses_consistency():
             if n.cons is None:
