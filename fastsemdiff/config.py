@@ -83,6 +83,11 @@ class EncoderConfig:
     # drawn per sample, so z cannot carry what changes under them.
     view_shift: int = 0
     view_flip: bool = False
+    # SODA-style stronger views for E alone: a random resized crop of area share in [min, max] ([]: none; aspect
+    # ratio 3/4..4/3, resized back to the input side) and, with probability view_erase, an erased box
+    # (RandomErasing's 2-33 % of the area, set to 0, mid-grey)
+    view_crop_scale: list[float] = field(default_factory=list)
+    view_erase: float = 0.0
     time_conditioned: bool = True  # false: a diffae-style static code E(x0)
     normalize: bool = False  # L2-normalise z (the "directional vector"); off probed better (docs/ABLATIONS.md)
     depth: Optional[int] = None  # None: half the denoiser's depth
@@ -249,6 +254,12 @@ class Config:
         if e.view_shift < 0 or (side and e.view_shift >= side // 2):
             raise ConfigError(f"encoder.view_shift={e.view_shift} must be 0 (off) or a few pixels, less than half "
                               f"the input side ({what}={side})")
+        crop = e.view_crop_scale
+        if crop and (len(crop) != 2 or not 0.0 < crop[0] <= crop[1] <= 1.0):
+            raise ConfigError(f"encoder.view_crop_scale={crop} must be [] (no crop) or [min, max] area shares with "
+                              "0 < min <= max <= 1, e.g. [0.35, 1.0]")
+        if not 0.0 <= e.view_erase <= 1.0:
+            raise ConfigError(f"encoder.view_erase={e.view_erase} is a probability: 0 (off) to 1")
         if side and side % self.model.patch_size:
             raise ConfigError(
                 f"{what}={side} is not divisible by model.patch_size={self.model.patch_size}; choose a patch size "
