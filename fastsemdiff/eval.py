@@ -169,6 +169,33 @@ def _select_ddae(timer, model, train_images, train_labels, ts, batch_size, class
     return block, t, scores
 
 
+def _select_z_plus_denoiser(timer, multi_train: torch.Tensor, ddae_train: torch.Tensor, train_labels, multi_ts,
+                            dim: int, classes: int) -> tuple[int, dict]:
+    """The multi-t readout with one t's z replaced by the denoiser's pooled tokens (the DDAE features at the
+    block and t already chosen): at the multi-t width when the denoiser is as wide as z. Which t gives way is
+    chosen on held-out training images (fit on up to 10,000, scored on a sixth of the split, disjoint; seed 1),
+    never on the test split. Returns (the index into multi_ts dropped, each choice's held-out linear %)."""
+    n = multi_train.shape[0]
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(1))
+    n_val = max(1, n // 6)
+    val, fit = perm[:n_val], perm[n_val:n_val + 10000]
+    scores = {}
+    for k, t in enumerate(multi_ts):
+        feats = _z_plus_denoiser(multi_train, ddae_train, k, dim)
+        with timer("z + denoiser selection"):
+            scores[float(t)] = linear_probe(feats[fit], train_labels[fit], feats[val], train_labels[val],
+                                            num_classes=classes)["top1"]
+    drop = max(range(len(multi_ts)), key=lambda k: scores[float(multi_ts[k])])
+    return drop, scores
+
+
+def _z_plus_denoiser(multi: torch.Tensor, ddae: torch.Tensor, drop: int, dim: int) -> torch.Tensor:
+    """The multi-t concatenation without the ``drop``-th t's z (columns drop*dim .. +dim), the denoiser's
+    tokens appended."""
+    keep = torch.cat([multi[:, :drop * dim], multi[:, (drop + 1) * dim:]], 1)
+    return torch.cat([keep, ddae.to(keep.device)], 1)
+
+
 def run_probe(model, train_images: torch.Tensor, train_labels: torch.Tensor, test_images: torch.Tensor,
               test_labels: torch.Tensor, ts: Sequence[float], batch_size: int, knn_k: int,
               progress: bool = True, with_baselines: bool = True, baseline_runs: Optional[dict] = None,
@@ -188,6 +215,7 @@ def run_probe(model, train_images: torch.Tensor, train_labels: torch.Tensor, tes
     classes = int(max(train_labels.max(), test_labels.max())) + 1
     dev = model.device
     features: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # method -> (train, test), for label efficiency
+    z_plus_denoiser: Optional[dict] = None  # the multi-t readout with one t's z replaced by the denoiser's tokens
 
     train_z, test_z = _embed_grid(timer, model, train_images, test_images, ts, batch_size, progress, "probe over t")
     per_t, best_t, multi_t = _probe_grid(timer, train_z, test_z, train_labels, test_labels, ts, multi_ts, knn_k,
@@ -237,6 +265,16 @@ def run_probe(model, train_images: torch.Tensor, train_labels: torch.Tensor, tes
             f_test = baselines.ddae_features(model, test_images, t_ddae, batch_size)[block]
         linear, knn = _probe(timer, f_train, train_labels, f_test, test_labels, knn_k, classes, "DDAE ")
         features["DDAE"] = (f_train, f_test)
+        if len(multi_ts) > 1 and not multi_t.get("t_blind"):
+            m_train, m_test = features["embedding, multi-t"]
+            drop, zd_scores = _select_z_plus_denoiser(timer, m_train, f_train, train_labels, multi_ts, dim, classes)
+            zd_train = _z_plus_denoiser(m_train, f_train, drop, dim)
+            zd_test = _z_plus_denoiser(m_test, f_test, drop, dim)
+            linear, knn = _probe(timer, zd_train, train_labels, zd_test, test_labels, knn_k, classes, "z + denoiser ")
+            features["embedding + denoiser"] = (zd_train, zd_test)
+            z_plus_denoiser = {"ts": [t for k, t in enumerate(multi_ts) if k != drop], "ddae_block": block,
+                               "ddae_t": t_ddae, "linear": linear, "knn": knn, "dim": zd_train.shape[1],
+                               "selection_val_linear": [{"dropped_t": t, "linear": v} for t, v in zd_scores.items()]}
         result_baselines["ddae"] = {
             "block": block, "t": t_ddae, "linear": linear, "knn": knn, "dim": f_train.shape[1],
             "selection_val_linear": [{"block": b, "t": t, "linear": v} for (b, t), v in sorted(scores.items())],
@@ -277,6 +315,8 @@ def run_probe(model, train_images: torch.Tensor, train_labels: torch.Tensor, tes
         "seconds": time.perf_counter() - start,
         "timings": {k: round(v, 3) for k, v in timer.parts.items()},
     }
+    if z_plus_denoiser is not None:
+        result["z_plus_denoiser"] = z_plus_denoiser
     result["against_controls"] = against_controls(result)
     result["controls_verdict"] = controls_verdict(result["against_controls"])
     return result
@@ -298,7 +338,10 @@ def against_controls(result: dict) -> list[dict]:
     controls = result.get("baselines", {}).get("random_conv", {})
     label_eff = result.get("label_efficiency", {})
     rows = []
-    for readout, name in (("best_t", "embedding, best t"), ("multi_t", "embedding, multi-t")):
+    for readout, name in (("best_t", "embedding, best t"), ("multi_t", "embedding, multi-t"),
+                          ("z_plus_denoiser", "embedding + denoiser")):
+        if readout not in result:
+            continue
         ours = result[readout]
         width = ours.get("dim", result["embedding_dim"])
         control = controls.get(str(width))
@@ -355,6 +398,11 @@ def format_table(result: dict) -> str:
     summary = [("embedding, multi-t", m["linear"], m["knn"], f"dim {m['dim']}"),
                ("embedding, best t", b["linear"], b["knn"], f"t = {b['t']:g}"),
                ("raw pixels", p["linear"], p["knn"], f"dim {p['dim']}")]
+    if "z_plus_denoiser" in result:
+        zd = result["z_plus_denoiser"]
+        summary.insert(2, ("embedding + denoiser", zd["linear"], zd["knn"],
+                           f"z at t in {zd['ts']} + denoiser block {zd['ddae_block']} at t = {zd['ddae_t']:g}, "
+                           f"dim {zd['dim']}"))
     for name, r in result.get("baselines", {}).items():
         if name == "random_conv":
             summary += [(f"random conv, {c['dim']}-d", c["linear"], c["knn"], f"{c['filters']} untrained filters")

@@ -202,8 +202,15 @@ def test_eval_probe_cli(run_dir, tmp_path, capsys):
     b = result["baselines"]
     assert set(b) == {"pixel_pca", "untrained_encoder", "ddae", "static", "random_conv"}  # static: --baseline-run
     assert {c["dim"] for c in b["random_conv"].values()} == {16, 32}  # best t (16-d) and multi-t (2 x 16)
+    zd = result["z_plus_denoiser"]  # multi-t (0, 0.5) with one t's z replaced by the denoiser's tokens
+    assert zd["dim"] == 16 + 32 and len(zd["ts"]) == 1 and zd["ts"][0] in (0.0, 0.5)
+    assert (zd["ddae_block"], zd["ddae_t"]) == (b["ddae"]["block"], b["ddae"]["t"])
+    assert {r["dropped_t"] for r in zd["selection_val_linear"]} == {0.0, 0.5}
+    kept = max(zd["selection_val_linear"], key=lambda r: r["linear"])["dropped_t"]
+    assert zd["ts"] == [t for t in (0.0, 0.5) if t != kept]  # chosen on held-out training images
+    assert "embedding + denoiser" in result["label_efficiency"]["100"]
     rows = {r["readout"]: r for r in result["against_controls"]}
-    assert set(rows) == {"embedding, best t", "embedding, multi-t"}
+    assert set(rows) == {"embedding, best t", "embedding, multi-t"}  # no 48-d control: z + denoiser not compared
     for row in rows.values():
         assert set(row["metrics"]) == {"linear", "knn", "100"}
         for m in row["metrics"].values():
@@ -223,6 +230,7 @@ def test_eval_probe_cli(run_dir, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "best t" in out and "pixels" in out and "total" in out
     assert "ddae" in out and "labelled images" in out and "against random conv" in out
+    assert "embedding + denoiser" in out
 
 
 @has_fmnist
