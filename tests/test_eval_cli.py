@@ -295,3 +295,37 @@ def test_controls_verdict_passes_only_when_every_metric_leads_by_a_point():
     row = eval_mod.against_controls(_result_with_leads({"linear": 1.2, "knn": 3.0, "1000": 1.0, "100": 2.0}))
     assert eval_mod.controls_verdict(row) == {"required_lead": 1.0, "all_lead_by_required": True, "short": []}
     assert not eval_mod.controls_verdict([])["all_lead_by_required"]  # no control to compare: not a pass
+
+
+def test_joint_label_probes_map_back_to_each_readout_and_draw(monkeypatch):
+    """joint_labels=True: one linear_probes call per label size, every readout's draws in order, and each
+    accuracy lands under its readout and draw (a stub returns the problem's index)."""
+    gen = torch.Generator().manual_seed(0)
+    n_train, n_test = 300, 50
+    train_y, test_y = torch.arange(n_train) % 10, torch.arange(n_test) % 10
+    feats = {"a": (torch.randn(n_train, 4, generator=gen), torch.randn(n_test, 4, generator=gen))}
+    calls = []
+
+    def fake_probes(trains, tests, classes, max_iter):
+        calls.append((len(trains), [x.shape[1] for x, _ in trains], max_iter))
+        assert all(xt.shape == (n_test, x.shape[1]) and torch.equal(yt, test_y) for (x, _), (xt, yt) in zip(trains, tests))
+        assert all(x.shape[0] == 100 for x, _ in trains)  # 10 labelled images a class
+        return [float(i) for i in range(len(trains))]
+
+    class Model:
+        device = torch.device("cpu")
+        def embedding_depends_on_t(self):
+            return False
+        def embed(self, images, t, batch_size):
+            return feats["a"][0] if images.shape[0] == n_train else feats["a"][1]
+
+    monkeypatch.setattr(eval_mod, "linear_probes", fake_probes)
+    images = torch.zeros(n_train, 1, 28, 28, dtype=torch.uint8)
+    result = run_probe(Model(), images, train_y, images[:n_test], test_y, [0.0], 64, 5, progress=False,
+                       with_baselines=False, label_sizes=(100,), joint_labels=True)
+    names = list(result["label_efficiency_draws"]["100"])  # embedding best t, multi-t, raw pixels
+    D = eval_mod.LABEL_DRAWS
+    assert calls == [(len(names) * D, [4] * 2 * D + [784] * D, eval_mod.LABEL_MAX_ITER)]
+    for i, name in enumerate(names):
+        assert result["label_efficiency_draws"]["100"][name] == [float(i * D + d) for d in range(D)]
+        assert result["label_efficiency"]["100"][name] == pytest.approx(i * D + (D - 1) / 2)
