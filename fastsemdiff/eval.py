@@ -327,6 +327,9 @@ def run_probe(model, train_images: torch.Tensor, train_labels: torch.Tensor, tes
         result["z_plus_denoiser"] = z_plus_denoiser
     result["against_controls"] = against_controls(result)
     result["controls_verdict"] = controls_verdict(result["against_controls"])
+    static = against_static(result)
+    if static is not None:
+        result["against_static"] = static
     return result
 
 
@@ -378,6 +381,26 @@ def _margin(metric: str, ours: float, control: float) -> dict:
             "required_lead": REQUIRED_LEAD, "leads_by_required": lead >= REQUIRED_LEAD,
             "short_by": round(max(0.0, REQUIRED_LEAD - lead), 2),
             "goal": GOAL[metric], "to_goal": round(max(0.0, GOAL[metric] - ours), 2)}
+
+
+STATIC_RUN = "static"  # the --baseline-run name of the static encoder E(x0) (README command 1b)
+
+
+def against_static(result: dict) -> Optional[dict]:
+    """The method's own claim (issue 22): the time-conditioned code leads the static code E(x0) of the same
+    width by ``REQUIRED_LEAD`` on the linear probe. Compares the best-t readout (one z, the static code's width)
+    with the static run's best readout; None without a ``--baseline-run static=...`` of that width."""
+    static = result.get("baselines", {}).get(STATIC_RUN)
+    if not static or "multi_t" not in static:
+        return None
+    m = static["multi_t"]
+    width = m["dim"] if m.get("t_blind") else m["dim"] // len(m["ts"])  # one z of the static run
+    if width != result["embedding_dim"]:
+        return None
+    ours, theirs = result["best_t"]["linear"], static["best_t"]["linear"]
+    lead = round(ours - theirs, 2)
+    return {"readout": "embedding, best t", "dim": result["embedding_dim"], "ours": ours, "static": theirs,
+            "lead": lead, "required_lead": REQUIRED_LEAD, "leads_by_required": lead >= REQUIRED_LEAD}
 
 
 def controls_verdict(rows: list[dict]) -> dict:
@@ -439,6 +462,11 @@ def format_table(result: dict) -> str:
         verdict = controls_verdict(result["against_controls"])
         lines.append(f"\nevery readout leads its control by >= {verdict['required_lead']:g} point on every metric: "
                      + ("yes" if verdict["all_lead_by_required"] else "NO (" + "; ".join(verdict["short"]) + ")"))
+    if "against_static" in result:
+        st = result["against_static"]
+        lines.append(f"\ntime-conditioned against static at {st['dim']}-d (linear): {st['ours']:.2f} vs {st['static']:.2f}, "
+                     f"lead {st['lead']:+.2f} ({'>=' if st['leads_by_required'] else 'short of'} "
+                     f"+{st['required_lead']:g})")
     for n, accs in result.get("label_efficiency", {}).items():
         lines.append(f"\nlinear probe with {n} labelled images (mean of {LABEL_DRAWS} draws): "
                      + ", ".join(f"{name} {acc:.2f}" for name, acc in accs.items()))

@@ -231,6 +231,10 @@ def test_eval_probe_cli(run_dir, tmp_path, capsys):
     assert "best t" in out and "pixels" in out and "total" in out
     assert "ddae" in out and "labelled images" in out and "against random conv" in out
     assert "embedding + denoiser" in out
+    st = result["against_static"]  # "static" here is the test model itself: a lead of 0, short of +1
+    assert st["ours"] == result["best_t"]["linear"] and st["static"] == b["static"]["best_t"]["linear"]
+    assert st["lead"] == round(st["ours"] - st["static"], 2) and st["leads_by_required"] == (st["lead"] >= 1.0)
+    assert "time-conditioned against static at 16-d" in out
 
 
 @has_fmnist
@@ -289,6 +293,22 @@ def test_against_controls_states_the_one_point_lead():
     assert "knn 83.99 vs 83.00 beats by 0.99 (short of +1 by 0.01)" in text
     assert "100 67.60 vs 68.00 LOSES by 0.40 (short of +1 by 1.40)" in text and "linear 86.00 vs 85.00 beats by 1.00, goal" in text
     assert "on every metric: NO (embedding, best t: knn (lead +0.99)" in text
+
+
+def test_against_static_compares_equal_widths_only():
+    result = _result_with_leads({"linear": 1.0, "knn": 1.0, "1000": 1.0, "100": 1.0})  # best t: 86.0, 128-d
+    static = {"best_t": {"t": 0.0, "linear": 85.2}, "multi_t": {"dim": 128, "t_blind": True}}
+    result["baselines"]["static"] = static
+    st = eval_mod.against_static(result)
+    assert (st["lead"], st["leads_by_required"], st["dim"]) == (0.8, False, 128)
+    static["best_t"]["linear"] = 84.9
+    assert eval_mod.against_static(result)["leads_by_required"]
+    static["multi_t"] = {"dim": 3 * 128, "ts": [0.0, 0.5, 1.0]}  # a t-dependent "static" run: one z is 128-d
+    assert eval_mod.against_static(result)["dim"] == 128
+    static["multi_t"] = {"dim": 64, "t_blind": True}  # another width: no comparison
+    assert eval_mod.against_static(result) is None
+    del result["baselines"]["static"]
+    assert eval_mod.against_static(result) is None
 
 
 def test_controls_verdict_passes_only_when_every_metric_leads_by_a_point():
