@@ -202,6 +202,15 @@ def test_eval_probe_cli(run_dir, tmp_path, capsys):
     b = result["baselines"]
     assert set(b) == {"pixel_pca", "untrained_encoder", "ddae", "static", "random_conv"}  # static: --baseline-run
     assert {c["dim"] for c in b["random_conv"].values()} == {16, 32}  # best t (16-d) and multi-t (2 x 16)
+    # the DDAE row is DDAE's own probe (the z + denoiser readout computed after it must not overwrite it)
+    from fastsemdiff import baselines as baselines_mod
+    from fastsemdiff.probe import linear_probe
+    (tr, ytr), (te, yte) = (load_split("fashion-mnist", DEFAULT_PATH, s, 28, 1) for s in ("train", "test"))
+    loaded = eval_mod.load_run(str(run_dir), "cpu")
+    with torch.inference_mode():
+        f_tr = baselines_mod.ddae_features(loaded, tr[:200], b["ddae"]["t"], 64)[b["ddae"]["block"]]
+        f_te = baselines_mod.ddae_features(loaded, te[:100], b["ddae"]["t"], 64)[b["ddae"]["block"]]
+    assert b["ddae"]["linear"] == linear_probe(f_tr, ytr[:200], f_te, yte[:100], num_classes=10)["top1"]
     zd = result["z_plus_denoiser"]  # multi-t (0, 0.5) with one t's z replaced by the denoiser's tokens
     assert zd["dim"] == 16 + 32 and len(zd["ts"]) == 1 and zd["ts"][0] in (0.0, 0.5)
     assert (zd["ddae_block"], zd["ddae_t"]) == (b["ddae"]["block"], b["ddae"]["t"])
