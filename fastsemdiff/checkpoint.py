@@ -46,10 +46,13 @@ FIXED_ON_RESUME = (
     "model.hidden_size", "model.depth", "model.num_heads", "model.patch_size", "model.mlp_ratio", "model.qk_norm",
     "model.cond_merge", "model.z_dropout", "model.rms_norm", "model.pos_layout",
     "encoder.arch", "encoder.conv_channels", "encoder.conv_strides", "encoder.pool_grid",
-    "encoder.input", "encoder.view_shift", "encoder.view_flip", "encoder.time_conditioned", "encoder.normalize",
+    "encoder.input", "encoder.view_shift", "encoder.view_flip",
+    "encoder.view_crop_scale", "encoder.view_erase", "encoder.time_conditioned", "encoder.normalize",
     "encoder.depth", "encoder.dim",
     "encoder.regularizer", "encoder.reg_weight", "encoder.objective", "encoder.num_classes",
     "diffusion.schedule", "diffusion.prediction", "diffusion.lambda_cons", "diffusion.cons_step",
+    "diffusion.t_sampling", "diffusion.t_mean", "diffusion.t_std", "diffusion.t_shift", "diffusion.loss_weight",
+    "diffusion.min_snr_gamma",
     "data.image_size", "data.channels",
     # data.source=latents: the latent space itself (another VAE or scaling gives same-shaped latents that
     # mean something else); pixel runs hold the defaults on both sides

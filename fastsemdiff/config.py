@@ -90,6 +90,11 @@ class EncoderConfig:
     # drawn per sample, so z cannot carry what changes under them.
     view_shift: int = 0
     view_flip: bool = False
+    # SODA-style stronger views for E alone: a random resized crop of area share in [min, max] ([]: none; aspect
+    # ratio 3/4..4/3, resized back to the input side) and, with probability view_erase, an erased box
+    # (RandomErasing's 2-33 % of the area, set to 0, mid-grey)
+    view_crop_scale: list[float] = field(default_factory=list)
+    view_erase: float = 0.0
     time_conditioned: bool = True  # false: a diffae-style static code E(x0)
     normalize: bool = False  # L2-normalise z (the "directional vector"); off probed better (docs/ABLATIONS.md)
     depth: Optional[int] = None  # None: half the denoiser's depth
@@ -106,6 +111,15 @@ class DiffusionConfig:
     prediction: str = "eps"  # eps | v | x0 | velocity
     lambda_cons: float = 0.0  # weight of the sequential-consistency term; 0.1 gained nothing (docs/ABLATIONS.md)
     cons_step: float = 0.05  # |t' - t| is drawn uniformly up to this
+    # How training draws t (diffusion/timesteps.py): uniform, or logit-normal sigmoid(t_mean + t_std * N(0, 1));
+    # then t_shift > 1 moves the draws toward noise (SD3's shift; 1: none). For the encoder's sake: z is needed
+    # where the denoiser cannot guess x0 alone.
+    t_sampling: str = "uniform"  # uniform | logit_normal
+    t_mean: float = 0.0
+    t_std: float = 1.0
+    t_shift: float = 1.0
+    loss_weight: str = "none"  # none | min_snr: min(SNR, min_snr_gamma) on the x0-error, caps the low-noise terms
+    min_snr_gamma: float = 5.0
 
 
 @dataclass
@@ -215,6 +229,8 @@ class Config:
             "encoder.objective": (self.encoder.objective, {"self_conditional", "supervised"}),
             "diffusion.schedule": (self.diffusion.schedule, {"vp-cosine", "vp-linear", "ve", "flow"}),
             "diffusion.prediction": (self.diffusion.prediction, {"eps", "v", "x0", "velocity"}),
+            "diffusion.t_sampling": (self.diffusion.t_sampling, {"uniform", "logit_normal"}),
+            "diffusion.loss_weight": (self.diffusion.loss_weight, {"none", "min_snr"}),
             "data.source": (self.data.source, {"fashion-mnist", "folder", "npz", "latents"}),
             "latents.resident": (self.latents.resident, {"auto", "device", "stream"}),
             "data.loader": (self.data.loader, {"auto", "dali", "torch"}),
@@ -260,6 +276,12 @@ class Config:
         if e.view_shift < 0 or (side and e.view_shift >= side // 2):
             raise ConfigError(f"encoder.view_shift={e.view_shift} must be 0 (off) or a few pixels, less than half "
                               f"the input side ({what}={side})")
+        crop = e.view_crop_scale
+        if crop and (len(crop) != 2 or not 0.0 < crop[0] <= crop[1] <= 1.0):
+            raise ConfigError(f"encoder.view_crop_scale={crop} must be [] (no crop) or [min, max] area shares with "
+                              "0 < min <= max <= 1, e.g. [0.35, 1.0]")
+        if not 0.0 <= e.view_erase <= 1.0:
+            raise ConfigError(f"encoder.view_erase={e.view_erase} is a probability: 0 (off) to 1")
         if side and side % self.model.patch_size:
             raise ConfigError(
                 f"{what}={side} is not divisible by model.patch_size={self.model.patch_size}; choose a patch size "
@@ -272,6 +294,13 @@ class Config:
             raise ConfigError(f"data.workers={self.data.workers} must be >= 0")
         if not 0.0 <= self.model.z_dropout < 1.0:
             raise ConfigError(f"model.z_dropout={self.model.z_dropout} must be in [0, 1)")
+        df = self.diffusion
+        if df.t_std <= 0 or df.t_shift <= 0 or df.min_snr_gamma <= 0:
+            raise ConfigError(f"diffusion.t_std={df.t_std}, diffusion.t_shift={df.t_shift} and diffusion.min_snr_gamma="
+                              f"{df.min_snr_gamma} must be positive (t_shift=1 and loss_weight=none turn them off)")
+        if df.loss_weight == "min_snr" and df.prediction == "velocity":
+            raise ConfigError("diffusion.loss_weight=min_snr is defined for eps, v and x0 predictions; with "
+                              "prediction=velocity set loss_weight=none")
         if self.train.steps < 1 or self.train.batch_size < 1:
             raise ConfigError("train.steps and train.batch_size must be positive")
         if self.train.grad_accum < 1:

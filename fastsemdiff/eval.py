@@ -27,7 +27,7 @@ from .data import DatasetError, load_split
 from .errors import CheckpointError
 from .export import resolve_model_path, write_readout
 from .plots import plot_embedding_2d, plot_reconstructions
-from .probe import knn_accuracy, linear_probe, plot_accuracy_vs_t
+from .probe import knn_accuracy, linear_probe, linear_probes, plot_accuracy_vs_t
 
 MODEL_FILE = "model.safetensors"
 
@@ -169,16 +169,47 @@ def _select_ddae(timer, model, train_images, train_labels, ts, batch_size, class
     return block, t, scores
 
 
+def _select_z_plus_denoiser(timer, multi_train: torch.Tensor, ddae_train: torch.Tensor, train_labels, multi_ts,
+                            dim: int, classes: int) -> tuple[int, dict]:
+    """The multi-t readout with one t's z replaced by the denoiser's pooled tokens (the DDAE features at the
+    block and t already chosen): at the multi-t width when the denoiser is as wide as z. Which t gives way is
+    chosen on held-out training images (fit on up to 10,000, scored on a sixth of the split, disjoint; seed 1),
+    never on the test split. Returns (the index into multi_ts dropped, each choice's held-out linear %)."""
+    n = multi_train.shape[0]
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(1))
+    n_val = max(1, n // 6)
+    val, fit = perm[:n_val], perm[n_val:n_val + 10000]
+    scores = {}
+    for k, t in enumerate(multi_ts):
+        feats = _z_plus_denoiser(multi_train, ddae_train, k, dim)
+        with timer("z + denoiser selection"):
+            scores[float(t)] = linear_probe(feats[fit], train_labels[fit], feats[val], train_labels[val],
+                                            num_classes=classes)["top1"]
+    drop = max(range(len(multi_ts)), key=lambda k: scores[float(multi_ts[k])])
+    return drop, scores
+
+
+def _z_plus_denoiser(multi: torch.Tensor, ddae: torch.Tensor, drop: int, dim: int) -> torch.Tensor:
+    """The multi-t concatenation without the ``drop``-th t's z (columns drop*dim .. +dim), the denoiser's
+    tokens appended."""
+    keep = torch.cat([multi[:, :drop * dim], multi[:, (drop + 1) * dim:]], 1)
+    return torch.cat([keep, ddae.to(keep.device)], 1)
+
+
 def run_probe(model, train_images: torch.Tensor, train_labels: torch.Tensor, test_images: torch.Tensor,
               test_labels: torch.Tensor, ts: Sequence[float], batch_size: int, knn_k: int,
               progress: bool = True, with_baselines: bool = True, baseline_runs: Optional[dict] = None,
               label_sizes: Sequence[int] = (100, 1000), features_out: Optional[dict] = None,
-              multi_ts: Optional[Sequence[float]] = None) -> dict:
+              multi_ts: Optional[Sequence[float]] = None, joint_labels: Optional[bool] = None) -> dict:
     """Linear-probe and kNN top-1 (%) of the embedding at every t, for the concatenation over ``multi_ts``
     (some of ``ts``; default all), and the same for
     every baseline (raw pixels always; PCA, untrained architecture, DDAE and ``baseline_runs`` models with
     ``with_baselines``), plus label efficiency. ``features_out``, when given, receives every method's
-    (train, test) features, so the caller's plots need not embed again."""
+    (train, test) features, so the caller's plots need not embed again. ``joint_labels``: the label-efficiency
+    probes solved as one problem per size (``linear_probes``) rather than one per readout and draw; None: on a
+    GPU only, where the per-draw probes wait on host synchronisations (68.6 s of a 102.5 s probe on an H200);
+    a CPU keeps the per-draw probes, whose figures are the ones published (the joint solve lands within 0.04
+    point of them, and was not clearly faster on a 2-core CPU)."""
     start = time.perf_counter()
     timer = _Timer()
     ts = [float(t) for t in ts]
@@ -188,6 +219,7 @@ def run_probe(model, train_images: torch.Tensor, train_labels: torch.Tensor, tes
     classes = int(max(train_labels.max(), test_labels.max())) + 1
     dev = model.device
     features: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # method -> (train, test), for label efficiency
+    z_plus_denoiser: Optional[dict] = None  # the multi-t readout with one t's z replaced by the denoiser's tokens
 
     train_z, test_z = _embed_grid(timer, model, train_images, test_images, ts, batch_size, progress, "probe over t")
     per_t, best_t, multi_t = _probe_grid(timer, train_z, test_z, train_labels, test_labels, ts, multi_ts, knn_k,
@@ -241,6 +273,16 @@ def run_probe(model, train_images: torch.Tensor, train_labels: torch.Tensor, tes
             "block": block, "t": t_ddae, "linear": linear, "knn": knn, "dim": f_train.shape[1],
             "selection_val_linear": [{"block": b, "t": t, "linear": v} for (b, t), v in sorted(scores.items())],
         }
+        if len(multi_ts) > 1 and not multi_t.get("t_blind"):
+            m_train, m_test = features["embedding, multi-t"]
+            drop, zd_scores = _select_z_plus_denoiser(timer, m_train, f_train, train_labels, multi_ts, dim, classes)
+            zd_train = _z_plus_denoiser(m_train, f_train, drop, dim)
+            zd_test = _z_plus_denoiser(m_test, f_test, drop, dim)
+            linear, knn = _probe(timer, zd_train, train_labels, zd_test, test_labels, knn_k, classes, "z + denoiser ")
+            features["embedding + denoiser"] = (zd_train, zd_test)
+            z_plus_denoiser = {"ts": [t for k, t in enumerate(multi_ts) if k != drop], "ddae_block": block,
+                               "ddae_t": t_ddae, "linear": linear, "knn": knn, "dim": zd_train.shape[1],
+                               "selection_val_linear": [{"dropped_t": t, "linear": v} for t, v in zd_scores.items()]}
         for name, other in (baseline_runs or {}).items():
             oz_train, oz_test = _embed_grid(timer, other, train_images, test_images, ts, batch_size, progress, name)
             o_per_t, o_best, o_multi = _probe_grid(timer, oz_train, oz_test, train_labels, test_labels, ts,
@@ -251,14 +293,19 @@ def run_probe(model, train_images: torch.Tensor, train_labels: torch.Tensor, tes
     label_eff: dict = {}
     label_each: dict = {}
     draws = [baselines.label_subsets(train_labels, tuple(label_sizes), seed=s) for s in range(LABEL_DRAWS)]
+    joint = dev.type == "cuda" if joint_labels is None else joint_labels
     for n in draws[0]:
-        label_eff[str(n)], label_each[str(n)] = {}, {}
-        for name, (ftr, fte) in features.items():
-            with timer("label efficiency"):
-                accs = [linear_probe(ftr[d[n].to(ftr.device)], train_labels[d[n]], fte, test_labels,
-                                     num_classes=classes)["top1"] for d in draws]
-            label_eff[str(n)][name] = sum(accs) / len(accs)
-            label_each[str(n)][name] = accs
+        names = list(features)
+        trains = [(features[k][0][d[n].to(features[k][0].device)], train_labels[d[n]]) for k in names for d in draws]
+        with timer("label efficiency"):
+            if joint:  # every readout and draw of this size as one L-BFGS problem
+                accs = linear_probes(trains, [(features[k][1], test_labels) for k in names for _ in draws], classes,
+                                     max_iter=LABEL_MAX_ITER)
+            else:
+                accs = [linear_probe(x, y, features[k][1], test_labels, num_classes=classes)["top1"]
+                        for (x, y), k in zip(trains, [k for k in names for _ in draws])]
+        label_each[str(n)] = {k: accs[i * len(draws):(i + 1) * len(draws)] for i, k in enumerate(names)}
+        label_eff[str(n)] = {k: sum(a) / len(a) for k, a in label_each[str(n)].items()}
 
     if features_out is not None:
         features_out.update(features)
@@ -277,23 +324,41 @@ def run_probe(model, train_images: torch.Tensor, train_labels: torch.Tensor, tes
         "seconds": time.perf_counter() - start,
         "timings": {k: round(v, 3) for k, v in timer.parts.items()},
     }
+    if z_plus_denoiser is not None:
+        result["z_plus_denoiser"] = z_plus_denoiser
     result["against_controls"] = against_controls(result)
+    result["controls_verdict"] = controls_verdict(result["against_controls"])
+    static = against_static(result)
+    if static is not None:
+        result["against_static"] = static
     return result
 
 
 # Label-efficiency probes average this many class-balanced draws (seeds 0, 1, ...): with 10 images a class,
 # one draw moves the accuracy by about a point, as much as the gaps the report compares.
 LABEL_DRAWS = 5
+# L-BFGS iterations of the label-efficiency stage's joint problem (probe.linear_probes: every readout and draw of
+# one size solved at once, so a GPU runs a few hundred launches for the stage, not tens of thousands): one
+# step size serves every problem, so it needs more than one probe's 150 to land within 0.1 point of the
+# per-draw figures (docs/ABLATIONS.md, "The label-efficiency stage").
+LABEL_MAX_ITER = 300
 GOAL = {"linear": 91.0, "knn": 89.0, "1000": 83.0, "100": 75.0}  # the quality issue's goal for a readout <= 1,024-d
+# The required lead over the random-conv control of the same width, in points, on every metric (issue 22): a
+# lead of a tenth of a point beats the control on paper, but is not a difference a user would notice.
+REQUIRED_LEAD = 1.0
 
 
 def against_controls(result: dict) -> list[dict]:
     """Each readout of the embedding (best t, multi-t) against the random-conv control of the same width, on
-    every readout metric (linear, kNN, 1,000 and 100 labels): the report's pass/fail, and how far the goal is."""
+    every readout metric (linear, kNN, 1,000 and 100 labels): whether it beats the control, its lead in points
+    and whether that reaches ``REQUIRED_LEAD`` (``short_by``: the points missing), and how far the goal is."""
     controls = result.get("baselines", {}).get("random_conv", {})
     label_eff = result.get("label_efficiency", {})
     rows = []
-    for readout, name in (("best_t", "embedding, best t"), ("multi_t", "embedding, multi-t")):
+    for readout, name in (("best_t", "embedding, best t"), ("multi_t", "embedding, multi-t"),
+                          ("z_plus_denoiser", "embedding + denoiser")):
+        if readout not in result:
+            continue
         ours = result[readout]
         width = ours.get("dim", result["embedding_dim"])
         control = controls.get(str(width))
@@ -305,10 +370,55 @@ def against_controls(result: dict) -> list[dict]:
             if n in label_eff and name in label_eff[n]:
                 metrics[n] = (label_eff[n][name], label_eff[n][cname])
         rows.append({"readout": name, "dim": width, "control_dim": control["dim"],
-                     "metrics": {k: {"ours": a, "control": b, "beats": a > b, "goal": GOAL[k],
-                                     "to_goal": round(max(0.0, GOAL[k] - a), 2)}
-                                 for k, (a, b) in metrics.items()}})
+                     "metrics": {k: _margin(k, a, b) for k, (a, b) in metrics.items()}})
     return rows
+
+
+def _margin(metric: str, ours: float, control: float) -> dict:
+    """One metric's comparison: beats, the lead and the required lead (rounded to 0.01 point, the report's
+    precision, before comparing, so a lead printed as 1.00 passes), and the distance to the goal."""
+    lead = round(ours - control, 2)
+    return {"ours": ours, "control": control, "beats": ours > control, "lead": lead,
+            "required_lead": REQUIRED_LEAD, "leads_by_required": lead >= REQUIRED_LEAD,
+            "short_by": round(max(0.0, REQUIRED_LEAD - lead), 2),
+            "goal": GOAL[metric], "to_goal": round(max(0.0, GOAL[metric] - ours), 2)}
+
+
+STATIC_RUN = "static"  # the --baseline-run name of the static encoder E(x0) (README command 1b)
+
+
+def against_static(result: dict) -> Optional[dict]:
+    """The method's own claim (issue 22): the time-conditioned code leads the static code E(x0) of the same
+    width by ``REQUIRED_LEAD`` on the linear probe. Compares the best-t readout (one z, the static code's width)
+    with the static run's best readout; None without a ``--baseline-run static=...`` of that width."""
+    static = result.get("baselines", {}).get(STATIC_RUN)
+    if not static or "multi_t" not in static:
+        return None
+    m = static["multi_t"]
+    width = m["dim"] if m.get("t_blind") else m["dim"] // len(m["ts"])  # one z of the static run
+    if width != result["embedding_dim"]:
+        return None
+    ours, theirs = result["best_t"]["linear"], static["best_t"]["linear"]
+    lead = round(ours - theirs, 2)
+    return {"readout": "embedding, best t", "dim": result["embedding_dim"], "ours": ours, "static": theirs,
+            "lead": lead, "required_lead": REQUIRED_LEAD, "leads_by_required": lead >= REQUIRED_LEAD}
+
+
+def controls_verdict(rows: list[dict]) -> dict:
+    """The report's one-line answer: does every readout lead its control by ``REQUIRED_LEAD`` on every metric,
+    and which (readout, metric) pairs do not."""
+    short = [f"{r['readout']}: {k} (lead {m['lead']:+.2f})" for r in rows for k, m in r["metrics"].items()
+             if not m["leads_by_required"]]
+    return {"required_lead": REQUIRED_LEAD, "all_lead_by_required": bool(rows) and not short, "short": short}
+
+
+def _margin_cell(metric: str, m: dict) -> str:
+    """'linear 87.12 vs 85.76 beats by 1.36, goal 91 (3.88 to go)', with the missing lead where it is short."""
+    cell = f"{metric} {m['ours']:.2f} vs {m['control']:.2f} {'beats' if m['beats'] else 'LOSES'} by {abs(m['lead']):.2f}"
+    if not m["leads_by_required"]:
+        cell += f" (short of +{m['required_lead']:g} by {m['short_by']:.2f})"
+    to_go = f"{m['to_goal']:.2f} to go" if m["to_goal"] else "met"
+    return f"{cell}, goal {m['goal']:g} ({to_go})"
 
 
 def format_table(result: dict) -> str:
@@ -325,6 +435,11 @@ def format_table(result: dict) -> str:
     summary = [("embedding, multi-t", m["linear"], m["knn"], f"dim {m['dim']}"),
                ("embedding, best t", b["linear"], b["knn"], f"t = {b['t']:g}"),
                ("raw pixels", p["linear"], p["knn"], f"dim {p['dim']}")]
+    if "z_plus_denoiser" in result:
+        zd = result["z_plus_denoiser"]
+        summary.insert(2, ("embedding + denoiser", zd["linear"], zd["knn"],
+                           f"z at t in {zd['ts']} + denoiser block {zd['ddae_block']} at t = {zd['ddae_t']:g}, "
+                           f"dim {zd['dim']}"))
     for name, r in result.get("baselines", {}).items():
         if name == "random_conv":
             summary += [(f"random conv, {c['dim']}-d", c["linear"], c["knn"], f"{c['filters']} untrained filters")
@@ -342,9 +457,17 @@ def format_table(result: dict) -> str:
         lines += ["", f"{'method':<30} | {'linear %':>9} | {'kNN %':>7} |", "-" * 55]
         lines += [f"{n:<30} | {lin:9.2f} | {knn:7.2f} | {note}" for n, lin, knn, note in summary]
     for row in result.get("against_controls", []):
-        cells = ", ".join(f"{k} {m['ours']:.2f} vs {m['control']:.2f} {'beats' if m['beats'] else 'LOSES'}"
-                          for k, m in row["metrics"].items())
+        cells = "; ".join(_margin_cell(k, m) for k, m in row["metrics"].items())
         lines.append(f"\n{row['readout']} ({row['dim']}-d) against random conv ({row['control_dim']}-d): {cells}")
+    if result.get("against_controls"):
+        verdict = controls_verdict(result["against_controls"])
+        lines.append(f"\nevery readout leads its control by >= {verdict['required_lead']:g} point on every metric: "
+                     + ("yes" if verdict["all_lead_by_required"] else "NO (" + "; ".join(verdict["short"]) + ")"))
+    if "against_static" in result:
+        st = result["against_static"]
+        lines.append(f"\ntime-conditioned against static at {st['dim']}-d (linear): {st['ours']:.2f} vs {st['static']:.2f}, "
+                     f"lead {st['lead']:+.2f} ({'>=' if st['leads_by_required'] else 'short of'} "
+                     f"+{st['required_lead']:g})")
     for n, accs in result.get("label_efficiency", {}).items():
         lines.append(f"\nlinear probe with {n} labelled images (mean of {LABEL_DRAWS} draws): "
                      + ", ".join(f"{name} {acc:.2f}" for name, acc in accs.items()))

@@ -135,3 +135,60 @@ def plot_accuracy_vs_t(rows: list[dict], path: Union[str, Path], baselines: Opti
     fig.tight_layout(rect=(0, 0.04 if note else 0, 1, 1))
     fig.savefig(path, format="png", dpi=120)
     plt.close(fig)
+
+
+def linear_probes(train_sets: list[tuple[torch.Tensor, torch.Tensor]], test_sets: list[tuple[torch.Tensor, torch.Tensor]],
+                  num_classes: int, weight_decay: float = 1e-4, max_iter: int = 300) -> list[float]:
+    """Top-1 (%) of many independent linear probes solved as one problem: ``linear_probe`` for each
+    (train_sets[i], test_sets[i]), with the same loss, standardisation (each by its own train rows) and
+    zero init, but every problem's weights in one tensor and one L-BFGS run over the sum of their losses.
+
+    The problems are separable, so the joint minimum is every problem's own minimum; what batching saves is
+    launches and host synchronisations (the line search reads the loss every iteration), the cost of many
+    small probes on a GPU (the label-efficiency stage: draws x sizes x readouts). Widths and row counts
+    differ: features are zero-padded to the widest (a zero column stays zero after standardisation and its
+    weight only decays) and rows to the longest, padded rows weighing nothing, so each problem's loss is its
+    own mean. ``max_iter`` is higher than ``linear_probe``'s because one step size serves every problem.
+    """
+    if len(train_sets) != len(test_sets) or not train_sets:
+        raise ValueError("linear_probes needs one test set per train set, and at least one of each")
+    for (x, y), (xt, yt) in zip(train_sets, test_sets):
+        if x.shape[0] != y.shape[0] or xt.shape[0] != yt.shape[0] or x.shape[1] != xt.shape[1]:
+            raise ValueError("each problem's features and labels must have the same rows, train and test the "
+                             "same width")
+    dev = train_sets[0][0].device
+    P = len(train_sets)
+    width = max(x.shape[1] for x, _ in train_sets)
+    rows = max(x.shape[0] for x, _ in train_sets)
+    with torch.inference_mode(False), torch.enable_grad():
+        xs = torch.zeros(P, rows, width, device=dev)
+        ys = torch.zeros(P, rows, dtype=torch.long, device=dev)
+        weights = torch.zeros(P, rows, device=dev)  # 1 / n on a problem's own rows, 0 on padding
+        means, stds = torch.zeros(P, width, device=dev), torch.ones(P, width, device=dev)
+        for p, (x, y) in enumerate(train_sets):
+            n, d = x.shape
+            std, mean = torch.std_mean(x.float().to(dev), dim=0, correction=0)
+            means[p, :d], stds[p, :d] = mean, std.clamp_min(1e-6)
+            xs[p, :n, :d] = (x.float().to(dev) - mean) / stds[p, :d]
+            ys[p, :n] = y.long().to(dev)
+            weights[p, :n] = 1.0 / n
+        W = torch.zeros(P, width, num_classes, device=dev, requires_grad=True)
+        b = torch.zeros(P, 1, num_classes, device=dev, requires_grad=True)
+        opt = torch.optim.LBFGS([W, b], lr=1.0, max_iter=max_iter, tolerance_grad=1e-6, tolerance_change=1e-9,
+                                line_search_fn="strong_wolfe")
+
+        def closure() -> torch.Tensor:
+            opt.zero_grad(set_to_none=False)
+            ce = F.cross_entropy((torch.baddbmm(b, xs, W)).flatten(0, 1), ys.flatten(), reduction="none")
+            loss = (ce * weights.flatten()).sum() + 0.5 * weight_decay * W.pow(2).sum()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        with torch.no_grad():
+            accs = []
+            for p, (xt, yt) in enumerate(test_sets):
+                d = xt.shape[1]
+                logits = ((xt.float().to(dev) - means[p, :d]) / stds[p, :d]) @ W[p, :d] + b[p]
+                accs.append(_top1(logits, yt.long().to(dev)))
+    return accs

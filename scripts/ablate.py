@@ -47,6 +47,17 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
     "view-shift-2": (["encoder.view_shift=2"], "the encoder's view of x0 moved by up to 2 px"),
     "eps-target": (["diffusion.prediction=eps"], "eps-prediction instead of x0"),
     "x0-target": (["diffusion.prediction=x0"], "x0-prediction instead of eps"),
+    # issue 22's levers for the embedding: where the encoder's gradient comes from, what it may carry
+    "min-snr": (["diffusion.loss_weight=min_snr"], "min-SNR-5 loss weights: the low-noise terms capped"),
+    "t-shift-3": (["diffusion.t_shift=3"], "training t shifted toward noise (SD3 shift 3)"),
+    "t-logit-normal": (["diffusion.t_sampling=logit_normal"], "training t logit-normal (0, 1): mid t drawn most"),
+    "t-logit-normal-high": (["diffusion.t_sampling=logit_normal", "diffusion.t_mean=1"],
+                            "training t logit-normal (1, 1): high noise drawn most"),
+    "soda-views": (["encoder.view_crop_scale=[0.35,1.0]", "encoder.view_flip=true", "encoder.view_erase=0.25"],
+                   "SODA-style views for E: resized crop of 35-100 % of the area, flip, erasing p = 0.25"),
+    "view-crop": (["encoder.view_crop_scale=[0.35,1.0]"], "E sees a random resized crop (35-100 % of the area)"),
+    "l1-z": (["encoder.regularizer=l1", "encoder.reg_weight=1e-5"], "L1 on z, weight 1e-5 (DRL)"),
+    "kl-z": (["encoder.regularizer=kl", "encoder.reg_weight=1e-5"], "a KL bottleneck on z, weight 1e-5"),
 }
 
 

@@ -91,3 +91,74 @@ def test_embeddings_read_the_plain_image():
 def test_bad_view_shift_is_refused(shift):
     with pytest.raises(ConfigError, match="encoder.view_shift"):
         load_config(None, [*SMALL, f"encoder.view_shift={shift}"])
+
+
+# ------------------------------------------------------------------ SODA-style views: resized crop, erasing
+from fastsemdiff.models.semantic import ERASE_VALUE, cropped_view, draw_crops, draw_erasures, erased_view  # noqa: E402
+
+
+def test_a_full_crop_is_the_image_and_a_quarter_crop_reads_the_quarter():
+    x = torch.randn(2, 3, 8, 8, generator=gen(10))
+    whole = torch.tensor([[1.0, 1.0, 0.0, 0.0]] * 2)
+    torch.testing.assert_close(cropped_view(x, whole), x, rtol=1e-5, atol=1e-5)
+    # the top-left quarter (w = h = 0.5, centre at -0.5, -0.5) of a 16-wide ramp (pixel value = its column,
+    # or its row): bilinear sampling of a linear function is exact, and output pixel j reads the input at
+    # (2j - 1) / 4 (align_corners=False), pixel 0 at -1/4, clamped to the border's 0
+    ramp = torch.arange(16.0).expand(16, 16)
+    both = torch.stack([ramp, ramp.T])[None]  # channel 0: columns, channel 1: rows
+    quarter = cropped_view(both, torch.tensor([[0.5, 0.5, -0.5, -0.5]]))
+    want = ((2 * torch.arange(16.0) - 1) / 4).clamp_min(0)
+    torch.testing.assert_close(quarter[0, 0], want.expand(16, 16), rtol=0, atol=1e-5)
+    torch.testing.assert_close(quarter[0, 1], want[:, None].expand(16, 16), rtol=0, atol=1e-5)
+
+
+def test_crop_draws_lie_inside_the_image_with_the_asked_area():
+    c = draw_crops(20000, (0.35, 1.0), "cpu", gen(12))
+    w, h, cx, cy = c.unbind(1)
+    assert (w <= 1).all() and (h <= 1).all() and (cx.abs() <= 1 - w + 1e-6).all() and (cy.abs() <= 1 - h + 1e-6).all()
+    area = w * h
+    assert area.min() >= 0.35 * 0.99 and area.max() <= 1.0 + 1e-6
+    assert area.mean().item() == pytest.approx(0.675, abs=0.03)  # clamping the sides shaves the top a little
+
+
+def test_erasing_sets_the_drawn_box_and_only_where_drawn():
+    x = torch.randn(3, 2, 10, 10, generator=gen(13))
+    erase = torch.tensor([[1.0, 0.2, 0.3, 0.4, 0.5], [0.0, 0.2, 0.3, 0.4, 0.5], [1.0, 0.0, 0.0, 1.0, 1.0]])
+    got = erased_view(x, erase)
+    ref = x.clone()
+    ref[0, :, 2:6, 3:8] = ERASE_VALUE  # rows with centres in [0.2, 0.6), columns in [0.3, 0.8)
+    ref[2] = ERASE_VALUE
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    e = draw_erasures(20000, 0.25, "cpu", gen(14))
+    assert e[:, 0].mean().item() == pytest.approx(0.25, abs=0.01)
+    assert (e[:, 1] + e[:, 3] <= 1 + 1e-6).all() and (e[:, 2] + e[:, 4] <= 1 + 1e-6).all()
+
+
+def test_the_loss_feeds_the_soda_view_to_the_encoder_and_x0_to_the_denoiser():
+    torch.manual_seed(0)
+    model = SemanticDiffusion(load_config(None, [*SMALL, "encoder.view_crop_scale=[0.35,1.0]", "encoder.view_flip=true",
+                                                 "encoder.view_erase=0.5"]))
+    x0 = torch.rand(6, 1, 28, 28, generator=gen(15)) * 2 - 1
+    noise = model.draw_noise(x0, gen(16))
+    assert noise.crop.shape == (6, 4) and noise.erase.shape == (6, 5) and noise.view.shape == (6, 3)
+    seen = {}
+    model.encoder.register_forward_pre_hook(lambda mod, args: seen.update(encoder=args[0].clone()) or None)
+    model.denoiser.register_forward_pre_hook(lambda mod, args: seen.update(denoiser=args[0].clone()) or None)
+    loss, _ = model.loss(x0, noise)
+    want = erased_view(shifted_view(cropped_view(x0, noise.crop), noise.view, 0), noise.erase)
+    torch.testing.assert_close(seen["encoder"], want, rtol=0, atol=0)
+    torch.testing.assert_close(seen["denoiser"], model.schedule.add_noise(x0, noise.t, noise.eps))
+    assert torch.isfinite(loss)
+    assert torch.equal(noise.slice(2, 4).crop, noise.crop[2:4]) and torch.equal(noise.slice(2, 4).erase, noise.erase[2:4])
+    plain = SemanticDiffusion(load_config(None, SMALL)).draw_noise(x0, gen(16))
+    assert plain.crop is None and plain.erase is None
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("encoder.view_crop_scale=[0.5]", "view_crop_scale"), ("encoder.view_crop_scale=[0.9,0.5]", "view_crop_scale"),
+    ("encoder.view_crop_scale=[0,1]", "view_crop_scale"), ("encoder.view_erase=1.5", "view_erase"),
+    ("encoder.view_erase=-0.1", "view_erase"),
+])
+def test_bad_soda_views_are_refused(override, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        load_config(None, [override])

@@ -202,12 +202,30 @@ def test_eval_probe_cli(run_dir, tmp_path, capsys):
     b = result["baselines"]
     assert set(b) == {"pixel_pca", "untrained_encoder", "ddae", "static", "random_conv"}  # static: --baseline-run
     assert {c["dim"] for c in b["random_conv"].values()} == {16, 32}  # best t (16-d) and multi-t (2 x 16)
+    # the DDAE row is DDAE's own probe (the z + denoiser readout computed after it must not overwrite it)
+    from fastsemdiff import baselines as baselines_mod
+    from fastsemdiff.probe import linear_probe
+    (tr, ytr), (te, yte) = (load_split("fashion-mnist", DEFAULT_PATH, s, 28, 1) for s in ("train", "test"))
+    loaded = eval_mod.load_run(str(run_dir), "cpu")
+    with torch.inference_mode():
+        f_tr = baselines_mod.ddae_features(loaded, tr[:200], b["ddae"]["t"], 64)[b["ddae"]["block"]]
+        f_te = baselines_mod.ddae_features(loaded, te[:100], b["ddae"]["t"], 64)[b["ddae"]["block"]]
+    assert b["ddae"]["linear"] == linear_probe(f_tr, ytr[:200], f_te, yte[:100], num_classes=10)["top1"]
+    zd = result["z_plus_denoiser"]  # multi-t (0, 0.5) with one t's z replaced by the denoiser's tokens
+    assert zd["dim"] == 16 + 32 and len(zd["ts"]) == 1 and zd["ts"][0] in (0.0, 0.5)
+    assert (zd["ddae_block"], zd["ddae_t"]) == (b["ddae"]["block"], b["ddae"]["t"])
+    assert {r["dropped_t"] for r in zd["selection_val_linear"]} == {0.0, 0.5}
+    kept = max(zd["selection_val_linear"], key=lambda r: r["linear"])["dropped_t"]
+    assert zd["ts"] == [t for t in (0.0, 0.5) if t != kept]  # chosen on held-out training images
+    assert "embedding + denoiser" in result["label_efficiency"]["100"]
     rows = {r["readout"]: r for r in result["against_controls"]}
-    assert set(rows) == {"embedding, best t", "embedding, multi-t"}
+    assert set(rows) == {"embedding, best t", "embedding, multi-t"}  # no 48-d control: z + denoiser not compared
     for row in rows.values():
         assert set(row["metrics"]) == {"linear", "knn", "100"}
         for m in row["metrics"].values():
             assert m["beats"] == (m["ours"] > m["control"])
+            assert m["lead"] == round(m["ours"] - m["control"], 2) and m["leads_by_required"] == (m["lead"] >= 1.0)
+    assert result["controls_verdict"] == eval_mod.controls_verdict(result["against_controls"])
     assert b["pixel_pca"]["dim"] == 16 and 0 <= b["ddae"]["block"] < 2 and b["ddae"]["t"] in (0.0, 0.5)
     assert set(result["label_efficiency"]) == {"100"}  # 200 images hold too few per class for 1,000
     assert {"embedding, multi-t", "raw pixels", "pixel PCA", "DDAE", "static, multi-t", "untrained"} <= set(
@@ -221,6 +239,11 @@ def test_eval_probe_cli(run_dir, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "best t" in out and "pixels" in out and "total" in out
     assert "ddae" in out and "labelled images" in out and "against random conv" in out
+    assert "embedding + denoiser" in out
+    st = result["against_static"]  # "static" here is the test model itself: a lead of 0, short of +1
+    assert st["ours"] == result["best_t"]["linear"] and st["static"] == b["static"]["best_t"]["linear"]
+    assert st["lead"] == round(st["ours"] - st["static"], 2) and st["leads_by_required"] == (st["lead"] >= 1.0)
+    assert "time-conditioned against static at 16-d" in out
 
 
 @has_fmnist
@@ -245,3 +268,93 @@ def test_sample_cli(run_dir, tmp_path):
         assert img.size == grid_size(4, 28, 28, nrow=2) and img.mode == "L"
     with Image.open(tmp_path / "reconstructions.png") as img:
         assert img.size == grid_size(8, 28, 28, nrow=2)
+
+
+def _result_with_leads(leads: dict[str, float]) -> dict:
+    """A probe result whose best-t readout leads its 128-d control by ``leads`` (metric -> points)."""
+    control = {"linear": 85.0, "knn": 83.0, "1000": 78.0, "100": 68.0}
+    ours = {k: control[k] + leads[k] for k in control}
+    name, cname = "embedding, best t", "random conv, 128-d"
+    return {"best_t": {"t": 0.0, "linear": ours["linear"], "knn": ours["knn"]}, "multi_t": {"dim": 384},
+            "embedding_dim": 128,
+            "baselines": {"random_conv": {"128": {"dim": 128, "linear": control["linear"], "knn": control["knn"],
+                                                  "filters": 8}}},
+            "label_efficiency": {n: {name: ours[n], cname: control[n]} for n in ("1000", "100")}}
+
+
+def test_against_controls_states_the_one_point_lead():
+    # 1.004 prints as 1.00 and passes; 0.99 is short by 0.01; a loss is short by more than a point
+    result = _result_with_leads({"linear": 1.004, "knn": 0.99, "1000": 2.5, "100": -0.4})
+    (row,) = eval_mod.against_controls(result)  # no 384-d control: the multi-t readout has no row
+    m = row["metrics"]
+    assert m["linear"]["lead"] == 1.0 and m["linear"]["leads_by_required"] and m["linear"]["short_by"] == 0.0
+    assert m["knn"]["lead"] == 0.99 and not m["knn"]["leads_by_required"] and m["knn"]["short_by"] == 0.01
+    assert m["knn"]["beats"]  # beats the control, but not by the required point
+    assert m["1000"]["leads_by_required"] and m["1000"]["to_goal"] == pytest.approx(83.0 - 80.5)
+    assert not m["100"]["beats"] and m["100"]["short_by"] == 1.4
+    verdict = eval_mod.controls_verdict([row])
+    assert not verdict["all_lead_by_required"] and verdict["required_lead"] == eval_mod.REQUIRED_LEAD == 1.0
+    assert verdict["short"] == ["embedding, best t: knn (lead +0.99)", "embedding, best t: 100 (lead -0.40)"]
+    result["against_controls"] = [row]
+    result.update(per_t=[{"t": 0.0, "linear": 86.0, "knn": 84.0}], raw_pixels={"linear": 80, "knn": 80, "dim": 784})
+    result["multi_t"].update(ts=[0.0], linear=86.0, knn=84.0)
+    text = format_table(result)
+    assert "knn 83.99 vs 83.00 beats by 0.99 (short of +1 by 0.01)" in text
+    assert "100 67.60 vs 68.00 LOSES by 0.40 (short of +1 by 1.40)" in text and "linear 86.00 vs 85.00 beats by 1.00, goal" in text
+    assert "on every metric: NO (embedding, best t: knn (lead +0.99)" in text
+
+
+def test_against_static_compares_equal_widths_only():
+    result = _result_with_leads({"linear": 1.0, "knn": 1.0, "1000": 1.0, "100": 1.0})  # best t: 86.0, 128-d
+    static = {"best_t": {"t": 0.0, "linear": 85.2}, "multi_t": {"dim": 128, "t_blind": True}}
+    result["baselines"]["static"] = static
+    st = eval_mod.against_static(result)
+    assert (st["lead"], st["leads_by_required"], st["dim"]) == (0.8, False, 128)
+    static["best_t"]["linear"] = 84.9
+    assert eval_mod.against_static(result)["leads_by_required"]
+    static["multi_t"] = {"dim": 3 * 128, "ts": [0.0, 0.5, 1.0]}  # a t-dependent "static" run: one z is 128-d
+    assert eval_mod.against_static(result)["dim"] == 128
+    static["multi_t"] = {"dim": 64, "t_blind": True}  # another width: no comparison
+    assert eval_mod.against_static(result) is None
+    del result["baselines"]["static"]
+    assert eval_mod.against_static(result) is None
+
+
+def test_controls_verdict_passes_only_when_every_metric_leads_by_a_point():
+    row = eval_mod.against_controls(_result_with_leads({"linear": 1.2, "knn": 3.0, "1000": 1.0, "100": 2.0}))
+    assert eval_mod.controls_verdict(row) == {"required_lead": 1.0, "all_lead_by_required": True, "short": []}
+    assert not eval_mod.controls_verdict([])["all_lead_by_required"]  # no control to compare: not a pass
+
+
+def test_joint_label_probes_map_back_to_each_readout_and_draw(monkeypatch):
+    """joint_labels=True: one linear_probes call per label size, every readout's draws in order, and each
+    accuracy lands under its readout and draw (a stub returns the problem's index)."""
+    gen = torch.Generator().manual_seed(0)
+    n_train, n_test = 300, 50
+    train_y, test_y = torch.arange(n_train) % 10, torch.arange(n_test) % 10
+    feats = {"a": (torch.randn(n_train, 4, generator=gen), torch.randn(n_test, 4, generator=gen))}
+    calls = []
+
+    def fake_probes(trains, tests, classes, max_iter):
+        calls.append((len(trains), [x.shape[1] for x, _ in trains], max_iter))
+        assert all(xt.shape == (n_test, x.shape[1]) and torch.equal(yt, test_y) for (x, _), (xt, yt) in zip(trains, tests))
+        assert all(x.shape[0] == 100 for x, _ in trains)  # 10 labelled images a class
+        return [float(i) for i in range(len(trains))]
+
+    class Model:
+        device = torch.device("cpu")
+        def embedding_depends_on_t(self):
+            return False
+        def embed(self, images, t, batch_size):
+            return feats["a"][0] if images.shape[0] == n_train else feats["a"][1]
+
+    monkeypatch.setattr(eval_mod, "linear_probes", fake_probes)
+    images = torch.zeros(n_train, 1, 28, 28, dtype=torch.uint8)
+    result = run_probe(Model(), images, train_y, images[:n_test], test_y, [0.0], 64, 5, progress=False,
+                       with_baselines=False, label_sizes=(100,), joint_labels=True)
+    names = list(result["label_efficiency_draws"]["100"])  # embedding best t, multi-t, raw pixels
+    D = eval_mod.LABEL_DRAWS
+    assert calls == [(len(names) * D, [4] * 2 * D + [784] * D, eval_mod.LABEL_MAX_ITER)]
+    for i, name in enumerate(names):
+        assert result["label_efficiency_draws"]["100"][name] == [float(i * D + d) for d in range(D)]
+        assert result["label_efficiency"]["100"][name] == pytest.approx(i * D + (D - 1) / 2)

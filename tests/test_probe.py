@@ -107,3 +107,39 @@ def test_plot_keeps_the_embedding_in_range_and_writes_the_note(tmp_path, monkeyp
     assert 78.0 <= lo <= 83.5 and 88.4 < hi <= 100.0
     assert seen["texts"] == ["commit abc"]
     assert (tmp_path / "acc.png").read_bytes()[:8] == PNG_MAGIC
+
+
+# ----------------------------------------------------------- many probes as one problem (label efficiency)
+from fastsemdiff.probe import linear_probes  # noqa: E402
+
+
+def _overlapping(n_per_class: int, dim: int, seed: int, shift: float = 3.0):
+    """Blobs with some class overlap (spread ~ noise), so accuracies are far from 0 and 100 and a wrong
+    solution shows; a constant column tests the std clamp, an offset tests the standardisation."""
+    x, y = blobs(n_per_class, dim=dim, spread=0.6, means_seed=seed, noise_seed=seed + 100)
+    xt, yt = blobs(40, dim=dim, spread=0.6, means_seed=seed, noise_seed=seed + 200)
+    x[:, 0], xt[:, 0] = 2.0, 2.0  # constant in train (std clamped), the same in test
+    return (x * 3 + shift, y), (xt * 3 + shift, yt)
+
+
+def test_linear_probes_solve_each_problem_as_linear_probe_does():
+    # widths 7, 72 and 33, rows 20, 100 and 50: padded to 72 x 100; converged, each is its own probe's optimum
+    problems = [_overlapping(2, 7, 1), _overlapping(10, 72, 2), _overlapping(5, 33, 3)]
+    want = [linear_probe(a[0], a[1], b[0], b[1], num_classes=10, max_iter=2000)["top1"] for a, b in problems]
+    got = linear_probes([a for a, _ in problems], [b for _, b in problems], 10, max_iter=2000)
+    assert got == pytest.approx(want, abs=1e-6)
+    assert 15 < min(want) and max(want) < 99, f"{want}: the problems must be neither trivial nor hopeless"
+
+
+def test_linear_probes_work_in_inference_mode_and_refuse_mismatches():
+    problems = [_overlapping(3, 9, 4), _overlapping(3, 9, 5)]
+    trains, tests = [a for a, _ in problems], [b for _, b in problems]
+    first = linear_probes(trains, tests, 10, max_iter=30)
+    with torch.inference_mode():
+        assert linear_probes(trains, tests, 10, max_iter=30) == first
+    with pytest.raises(ValueError, match="one test set per train set"):
+        linear_probes(trains, tests[:1], 10)
+    with pytest.raises(ValueError, match="same width"):
+        linear_probes([trains[0]], [(tests[0][0][:, :5], tests[0][1])], 10)
+    with pytest.raises(ValueError, match="same rows"):
+        linear_probes([(trains[0][0], trains[0][1][:-1])], [tests[0]], 10)

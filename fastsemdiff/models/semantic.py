@@ -5,6 +5,7 @@ through z = E(x0, t), so the encoder learns what denoising at time t needs (DRL'
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
@@ -13,7 +14,7 @@ from torch import nn
 
 from ..config import Config, ConfigError
 from ..data.device_dataset import images_to_model_range
-from ..diffusion import get_schedule, sample, target, to_x0_eps
+from ..diffusion import get_schedule, loss_weights, sample, target, to_x0_eps, train_times
 from ..vae import codec_for
 from .dit import DiT
 from .conv_encoder import ConvTimeEncoder
@@ -37,6 +38,8 @@ class StepNoise(NamedTuple):
     z_noise: Optional[torch.Tensor] = None  # [B, d] the variational encoder's sample of z_t
     z_noise2: Optional[torch.Tensor] = None  # [B, d] ... and of z_t'
     view: Optional[torch.Tensor] = None  # [B, 3] int: the encoder view's (dy, dx) shift and flip (0 | 1)
+    crop: Optional[torch.Tensor] = None  # [B, 4] the encoder view's resized crop: (w, h, cx, cy), see cropped_view
+    erase: Optional[torch.Tensor] = None  # [B, 5] the encoder view's erased box: (on, top, left, h, w), see erased_view
 
     def slice(self, start: int, stop: int) -> "StepNoise":
         return StepNoise(*(None if v is None else v[start:stop] for v in self))
@@ -57,6 +60,57 @@ def shifted_view(x: torch.Tensor, view: torch.Tensor, pad: int) -> torch.Tensor:
         x = padded.permute(0, 2, 3, 1)[b, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
     flip = view[:, 2].bool()[:, None, None, None]
     return torch.where(flip, x.flip(-1), x)
+
+
+def cropped_view(x: torch.Tensor, crop: torch.Tensor) -> torch.Tensor:
+    """Each image of x [B, C, H, W] cropped to the box crop[:, :4] = (w, h, cx, cy) and resized back to H x W
+    (bilinear): w, h are the box's width and height as fractions of the image's, (cx, cy) its centre in the
+    [-1, 1] coordinates of ``affine_grid`` (|cx| <= 1 - w keeps the box inside)."""
+    B = x.shape[0]
+    theta = torch.zeros(B, 2, 3, device=x.device, dtype=x.dtype)
+    theta[:, 0, 0], theta[:, 1, 1] = crop[:, 0], crop[:, 1]
+    theta[:, 0, 2], theta[:, 1, 2] = crop[:, 2], crop[:, 3]
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+ERASE_VALUE = 0.0  # torchvision's RandomErasing default: 0 in the normalised range ([-1, 1] here: mid-grey)
+
+
+def erased_view(x: torch.Tensor, erase: torch.Tensor) -> torch.Tensor:
+    """x [B, C, H, W] with the box erase[:, 1:] = (top, left, h, w) (fractions of the side) set to ERASE_VALUE
+    where erase[:, 0] is 1; a pixel is inside when its centre is."""
+    _, _, H, W = x.shape
+    rows = (torch.arange(H, device=x.device, dtype=x.dtype) + 0.5) / H
+    cols = (torch.arange(W, device=x.device, dtype=x.dtype) + 0.5) / W
+    top, left, h, w = (erase[:, k, None] for k in range(1, 5))
+    inside_r = (rows[None] >= top) & (rows[None] < top + h)  # [B, H]
+    inside_c = (cols[None] >= left) & (cols[None] < left + w)
+    mask = inside_r[:, :, None] & inside_c[:, None, :] & erase[:, 0, None, None].bool()
+    return torch.where(mask[:, None], torch.full_like(x, ERASE_VALUE), x)
+
+
+_LOG_RATIO = (math.log(3 / 4), math.log(4 / 3))  # the random resized crop's aspect ratios (torchvision's)
+_ERASE_AREA, _LOG_ERASE_RATIO = (0.02, 0.33), (math.log(0.3), math.log(3.3))  # RandomErasing's defaults
+
+
+def draw_crops(B: int, scale: Sequence[float], device, generator: Optional[torch.Generator]) -> torch.Tensor:
+    """[B, 4] random resized crops (w, h, cx, cy): an area share in ``scale``, an aspect ratio in [3/4, 4/3]
+    (sides clamped to the image rather than redrawn), a uniform position inside the image."""
+    u = torch.rand(B, 4, device=device, generator=generator)
+    area = scale[0] + (scale[1] - scale[0]) * u[:, 0]
+    ratio = torch.exp(_LOG_RATIO[0] + (_LOG_RATIO[1] - _LOG_RATIO[0]) * u[:, 1])
+    w, h = (area * ratio).sqrt().clamp(max=1.0), (area / ratio).sqrt().clamp(max=1.0)
+    return torch.stack([w, h, (1 - w) * (2 * u[:, 2] - 1), (1 - h) * (2 * u[:, 3] - 1)], 1)
+
+
+def draw_erasures(B: int, p: float, device, generator: Optional[torch.Generator]) -> torch.Tensor:
+    """[B, 5] random erasures (on, top, left, h, w): on with probability p, RandomErasing's area and ratio."""
+    u = torch.rand(B, 5, device=device, generator=generator)
+    area = _ERASE_AREA[0] + (_ERASE_AREA[1] - _ERASE_AREA[0]) * u[:, 1]
+    ratio = torch.exp(_LOG_ERASE_RATIO[0] + (_LOG_ERASE_RATIO[1] - _LOG_ERASE_RATIO[0]) * u[:, 2])
+    h, w = (area * ratio).sqrt().clamp(max=1.0), (area / ratio).sqrt().clamp(max=1.0)
+    return torch.stack([(u[:, 0] < p).float(), (1 - h) * u[:, 3], (1 - w) * u[:, 4], h, w], 1)
 
 
 def input_shape(cfg: Config) -> tuple[int, int]:
@@ -113,15 +167,22 @@ class SemanticDiffusion(nn.Module):
 
     # ----------------------------------------------------------------------------------------- training
     def encoder_input(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
-                      view: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """What E reads: x0 (or x_t with ``encoder.input=noisy``), in the view ``view`` when training draws one."""
+                      view: Optional[torch.Tensor] = None, crop: Optional[torch.Tensor] = None,
+                      erase: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """What E reads: x0 (or x_t with ``encoder.input=noisy``), in the view training draws for it (a resized
+        crop, then the shift and flip, then an erased box; each only when drawn), never in embeddings."""
         x = x0 if self.cfg.encoder.input == "clean" else self.schedule.add_noise(x0, t, eps)
-        return x if view is None else shifted_view(x, view, self.cfg.encoder.view_shift)
+        if crop is not None:
+            x = cropped_view(x, crop)
+        if view is not None:
+            x = shifted_view(x, view, self.cfg.encoder.view_shift)
+        return x if erase is None else erased_view(x, erase)
 
     def draw_noise(self, x0: torch.Tensor, generator: Optional[torch.Generator] = None) -> StepNoise:
         """The random draws of one loss on the batch ``x0`` (only those the config uses), from ``generator``."""
         cfg, B, dev = self.cfg, x0.shape[0], x0.device
-        t = self.schedule.sample_t(B, dev, generator)
+        df = cfg.diffusion
+        t = train_times(self.schedule, B, dev, generator, df.t_sampling, df.t_mean, df.t_std, df.t_shift)
         eps = torch.randn(x0.shape, device=dev, generator=generator)
         drop = torch.rand(B, device=dev, generator=generator) < cfg.model.z_dropout
         cons = z_noise = z_noise2 = None
@@ -137,7 +198,9 @@ class SemanticDiffusion(nn.Module):
             shift = torch.randint(-e.view_shift, e.view_shift + 1, (B, 2), device=dev, generator=generator)
             flip = torch.randint(0, 2 if e.view_flip else 1, (B, 1), device=dev, generator=generator)
             view = torch.cat([shift, flip], 1)
-        return StepNoise(t, eps, drop, cons, z_noise, z_noise2, view)
+        crop = draw_crops(B, e.view_crop_scale, dev, generator) if e.view_crop_scale else None
+        erase = draw_erasures(B, e.view_erase, dev, generator) if e.view_erase > 0 else None
+        return StepNoise(t, eps, drop, cons, z_noise, z_noise2, view, crop, erase)
 
     def _uses_consistency(self) -> bool:
         e = self.cfg.encoder
@@ -165,7 +228,7 @@ class SemanticDiffusion(nn.Module):
         dev = x0.device
         n = self._noise(x0, noise)
         t, eps = n.t, n.eps
-        z, _ = self.encoder(self.encoder_input(x0, t, eps, n.view), t, noise=n.z_noise)
+        z, _ = self.encoder(self.encoder_input(x0, t, eps, n.view, n.crop, n.erase), t, noise=n.z_noise)
         logits = self.classifier(z.to(self.classifier.weight.dtype))
         ce = F.cross_entropy(logits.float(), labels.to(dev).long())
         acc = (logits.argmax(-1) == labels.to(dev)).float().mean()
@@ -180,18 +243,20 @@ class SemanticDiffusion(nn.Module):
         t, eps = n.t, n.eps
         x_t = sch.add_noise(x0, t, eps)
 
-        z, stats = self.encoder(self.encoder_input(x0, t, eps, n.view), t, noise=n.z_noise)
+        z, stats = self.encoder(self.encoder_input(x0, t, eps, n.view, n.crop, n.erase), t, noise=n.z_noise)
         out = self.denoiser(x_t, t, z, n.drop)
-        mse = (out.float() - target(cfg.diffusion.prediction, sch, t, x0, eps)).pow(2).mean()
+        err = (out.float() - target(cfg.diffusion.prediction, sch, t, x0, eps)).pow(2)
+        mse = err.mean()
         parts = {"mse": mse.detach()}
-        loss = mse
+        w = loss_weights(cfg.diffusion.loss_weight, sch, t, cfg.diffusion.prediction, cfg.diffusion.min_snr_gamma)
+        loss = mse if w is None else (w * err.flatten(1).mean(1)).mean()
 
         if self._uses_consistency():
             if n.cons is None:
                 raise ValueError("diffusion.lambda_cons > 0 needs StepNoise.cons: draw the noise with draw_noise")
             t2 = (t + n.cons * cfg.diffusion.cons_step).clamp(sch.t_min, sch.t_max)
             with torch.no_grad():
-                z2, _ = self.encoder(self.encoder_input(x0, t2, eps, n.view), t2, noise=n.z_noise2)
+                z2, _ = self.encoder(self.encoder_input(x0, t2, eps, n.view, n.crop, n.erase), t2, noise=n.z_noise2)
             cons = (1 - F.cosine_similarity(z.float(), z2.float(), dim=-1)).mean()
             loss = loss + cfg.diffusion.lambda_cons * cons
             parts["cons"] = cons.detach()
