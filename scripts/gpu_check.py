@@ -20,8 +20,9 @@ still runs; what was not measured says why):
    ``model.backend=torch`` and with ``triton`` from the same seed; the loss curves must agree within
    ``CURVE_TOLERANCE`` (stated in the JSON and the summary).
 6. ``csrc-tests``: waits for the build, then ``tests/test_csrc_cuda.py`` and ``tests/test_csrc_build.py``.
-7. ``bench-adaln``: ``bench/test_bench_adaln.py`` at [256, 256, 1152] bf16 and
-   ``bench/test_bench_timestep_embedding.py`` at t [256] x 256: eager, compiled, triton, cuda (the rows that
+7. ``bench-adaln``: ``bench/test_bench_adaln.py`` at [256, 256, 1152] bf16 (and fwd+bwd at the small end,
+   batch 8 and 32 of 256 tokens; the copy ceiling case) and ``bench/test_bench_timestep_embedding.py`` at
+   t [256] x 256: eager, compiled, triton, cuda, call time and kernel time (the rows that
    ``fastsemdiff.ops.dispatch.AUTO_MEASURED`` is filled from).
 8. ``bench-train-XL2`` / ``-B2`` / ``-S2``: ``bench/test_bench_train.py``'s DiT step (reference eager,
    reference compiled, fused; diffusers' DiT where importable), one process per size, largest first (the
@@ -595,9 +596,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     jsons.append(adaln)
     c.stages.append(bench_stage(c, "bench-adaln", ["bench/test_bench_adaln.py",
                                                    "bench/test_bench_timestep_embedding.py", "-k",
-                                                   "cpu and mln and forward and not backward and not grmln "
-                                                   "and not compile" if dry
-                                                   else "target"], c.box(120, 300), adaln))
+                                                   "(cpu and mln and forward and not backward and not grmln "
+                                                   "and not compile) or copy_ceiling" if dry
+                                                   else "target or (small and forward_backward) or copy_ceiling"],
+                                    c.box(120, 300), adaln))
     sizes = ["tiny"] if dry else ["XL2", "B2", "S2"]  # the SPEC's targets first, should time run out
     for size in sizes:
         path = work / f"bench-train-{size}.json"

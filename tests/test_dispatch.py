@@ -147,11 +147,12 @@ def recorded_choices(text: str) -> dict[str, dict[str, str]]:
             continue
         row = {}
         for op, group in RECORD_GROUPS.items():
-            table = re.search(rf"^#### {re.escape(group)}\n\n(\|.*\n)+", section, re.M)
-            if not table:
+            heading = re.search(rf"^#### {re.escape(group)}\n", section, re.M)
+            if not heading:
                 continue
+            body = section[heading.end():].split("\n#### ", 1)[0]
             times = {}
-            for line in table.group(0).splitlines()[4:]:
+            for line in [line for line in body.splitlines() if line.startswith("|")][2:]:  # past header and rule
                 cells = [c.strip() for c in line.strip("|").split("|")]
                 times[cells[0]] = _seconds(cells[1])
             row[op] = IMPL_BACKEND[min(times, key=times.get)]
@@ -169,7 +170,7 @@ def test_auto_follows_the_recorded_measurements():
 
 def test_the_record_parser_reads_the_fastest_row():
     text = ("# x\n\n## GPU\n\n### a run\n\n- device class: sm_80\n\n"
-            f"#### {RECORD_GROUPS[MLN]}\n\n| impl | time/call | x |\n|---|---|---|\n"
+            f"#### {RECORD_GROUPS[MLN]}\n\nbytes moved: 5 x B*N*C*2 B\n\n| impl | time/call | x |\n|---|---|---|\n"
             "| torch_eager | 1.02 ms | 1 |\n| torch_compile | 259.4 us | 1 |\n| cuda | 166.3 us | 1 |\n\n"
             "## CPU\n\n### not a GPU\n\n- device class: sm_70\n")
     assert recorded_choices(text) == {"sm_80": {MLN: "cuda"}}
