@@ -170,27 +170,14 @@ def aligned_rows(x: torch.Tensor, *others: Optional[torch.Tensor]) -> bool:
     return True
 
 
-@torch.compiler.assume_constant_result
-def _device_class_of(index: Optional[int]) -> str:
-    """``sm_<major><minor>`` of CUDA device ``index`` (None: the current one), or "" without a CUDA driver (fake
-    CUDA tensors on a CPU machine). Looked up once per device; a constant to ``torch.compile``'s tracing."""
-    if index not in _DEVICE_CLASSES:
-        try:
-            major, minor = torch.cuda.get_device_capability(index)
-            _DEVICE_CLASSES[index] = f"sm_{major}{minor}"
-        except (RuntimeError, AssertionError, AttributeError):  # no driver or no such device
-            _DEVICE_CLASSES[index] = ""
-    return _DEVICE_CLASSES[index]
-
-
-_DEVICE_CLASSES: dict[Optional[int], str] = {}
-
-
 def device_class(device: torch.device) -> Optional[str]:
-    """The class ``auto``'s measured table is keyed by (``sm_90``), or None off CUDA and where it is unknown."""
+    """The class ``auto``'s measured table is keyed by (``sm_90``: compute capability 9.0), or None off CUDA and
+    without a CUDA driver (fake CUDA tensors on a CPU machine). ``torch.compile`` folds both calls into
+    constants while it traces (and nothing here imports its machinery, which would import Triton early)."""
     if device.type != "cuda" or not torch.cuda.is_available():
         return None
-    return _device_class_of(device.index) or None
+    props = torch.cuda.get_device_properties(device)
+    return f"sm_{props.major}{props.minor}"
 
 
 def measured_for(device: Optional[torch.device]) -> dict[str, str]:
