@@ -2,9 +2,12 @@
 
     pytest bench/ --benchmark-only -k adaln
 
-Each op runs forward, backward (on a prebuilt graph) and forward+backward, on four implementations in one
-run: the plain-PyTorch reference eager, the reference under torch.compile, the fused Triton kernels and the
-CUDA C++ kernels (``fastsemdiff._C``; skipped with the reason where it is not built).
+Each op (``mln``: modulated LayerNorm; ``grmln``: gated residual + modulated LayerNorm; ``mrms``: modulated
+RMSNorm, LightningDiT's block) runs forward, backward (on a prebuilt graph) and forward+backward, in one run:
+the plain-PyTorch reference eager, the reference under torch.compile, the fused Triton kernels, the CUDA C++
+kernels (``fastsemdiff._C``; skipped with the reason where it is not built), and the peers a user would reach
+for (``bench/peers.py``: Liger-Kernel's and QuACK's norms with a compiled modulate, Liger's fused modulated
+RMSNorm; each skipped as "absent: <reason>" where it does not import or has no such kernel).
 GPU shapes (bf16): [256, 256, 1152] (the SPEC target shape), DiT-S [256, 256, 384] and DiT-B
 [256, 256, 768], and the small end, batch 8 and 32 of 256 tokens at 1152, where launches rather than bytes
 set the time; the CPU case [8, 64, 384] fp32 times the reference eager and compiled (the Triton kernels
@@ -19,8 +22,8 @@ for both times, the achieved GB/s and % of the copy ceiling. The ceiling is meas
 
 What ``scripts/gpu_check.py`` selects (its 8-minute budget): ``-k "target or (small and forward_backward) or
 copy_ceiling"``: every op, direction and implementation at [256, 256, 1152], the small end in fwd+bwd, and the
-copy. The DiT-S and DiT-B widths and the small end's single directions: ``pytest bench/test_bench_adaln.py
---benchmark-only``.
+copy. The DiT-S and DiT-B widths, the small end's single directions and ``mrms`` there:
+``pytest bench/test_bench_adaln.py --benchmark-only``.
 """
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ import torch
 from fastsemdiff.nn import gated_residual_modulated_norm_ref, modulated_layer_norm_ref
 from fastsemdiff.ops import gated_residual_modulated_norm, modulated_layer_norm
 
+import peers
 from benchutil import DEVICE, HAS_CUDA, bench_call, skip_unless_fused_timeable
 
 GPU_SHAPES = {"target-256x256x1152": (256, 256, 1152), "DiT-S-256x256x384": (256, 256, 384),
@@ -40,7 +44,8 @@ GPU_SHAPES = {"target-256x256x1152": (256, 256, 1152), "DiT-S-256x256x384": (256
 CPU_SHAPES = {"cpu-8x64x384": (8, 64, 384)}
 SHAPES = GPU_SHAPES if HAS_CUDA else CPU_SHAPES
 DTYPE = torch.bfloat16 if HAS_CUDA else torch.float32
-IMPLS = ["torch_eager", "torch_compile", "triton", "cuda"]
+IMPLS = ["torch_eager", "torch_compile", "triton", "cuda", *peers.PEERS]
+OPS = ["mln", "grmln", "mrms"]
 FUSED = ("triton", "cuda")
 MODES = ["forward", "backward", "forward_backward"]
 
@@ -48,6 +53,7 @@ MODES = ["forward", "backward", "forward_backward"]
 # per-sample modulation rows ([B, C]), the affine parameters and the fp32 row statistics ([B, N]) are left
 # out: at 256 tokens they are under 1% of the total.
 TENSORS_MOVED = {("mln", "forward"): ("x", "y"), ("mln", "backward"): ("x", "dy", "dx"),
+                 ("mrms", "forward"): ("x", "y"), ("mrms", "backward"): ("x", "dy", "dx"),
                  ("grmln", "forward"): ("x", "h", "x_out", "y"),
                  ("grmln", "backward"): ("dx_out", "dy", "x_out", "h", "dx", "dh")}
 
@@ -69,8 +75,13 @@ def _inputs(op: str, B: int, N: int, C: int):
     return [x, *extra, *mods]  # mln: x, shift, scale; grmln: x, h, gate, shift, scale
 
 
-def _function(op: str, impl: str):
-    if op == "mln":
+def _function(op: str, impl: str, C: int):
+    if impl in peers.PEERS:
+        return peers.function(impl, op, C, DTYPE)
+    if op == "mrms":
+        fn = (functools.partial(modulated_layer_norm, rms=True, backend=impl) if impl in FUSED
+              else functools.partial(modulated_layer_norm_ref, rms=True))
+    elif op == "mln":
         fn = (functools.partial(modulated_layer_norm, backend=impl) if impl in FUSED
               else modulated_layer_norm_ref)
     else:
@@ -85,7 +96,7 @@ def _function(op: str, impl: str):
 def _case(op: str, impl: str, mode: str, shape: tuple[int, int, int]):
     """A zero-argument callable for one timed call."""
     B, N, C = shape
-    fn = _function(op, impl)
+    fn = _function(op, impl, C)
     inputs = _inputs(op, B, N, C)
     if mode == "forward":
         return lambda: fn(*inputs)  # the inputs need no gradient: no autograd graph is recorded
@@ -102,10 +113,19 @@ def _case(op: str, impl: str, mode: str, shape: tuple[int, int, int]):
 @pytest.mark.parametrize("shape_name", list(SHAPES))
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("op", ["mln", "grmln"])
+@pytest.mark.parametrize("op", OPS)
 def test_adaln(benchmark, copy_ceiling_gbs, op, impl, mode, shape_name):
+    if impl in peers.PEERS:
+        why = peers.absent(impl, op)
+        if why:
+            pytest.skip(f"absent: {why}")
     skip_unless_fused_timeable(impl, "adaLN")
     benchmark.group = f"adaln-{op}-{mode}-{shape_name}"
+    if impl in peers.PEERS:
+        B, N, C = SHAPES[shape_name]
+        why = peers.disagreement(_function(op, impl, C), *_inputs(op, B, N, C), rms=op == "mrms")
+        if why:
+            pytest.skip(f"absent: {impl} {why}")
     call = _case(op, impl, mode, SHAPES[shape_name])
     nbytes, formula = moved(op, mode, SHAPES[shape_name], torch.empty(0, dtype=DTYPE).element_size())
     reps, rounds = (20, 15) if HAS_CUDA else (5, 5)

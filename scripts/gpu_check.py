@@ -598,7 +598,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                                                    "bench/test_bench_timestep_embedding.py", "-k",
                                                    "(cpu and mln and forward and not backward and not grmln "
                                                    "and not compile) or copy_ceiling" if dry
-                                                   else "target or (small and forward_backward) or copy_ceiling"],
+                                                   else "target or (small and forward_backward and not mrms) or copy_ceiling"],
                                     c.box(120, 300), adaln))
     sizes = ["tiny"] if dry else ["XL2", "B2", "S2"]  # the SPEC's targets first, should time run out
     for size in sizes:
