@@ -2,7 +2,7 @@
 
 Backends (``model.backend``, the layers' ``backend=``):
 
-* ``torch``: the plain-PyTorch reference of ``fastsemdiff.nn``, which defines each op's meaning;
+* ``torch``: the plain-PyTorch reference that defines each op's meaning (beside its op in this package);
 * ``triton``: the Triton kernels (``fastsemdiff.kernels``); CPU tensors run them only under the Triton
   interpreter (``TRITON_INTERPRET=1`` set before the kernels are first imported);
 * ``cuda``: the CUDA C++ kernels (``fastsemdiff._C``, built from ``csrc/``) where they take the input;

@@ -2,7 +2,7 @@
 
 The first time a fused op runs with a given configuration (op, backend, device, dtypes, width, norm kind,
 affine parameters, modulation layout) on a checked device, it is run once on a few rows of fresh random data
-and compared with the plain-PyTorch reference (``fastsemdiff.nn.norm``, ``fastsemdiff.nn.embedding``):
+and compared with the plain-PyTorch reference (in the op's file: ``modulated_norm.py``, ``timestep_embedding.py``):
 forward outputs and every gradient, by the accuracy rule of the kernel tests (SPEC section 7): the fused
 error against an fp64 reference at most twice the error of the reference run in the same dtypes, plus
 ``1e-5`` of the tensor's largest value. A kernel that raises counts as a mismatch too.

@@ -15,7 +15,8 @@ the CUDA kernels do not take run on Triton, or on plain torch where Triton is no
 (``warn`` | ``error`` | ``off``) is the first-use check of those kernels against the reference
 (``fastsemdiff.ops.guard``); a configuration that fails it under ``warn`` runs on torch
 (``fastsemdiff.ops.torch_launchers``). The user-facing functions ``modulated_layer_norm`` and
-``gated_residual_modulated_norm`` take ``x [B, N, C]`` with DiT's modulation shapes; the Triton kernels are
+``gated_residual_modulated_norm`` take ``x [B, N, C]`` with DiT's modulation shapes; the references that
+define both ops (``modulated_layer_norm_ref``, ``gated_residual_modulated_norm_ref``) are here too; the Triton kernels are
 imported on the first call, so ``TRITON_INTERPRET`` may still be set after ``fastsemdiff`` has been imported.
 """
 from __future__ import annotations
@@ -23,12 +24,52 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from . import _cuda, dispatch, guard
 from .guard import check_mode
 
 CHECK_EPS = 1e-6
+
+
+# ------------------------------------------------------------------------------- the references
+# What each op means, in plain PyTorch: the torch backend of the layers (``fastsemdiff.nn.norm`` re-exports
+# them), the first-use check's reference, and the forward of the torch launchers.
+def _per_token(m: torch.Tensor) -> torch.Tensor:
+    """[B, C] -> [B, 1, C] so modulation broadcasts over tokens; [B, 1, C] and [B, N, C] pass through."""
+    return m.unsqueeze(1) if m.dim() == 2 else m
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """DiT's modulate: x * (1 + scale) + shift, with per-sample or per-token shift/scale."""
+    return x * (1 + _per_token(scale)) + _per_token(shift)
+
+
+def modulated_layer_norm_ref(x, shift, scale, weight=None, bias=None, eps: float = 1e-6, rms: bool = False):
+    """norm(x) [* weight + bias] * (1 + scale) + shift with norm = LayerNorm (or RMSNorm with ``rms``),
+    statistics in fp32 (fp64 for fp64 inputs), output in x's dtype."""
+    acc = torch.promote_types(x.dtype, torch.float32)
+    w = None if weight is None else weight.to(acc)
+    if rms:
+        y = F.rms_norm(x.to(acc), x.shape[-1:], w, eps)
+        y = y if bias is None else y + bias.to(acc)
+    else:
+        y = F.layer_norm(x.to(acc), x.shape[-1:], w, None if bias is None else bias.to(acc), eps)
+    return modulate(y, _per_token(shift).to(acc), _per_token(scale).to(acc)).to(x.dtype)
+
+
+def gated_residual_ref(x, h, gate):
+    """x + gate * h."""
+    return x + _per_token(gate) * h
+
+
+def gated_residual_modulated_norm_ref(x, h, gate, shift, scale, weight=None, bias=None, eps: float = 1e-6,
+                                      rms: bool = False):
+    """(x + gate * h, norm(x + gate * h) * (1 + scale) + shift), the sum in x's dtype."""
+    x_out = gated_residual_ref(x, h, gate).to(x.dtype)
+    return x_out, modulated_layer_norm_ref(x_out, shift, scale, weight, bias, eps, rms)
+
 
 
 def _triton():
@@ -126,7 +167,6 @@ def _decide(backend: str, check: str, op: str, x: Tensor, rows: tuple, scale: Te
 
 def _norm_check(launchers, key) -> list:
     """One small forward and backward of ``launchers`` against the reference (see ``fastsemdiff.ops.guard``)."""
-    from ..nn.norm import gated_residual_modulated_norm_ref, modulated_layer_norm_ref
     from .guard import compare_all
 
     op, _, device, x_dtype, mod_dtype, w_dtype, b_dtype, C, rms, per_token = key
