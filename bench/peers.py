@@ -86,7 +86,9 @@ def disagreement(fn: Callable, x: torch.Tensor, shift: torch.Tensor, scale: torc
         got = fn(x, shift, scale).float()
         ref = modulated_layer_norm_ref(x.float(), shift.float(), scale.float(), rms=rms)
     err, top = (got - ref).abs().max().item(), ref.abs().max().item()
-    return None if err <= 0.05 * top else f"its output differs from the reference by {err:.3g} (largest value {top:.3g})"
+    if err <= 0.05 * top:
+        return None
+    return f"its output differs from the reference by {err:.3g} (largest value {top:.3g})"
 
 
 def function(peer: str, op: str, C: int, dtype: torch.dtype, eps: float = 1e-6) -> Callable:

@@ -10,9 +10,10 @@ device time of its call (``kernel_us_per_call``: a CUDA-graph replay, the kernel
 them; "n/a on CPU" on a CPU), the row shows it beside the call time, each with its GB/s and % of the copy
 ceiling, and the table's header writes out the bytes formula. The copy ceiling is the run's own
 ``copy_ceiling`` case (its device time where recorded) when the JSON has one, else the ceiling each record
-carries. Everything comes from the JSON: nothing is added that the run did not measure. The roofline plots achieved TFLOP/s against arithmetic
-intensity (FLOPs per byte) for the cases whose FLOPs and minimum bytes are both known, under the copy and
-matmul ceilings of the run.
+carries (the percentages are then recomputed against it, a ratio of two figures of the run). Everything comes
+from the JSON: nothing is added that the run did not measure. The roofline plots achieved TFLOP/s against
+arithmetic intensity (FLOPs per byte) for the cases whose FLOPs and minimum bytes are both known, under the
+copy and matmul ceilings of the run.
 """
 from __future__ import annotations
 

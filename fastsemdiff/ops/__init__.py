@@ -6,8 +6,8 @@ its layer in ``fastsemdiff.nn`` (which imports this package, never the reverse),
 
 * modulated norm and gated residual + modulated norm: ``kernels/modulated_layer_norm.py``, ``csrc/adaln.cu``,
   ``modulated_norm.py`` (with ``torch_launchers.py``, its kernels' contract in plain torch),
-  the layers in ``nn/norm.py``, ``tests/test_kernel_modulated_layer_norm.py`` and ``tests/test_kernel_gated_residual_norm.py``,
-  ``bench/test_bench_adaln.py``;
+  the layers in ``nn/norm.py``, ``tests/test_kernel_modulated_layer_norm.py`` and
+  ``tests/test_kernel_gated_residual_norm.py``, ``bench/test_bench_adaln.py``;
 * timestep embedding: ``kernels/timestep_embedding.py``, ``csrc/timestep_embedding.cu``,
   ``timestep_embedding.py``, ``nn/embedding.py``, ``tests/test_kernel_timestep_embedding.py``,
   ``bench/test_bench_timestep_embedding.py``.

@@ -16,8 +16,9 @@ the CUDA kernels do not take run on Triton, or on plain torch where Triton is no
 (``fastsemdiff.ops.guard``); a configuration that fails it under ``warn`` runs on torch
 (``fastsemdiff.ops.torch_launchers``). The user-facing functions ``modulated_layer_norm`` and
 ``gated_residual_modulated_norm`` take ``x [B, N, C]`` with DiT's modulation shapes; the references that
-define both ops (``modulated_layer_norm_ref``, ``gated_residual_modulated_norm_ref``) are here too; the Triton kernels are
-imported on the first call, so ``TRITON_INTERPRET`` may still be set after ``fastsemdiff`` has been imported.
+define both ops (``modulated_layer_norm_ref``, ``gated_residual_modulated_norm_ref``) are here too; the Triton
+kernels are imported on the first call, so ``TRITON_INTERPRET`` may still be set after ``fastsemdiff`` has been
+imported.
 """
 from __future__ import annotations
 
@@ -69,7 +70,6 @@ def gated_residual_modulated_norm_ref(x, h, gate, shift, scale, weight=None, bia
     """(x + gate * h, norm(x + gate * h) * (1 + scale) + shift), the sum in x's dtype."""
     x_out = gated_residual_ref(x, h, gate).to(x.dtype)
     return x_out, modulated_layer_norm_ref(x_out, shift, scale, weight, bias, eps, rms)
-
 
 
 def _triton():
