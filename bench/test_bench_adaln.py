@@ -20,9 +20,10 @@ the bytes the op must move at least (``moved``, the one formula, which the table
 for both times, the achieved GB/s and % of the copy ceiling. The ceiling is measured in the same run by
 ``test_copy_ceiling`` (a device-to-device copy timed the same two ways), which ``bench/report.py`` reads.
 
-What ``scripts/gpu_check.py`` selects (its 8-minute budget): ``-k "target or (small and forward_backward) or
-copy_ceiling"``: every op, direction and implementation at [256, 256, 1152], the small end in fwd+bwd, and the
-copy. The DiT-S and DiT-B widths, the small end's single directions and ``mrms`` there:
+What ``scripts/gpu_check.py`` selects (its 8-minute budget): ``-k "(target and (forward_backward or not mrms))
+or (small and forward_backward and not mrms) or copy_ceiling"``: mln and grmln in every direction and
+implementation at [256, 256, 1152], mrms (for the peers' fused modulated RMSNorm) in fwd+bwd there, mln and
+grmln in fwd+bwd at the small end, and the copy. The DiT-S and DiT-B widths and everything else:
 ``pytest bench/test_bench_adaln.py --benchmark-only``.
 """
 from __future__ import annotations

@@ -69,6 +69,11 @@ DRY_BUDGET_S = 1800  # a dry run's upper bound (about 2 minutes on an idle 2-cor
 CURVE_TOLERANCE = {"per_point_rel": 0.05, "last_quarter_mean_rel": 0.02}
 GRAD_FLOOR = 1e-3  # model check: allowed gradient error (relative) = 2 x the torch-bf16 error + this
 LOSS_FLOOR = 5e-3  # model check: allowed loss error (relative) = 2 x the torch-bf16 error + this
+# bench-adaln's selection (-k): on the GPU, mln and grmln in every direction at the target shape, the modulated
+# RMSNorm (mrms, against the peers' fused one) in fwd+bwd there, fwd+bwd at the small end, the copy ceiling and
+# the timestep embedding's target; in a dry run one CPU case and the copy case.
+GPU_ADALN = "(target and (forward_backward or not mrms)) or (small and forward_backward and not mrms) or copy_ceiling"
+DRY_ADALN = "(cpu and mln and forward and not backward and not grmln and not compile) or copy_ceiling"
 
 
 @dataclass
@@ -596,10 +601,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     jsons.append(adaln)
     c.stages.append(bench_stage(c, "bench-adaln", ["bench/test_bench_adaln.py",
                                                    "bench/test_bench_timestep_embedding.py", "-k",
-                                                   "(cpu and mln and forward and not backward and not grmln "
-                                                   "and not compile) or copy_ceiling" if dry
-                                                   else "target or (small and forward_backward and not mrms) or copy_ceiling"],
-                                    c.box(120, 300), adaln))
+                                                   DRY_ADALN if dry else GPU_ADALN], c.box(120, 300), adaln))
     sizes = ["tiny"] if dry else ["XL2", "B2", "S2"]  # the SPEC's targets first, should time run out
     for size in sizes:
         path = work / f"bench-train-{size}.json"
