@@ -6,10 +6,17 @@ the per-call time is ``median / reps`` (recorded in ``extra_info``). Achieved ba
 against a device-to-device copy, and achieved FLOP/s against a large matrix product (bf16 on GPU, fp32 on
 CPU), both measured in the same session, so ratios, not absolute numbers, carry. ``bench/report.py`` turns
 the ``--benchmark-json`` file into tables and a roofline plot.
+
+Beside that call time, a case may ask for the device time of the same call (``kernel=True``): the call
+captured once in a CUDA graph and replayed, so no Python, dispatch or launch cost of the host is in it (or,
+where a call cannot be captured, the kernel rows of ``torch.profiler``). A slow call with a fast kernel time
+is slow around its kernels; a slow kernel time is slow kernels. On a CPU there is no device time to take:
+the record says "n/a on CPU".
 """
 from __future__ import annotations
 
 import time
+import statistics
 from typing import Callable, Optional
 
 import pytest
@@ -31,12 +38,77 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
+KERNEL_NA_CPU = "n/a on CPU"
+
+
+def _graph_seconds(fn: Callable[[], object], reps: int, rounds: int) -> float:
+    """Median device seconds of one call of ``fn``, captured once in a CUDA graph and replayed ``reps`` times
+    per round between two CUDA events."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm on a side stream, as torch.cuda.graph's documentation asks
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(rounds):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / reps)
+    del graph
+    torch.cuda.synchronize()
+    return statistics.median(times)
+
+
+def _profiler_seconds(fn: Callable[[], object], reps: int) -> float:
+    """Device seconds of one call of ``fn``: the summed self time of the CUDA kernel rows of ``torch.profiler``
+    over ``reps`` calls, divided by ``reps``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    sync()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        sync()
+    total_us = sum(e.self_device_time_total for e in prof.key_averages() if e.self_device_time_total > 0)
+    return total_us / 1e6 / reps
+
+
+def device_seconds(fn: Callable[[], object], reps: int = 20, rounds: int = 5) -> tuple[Optional[float], str]:
+    """The device time of one call of ``fn`` without the host around it, and how it was taken: a CUDA-graph
+    replay, else (a call that cannot be captured) the profiler's kernel rows; ``(None, why)`` where neither
+    can be taken (``"n/a on CPU"`` on a CPU)."""
+    if not HAS_CUDA:
+        return None, KERNEL_NA_CPU
+    try:
+        return _graph_seconds(fn, reps, rounds), "cuda-graph replay"
+    except Exception as e:  # noqa: BLE001 - a call that cannot be captured: measured another way, said so
+        why = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+        torch.cuda.synchronize()
+    try:
+        return _profiler_seconds(fn, reps), f"profiler kernel rows (graph capture failed: {why})"
+    except Exception as e:  # noqa: BLE001
+        return None, f"n/a: graph capture failed ({why}); profiler failed ({type(e).__name__}: {e})"[:300]
+
+
 def bench_call(benchmark, fn: Callable[[], object], reps: int, rounds: int, bytes_moved: int | None = None,
                ceiling_gbs: float | None = None, flops: int | None = None, ceiling_tflops: float | None = None,
-               warmup: bool = True, **info) -> float:
+               warmup: bool = True, kernel: bool = False, bytes_formula: str | None = None, **info) -> float:
     """Time ``fn`` (``reps`` calls then one sync per round); record per-call us, GB/s and TFLOP/s with their
     % of the ceilings. Returns the per-call median in seconds. ``warmup=False`` when the caller already ran
-    ``fn`` (compilation, autotuning, allocator) outside the timing."""
+    ``fn`` (compilation, autotuning, allocator) outside the timing. ``kernel``: also record the device time of
+    one call (``device_seconds``) with its GB/s and % of the copy ceiling; ``bytes_formula`` says how
+    ``bytes_moved`` was counted (for the table's header)."""
     def run():
         for _ in range(reps):
             fn()
@@ -53,6 +125,18 @@ def bench_call(benchmark, fn: Callable[[], object], reps: int, rounds: int, byte
         benchmark.extra_info.update(bytes=bytes_moved, gb_per_s=round(gbs, 1))
         if ceiling_gbs:
             benchmark.extra_info.update(ceiling_gbs=round(ceiling_gbs, 1), pct_of_copy=round(100 * gbs / ceiling_gbs, 1))
+        if bytes_formula:
+            benchmark.extra_info.update(bytes_formula=bytes_formula)
+    if kernel:
+        seconds, method = device_seconds(fn, reps=reps, rounds=max(3, min(rounds, 5)))
+        benchmark.extra_info.update(kernel_method=method)
+        if seconds is not None:
+            benchmark.extra_info.update(kernel_us_per_call=round(seconds * 1e6, 2))
+            if bytes_moved:
+                kgbs = bytes_moved / seconds / 1e9
+                benchmark.extra_info.update(kernel_gb_per_s=round(kgbs, 1))
+                if ceiling_gbs:
+                    benchmark.extra_info.update(kernel_pct_of_copy=round(100 * kgbs / ceiling_gbs, 1))
     if flops:
         tflops = flops / per_call / 1e12
         benchmark.extra_info.update(flops=flops, tflop_per_s=round(tflops, 4))

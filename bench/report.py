@@ -5,10 +5,15 @@
 One table per benchmark group. Each row: the implementation, time per call, images/s (training steps),
 achieved TFLOP/s and GB/s with their % of the ceilings measured in the same run (MFU for training steps on
 a GPU whose peak is known), and how many times faster it is than each baseline present in the same group
-(``torch_eager``/``sdpa_math``: the reference; ``torch_compile``; ``diffusers``). Everything comes from the
-JSON: nothing is added that the run did not measure. The roofline plots achieved TFLOP/s against arithmetic
-intensity (FLOPs per byte) for the cases whose FLOPs and minimum bytes are both known, under the copy and
-matmul ceilings of the run.
+(``torch_eager``/``sdpa_math``: the reference; ``torch_compile``; ``diffusers``). Where a case recorded the
+device time of its call (``kernel_us_per_call``: a CUDA-graph replay, the kernels without the host around
+them; "n/a on CPU" on a CPU), the row shows it beside the call time, each with its GB/s and % of the copy
+ceiling, and the table's header writes out the bytes formula. The copy ceiling is the run's own
+``copy_ceiling`` case (its device time where recorded) when the JSON has one, else the ceiling each record
+carries (the percentages are then recomputed against it, a ratio of two figures of the run). Everything comes
+from the JSON: nothing is added that the run did not measure. The roofline plots achieved TFLOP/s against
+arithmetic intensity (FLOPs per byte) for the cases whose FLOPs and minimum bytes are both known, under the
+copy and matmul ceilings of the run.
 """
 from __future__ import annotations
 
@@ -31,10 +36,35 @@ def _rows(bench: dict) -> list[dict]:
     s = info["us_per_call"] / 1e6 if "us_per_call" in info else bench["stats"]["median"]
     row = {"impl": info.get("impl", bench["name"]), "s": s, "name": bench["name"]}
     for key in ("images_per_s", "tflop_per_s", "ceiling_tflops", "pct_of_matmul", "gb_per_s", "ceiling_gbs",
-                "pct_of_copy", "mfu_pct", "flops", "bytes", "host_syncs", "images_per_s"):
+                "pct_of_copy", "mfu_pct", "flops", "bytes", "host_syncs", "images_per_s", "bytes_formula",
+                "kernel_method", "kernel_gb_per_s", "kernel_pct_of_copy"):
         if key in info:
             row[key] = info[key]
+    if "kernel_us_per_call" in info:
+        row["kernel_s"] = info["kernel_us_per_call"] / 1e6
     return [row]
+
+
+def copy_ceiling(data: dict) -> tuple[float, str] | None:
+    """The run's copy ceiling from its ``copy_ceiling`` case (GB/s, and what it is), or None without one."""
+    best = None
+    for bench in data["benchmarks"]:
+        info = bench.get("extra_info", {})
+        if info.get("op") != "copy":
+            continue
+        gbs, how = ((info["kernel_gb_per_s"], "device time") if info.get("kernel_gb_per_s")
+                    else (info.get("gb_per_s"), "call time"))
+        if gbs and (best is None or gbs > best[0]):
+            best = (gbs, f"{gbs:.1f} GB/s, the {how} of this run's device-to-device copy of "
+                         f"{info.get('bytes', 0) / 2 / 2**20:.0f} MiB (read + write)")
+    return best
+
+
+def _bandwidth(gbs, row_pct, ceiling) -> str:
+    if not gbs:
+        return ""
+    pct = 100 * gbs / ceiling[0] if ceiling else row_pct
+    return f"{gbs:.1f} ({pct:.0f}%)" if pct is not None else f"{gbs:.1f}"
 
 
 def _time(s: float) -> str:
@@ -46,6 +76,7 @@ def tables(data: dict) -> str:
     for bench in data["benchmarks"]:
         groups[bench.get("group") or bench["name"]].extend(_rows(bench))
     out = []
+    ceiling = copy_ceiling(data)
     for group, rows in groups.items():
         present = [b for b in BASELINES if any(r["impl"] == b for r in rows)]
         if len(rows) == 1:
@@ -56,12 +87,27 @@ def tables(data: dict) -> str:
             cols.append("img/s")
         if any(r.get("tflop_per_s") for r in rows):
             cols.append("TFLOP/s (% of ceiling)")
+        kernel = any("kernel_method" in r for r in rows)
         if any(r.get("gb_per_s") for r in rows):
             cols.append("GB/s (% of copy)")
+        if kernel:
+            cols += ["kernel time", "kernel GB/s (% of copy)"]
         if any("host_syncs" in r for r in rows):
             cols.append("host syncs/step")
         cols += [f"x vs {b}" for b in present]
-        out += [f"### {group}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        out += [f"### {group}", ""]
+        formulas = sorted({(r["bytes_formula"], r.get("bytes")) for r in rows if r.get("bytes_formula")})
+        for formula, nbytes in formulas:
+            out.append(f"bytes moved: {formula}" + (f" = {nbytes / 1e6:.1f} MB" if nbytes else "")
+                       + (f"; copy ceiling: {ceiling[1]}" if ceiling else ""))
+        if kernel:
+            out.append("time/call: per call as a training step calls it (Python, autograd, launches); kernel time: "
+                       "the device time of the same call (" + "; ".join(sorted({
+                           r["kernel_method"] if r.get("kernel_s") else r["kernel_method"] for r in rows
+                           if "kernel_method" in r})) + ")")
+        if formulas or kernel:
+            out.append("")
+        out += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         for r in rows:
             cells = [r["impl"], _time(r["s"])]
             if "img/s" in cols:
@@ -76,8 +122,13 @@ def tables(data: dict) -> str:
                         cell += f" ({100 * r['tflop_per_s'] / r['ceiling_tflops']:.0f}% of matmul)"
                 cells.append(cell)
             if "GB/s (% of copy)" in cols:
-                cells.append(f"{r['gb_per_s']:.1f} ({r['pct_of_copy']:.0f}%)" if r.get("gb_per_s") and
-                             r.get("pct_of_copy") is not None else (f"{r['gb_per_s']:.1f}" if r.get("gb_per_s") else ""))
+                cells.append(_bandwidth(r.get("gb_per_s"), r.get("pct_of_copy"), ceiling))
+            if kernel:
+                if r.get("kernel_s"):
+                    cells += [_time(r["kernel_s"]),
+                              _bandwidth(r.get("kernel_gb_per_s"), r.get("kernel_pct_of_copy"), ceiling)]
+                else:
+                    cells += [r.get("kernel_method", "").split(" (")[0] if r.get("kernel_method") else "", ""]
             if "host syncs/step" in cols:
                 cells.append(str(r.get("host_syncs", "")))
             cells += [f"{base_s[b] / r['s']:.2f}" for b in present]

@@ -1,5 +1,5 @@
 """The sinusoidal timestep embedding: does a kernel beat the compiled torch path? (``model.backend=auto``
-keeps it on torch until a GPU row here says so; see ``fastsemdiff.ops.dispatch.AUTO_UNMEASURED``.)
+keeps it on torch unless a GPU row here says so; see ``fastsemdiff.ops.dispatch.AUTO_MEASURED``.)
 
     pytest bench/ --benchmark-only -k timestep_embedding
 

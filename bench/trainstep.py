@@ -6,7 +6,9 @@ generator seeded per step on the device, as in ``fastsemdiff.train``. Implementa
 
 * ``torch_eager``: the plain-PyTorch reference (``model.backend=torch``, ``model.adaln=per_block``, DiT's layout);
 * ``torch_compile``: the same under ``torch.compile``, per transformer block as the trainer compiles;
-* ``fused``: ``model.backend=auto`` (fused kernels on CUDA), ``model.adaln=stacked``, compiled per block;
+* ``fused``: the fused kernels named explicitly (``fused_backend``: ``cuda`` where ``fastsemdiff._C`` loads,
+  else ``triton``; ``auto`` on a CPU, i.e. torch), ``model.adaln=stacked``, compiled per block (``auto`` would
+  run torch on the H200, where the record has torch.compile ahead: bench/RESULTS.md);
 * ``diffusers``: diffusers' ``DiTTransformer2DModel`` of the same size (random weights, nothing fetched).
 
 Two kinds of step: ``dit``, the ``fastsemdiff.models.DiT`` denoiser alone with the eps-MSE loss on random
@@ -42,7 +44,7 @@ MAIN_JOB_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "fmnist-tiny
 IMPLS = ("torch_eager", "torch_compile", "fused", "diffusers")
 MODEL_KEYS = {"torch_eager": ["model.backend=torch", "model.adaln=per_block"],
               "torch_compile": ["model.backend=torch", "model.adaln=per_block"],
-              "fused": ["model.backend=auto", "model.adaln=stacked"],
+              "fused": ["model.adaln=stacked"],  # + model.backend=fused_backend()
               "diffusers": []}
 
 
@@ -72,10 +74,21 @@ GPU_SIZES = {"S2": Size("DiT-S/2", "S", 32, 4, 2, 256, 256), "B2": Size("DiT-B/2
 CPU_SIZES = {"tiny": Size("tiny/7", "tiny", 28, 1, 7, 64, 64)}
 
 
+def fused_backend() -> str:
+    """The kernels the ``fused`` step runs: the CUDA C++ ones where the extension loads, else Triton; on a CPU
+    ``auto`` (torch: the Triton interpreter is a correctness tool, not timed)."""
+    if not torch.cuda.is_available():
+        return "auto"
+    from fastsemdiff.ops import _cuda
+
+    return "cuda" if _cuda.available() else "triton"
+
+
 def config_for(size: Size, impl: str, switches: Sequence[str] = ()) -> Config:
+    backend = [f"model.backend={fused_backend()}"] if impl == "fused" else []
     return load_config(None, [f"model.preset={size.preset}", f"model.patch_size={size.patch}",
                               f"data.image_size={size.image_size}", f"data.channels={size.channels}",
-                              *MODEL_KEYS[impl], *switches])
+                              *MODEL_KEYS[impl], *backend, *switches])
 
 
 class TrainStep:

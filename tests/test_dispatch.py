@@ -60,22 +60,23 @@ def test_inputs_the_fused_ops_are_not_written_for_run_torch():
     assert decide("triton", MLN, ndim=3) == "triton" and decide("triton", TEMB, ndim=1, channels=None) == "triton"
     assert decide("triton", TEMB, dtype=f64, channels=None) == "triton"  # fp32 in the reference as well
     for dtype in (f32, bf16, f16):
-        assert decide("auto", dtype=dtype) == "triton"
+        assert decide("auto", dtype=dtype, measured={MLN: "triton"}) == "triton"
 
 
 def test_auto_off_cuda_and_its_defaults_on_cuda():
     for op in OPS:
         assert decide("auto", op, device="cpu") == "torch" and decide("auto", op, device=None) == "torch"
-    assert decide("auto", MLN) == "triton" and decide("auto", GRMLN) == "triton"
-    assert decide("auto", TEMB, channels=None) == "torch"  # no measurement shows its kernels faster
-    assert decide("auto", MLN, triton=False) == "torch"
-    assert decide("auto", MLN, triton=False, cuda=False) == "torch"  # auto never raises for a missing piece
+    # a device class no run has measured: torch for every op (the kernels lost where they were measured)
+    for op in OPS:
+        assert decide("auto", op) == "torch" and decide("auto", op, measured={}) == "torch"
+    assert decide("auto", MLN, triton=False, measured={MLN: "triton"}) == "torch"
+    assert decide("auto", MLN, triton=False, cuda=False, measured={MLN: "cuda"}) == "torch"  # never raises
 
 
 def test_auto_reads_the_measured_table():
     table = {MLN: "cuda", TEMB: "triton"}
     assert decide("auto", MLN, measured=table) == "cuda"
-    assert decide("auto", GRMLN, measured=table) == "triton"  # not in the table: the default
+    assert decide("auto", GRMLN, measured=table) == "torch"  # not in the table: the default
     assert decide("auto", TEMB, channels=None, measured=table) == "triton"
     assert decide("auto", TEMB, channels=None, measured={TEMB: "cuda"}) == "cuda"
     assert decide("auto", MLN, measured={MLN: "torch"}) == "torch"
@@ -113,11 +114,66 @@ def test_cuda_refusal_says_why():
 
 
 def test_the_tables_name_backends_and_ops():
-    for table in (dispatch.AUTO_MEASURED, AUTO_UNMEASURED):
+    for cls, row in dispatch.AUTO_MEASURED.items():
+        assert re.fullmatch(r"sm_\d{2,3}", cls), cls
+    for table in (*dispatch.AUTO_MEASURED.values(), AUTO_UNMEASURED):
         assert set(table) <= set(OPS) and set(table.values()) <= {"torch", "triton", "cuda"}, table
     assert set(AUTO_UNMEASURED) == set(OPS)
-    # the timestep-embedding kernels are not auto's choice until a GPU measurement says they pay
-    assert dispatch.AUTO_MEASURED.get(TEMB, AUTO_UNMEASURED[TEMB]) == "torch"
+
+
+# ---------------------------------------------------------------------------- the table against the record
+RESULTS = REPO / "bench" / "RESULTS.md"
+# the op's group in bench/report.py's tables: the direction a training step needs, at the target shape
+RECORD_GROUPS = {MLN: "adaln-mln-forward_backward-target-256x256x1152",
+                 GRMLN: "adaln-grmln-forward_backward-target-256x256x1152",
+                 TEMB: "timestep_embedding-forward-target-256x256"}
+IMPL_BACKEND = {"torch_eager": "torch", "torch_compile": "torch", "triton": "triton", "cuda": "cuda"}
+
+
+def _seconds(cell: str) -> float:
+    value, unit = cell.split()
+    return float(value.replace(",", "")) * {"ms": 1e-3, "us": 1e-6, "s": 1.0}[unit]
+
+
+def recorded_choices(text: str) -> dict[str, dict[str, str]]:
+    """Per device class, the backend of the fastest row of each op's group in RESULTS.md's GPU sections (a
+    section is a ``### `` heading with a ``- device class: sm_XX`` line; a later section of a class replaces
+    an earlier one)."""
+    gpu = text.split("\n## GPU\n", 1)[1].split("\n## ", 1)[0]
+    choices: dict[str, dict[str, str]] = {}
+    for section in gpu.split("\n### ")[1:]:
+        found = re.search(r"^- device class: (sm_\d+)\s*$", section, re.M)
+        if not found:
+            continue
+        row = {}
+        for op, group in RECORD_GROUPS.items():
+            heading = re.search(rf"^#### {re.escape(group)}\n", section, re.M)
+            if not heading:
+                continue
+            body = section[heading.end():].split("\n#### ", 1)[0]
+            times = {}
+            for line in [line for line in body.splitlines() if line.startswith("|")][2:]:  # past header and rule
+                cells = [c.strip() for c in line.strip("|").split("|")]
+                times[cells[0]] = _seconds(cells[1])
+            row[op] = IMPL_BACKEND[min(times, key=times.get)]
+        choices[found.group(1)] = row
+    return choices
+
+
+def test_auto_follows_the_recorded_measurements():
+    """AUTO_MEASURED and bench/RESULTS.md change together: each class's row names the fastest backend of the
+    record's forward_backward rows, and every class in the table has its record."""
+    recorded = recorded_choices(RESULTS.read_text())
+    assert "sm_90" in recorded and recorded["sm_90"] == {MLN: "torch", GRMLN: "torch", TEMB: "torch"}
+    assert dispatch.AUTO_MEASURED == recorded
+
+
+def test_the_record_parser_reads_the_fastest_row():
+    text = ("# x\n\n## GPU\n\n### a run\n\n- device class: sm_80\n\n"
+            f"#### {RECORD_GROUPS[MLN]}\n\nbytes moved: 5 x B*N*C*2 B\n\n| impl | time/call | x |\n|---|---|---|\n"
+            "| torch_eager | 1.02 ms | 1 |\n| torch_compile | 259.4 us | 1 |\n| cuda | 166.3 us | 1 |\n\n"
+            "## CPU\n\n### not a GPU\n\n- device class: sm_70\n")
+    assert recorded_choices(text) == {"sm_80": {MLN: "cuda"}}
 
 
 def test_limits_match_the_kernels():
@@ -157,7 +213,7 @@ def test_resolve_backend_reads_the_facts_from_the_tensor():
     assert resolve_backend("triton", MLN, x.double()) == "torch"  # fp64 on any backend
     assert resolve_backend("triton", MLN, x[0]) == "torch"  # [N, C]: not the fused op's rank
     assert resolve_backend("auto", MLN) == "torch" and resolve_backend("torch", MLN) == "torch"
-    assert resolve_backend("auto", MLN, fake_cuda(2, 3, 8)) == "triton"
+    assert resolve_backend("auto", MLN, fake_cuda(2, 3, 8)) == "torch"  # no device class known: unmeasured
     assert resolve_backend("auto", MLN, fake_cuda(2, 3, 8, dtype=f64)) == "torch"
     assert resolve_backend("auto", TEMB, fake_cuda(4)) == "torch"
     assert resolve_backend("triton", TEMB, fake_cuda(4)) == "triton"
@@ -181,16 +237,32 @@ def no_cuda_extension(monkeypatch):
 
 
 def test_auto_in_a_layer_reads_the_module_table(cuda_extension, monkeypatch):
-    monkeypatch.setattr(dispatch, "AUTO_MEASURED", {MLN: "cuda", TEMB: "triton"})
+    monkeypatch.setattr(dispatch, "AUTO_MEASURED", {"sm_80": {MLN: "cuda", TEMB: "triton"}, "sm_90": {MLN: "triton"}})
+    monkeypatch.setattr(dispatch, "device_class", lambda device: "sm_80" if device.type == "cuda" else None)
     assert resolve_backend("auto", MLN, fake_cuda(2, 3, 64, dtype=bf16)) == "cuda"
     assert resolve_backend("auto", MLN, fake_cuda(2, 3, 60, dtype=bf16)) == "triton"  # C not a multiple of 8
-    assert resolve_backend("auto", GRMLN, fake_cuda(2, 3, 64, dtype=bf16)) == "triton"
+    assert resolve_backend("auto", GRMLN, fake_cuda(2, 3, 64, dtype=bf16)) == "torch"  # not in sm_80's row
     assert resolve_backend("auto", TEMB, fake_cuda(4)) == "triton"
     assert resolve_backend("auto", MLN, torch.randn(2, 3, 64).to(bf16)) == "torch"  # CPU
+    monkeypatch.setattr(dispatch, "device_class", lambda device: "sm_90")
+    assert resolve_backend("auto", MLN, fake_cuda(2, 3, 64, dtype=bf16)) == "triton"
+    monkeypatch.setattr(dispatch, "device_class", lambda device: "sm_120")  # a class no run measured
+    assert resolve_backend("auto", MLN, fake_cuda(2, 3, 64, dtype=bf16)) == "torch"
+
+
+def test_device_class_off_cuda_is_unknown():
+    assert dispatch.device_class(torch.device("cpu")) is None
+    assert dispatch.measured_for(torch.device("cpu")) == {} and dispatch.measured_for(None) == {}
+    if not torch.cuda.is_available():
+        assert dispatch.device_class(torch.device("cuda")) is None
+    else:
+        major, minor = torch.cuda.get_device_capability()
+        assert dispatch.device_class(torch.device("cuda")) == f"sm_{major}{minor}"
 
 
 def test_auto_with_a_cuda_row_and_no_extension_runs_triton(no_cuda_extension, monkeypatch):
-    monkeypatch.setattr(dispatch, "AUTO_MEASURED", {MLN: "cuda"})
+    monkeypatch.setattr(dispatch, "AUTO_MEASURED", {"sm_90": {MLN: "cuda"}})
+    monkeypatch.setattr(dispatch, "device_class", lambda device: "sm_90")
     assert resolve_backend("auto", MLN, fake_cuda(2, 3, 64, dtype=bf16)) == "triton"
 
 

@@ -441,3 +441,25 @@ def test_block_without_own_modulation_needs_mod():
     assert block.adaLN_modulation is None
     with pytest.raises(ValueError, match="mod="):
         block(rand(1, 4, 16, seed=65), rand(1, 16, seed=66))
+
+
+def test_ops_never_import_nn():
+    """One direction: ``fastsemdiff.nn`` imports ``fastsemdiff.ops`` (the references live with their ops), never
+    the reverse; an import of nn from ops would close the circle the op units were separated to break."""
+    import ast
+
+    from conftest import PACKAGE_ROOT
+
+    found = []
+    for path in sorted((PACKAGE_ROOT / "fastsemdiff" / "ops").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                module = "." * node.level + (node.module or "")
+                targets = [module] + [f"{module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            else:
+                continue
+            # "..nn", "..nn.norm", "fastsemdiff.nn...", and "from .. import nn" (module "..", name "nn": "...nn")
+            found += [(path.name, t) for t in targets if t.startswith(("..nn", "fastsemdiff.nn")) or t == "...nn"]
+    assert found == [], found

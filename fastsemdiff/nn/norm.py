@@ -1,54 +1,21 @@
 """adaLN-modulated normalisation and the gated residual: the memory-bound seams of a DiT block.
 
-The functions here are the references that define each op; the modules call them on the torch
-backend and fused kernels elsewhere, with identical results up to rounding.
+The modules call the references that define each op (they live with their op, in
+``fastsemdiff.ops.modulated_norm``, and are re-exported here) on the torch backend and the fused kernels
+elsewhere, with identical results up to rounding.
 """
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
 from ..ops.dispatch import check_backend, resolve_backend
 from ..ops.guard import check_mode
-
-
-def _per_token(m: torch.Tensor) -> torch.Tensor:
-    """[B, C] -> [B, 1, C] so modulation broadcasts over tokens; [B, 1, C] and [B, N, C] pass through."""
-    return m.unsqueeze(1) if m.dim() == 2 else m
-
-
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """DiT's modulate: x * (1 + scale) + shift, with per-sample or per-token shift/scale."""
-    return x * (1 + _per_token(scale)) + _per_token(shift)
-
-
-def modulated_layer_norm_ref(x, shift, scale, weight=None, bias=None, eps: float = 1e-6, rms: bool = False):
-    """norm(x) [* weight + bias] * (1 + scale) + shift with norm = LayerNorm (or RMSNorm with ``rms``),
-    statistics in fp32 (fp64 for fp64 inputs), output in x's dtype."""
-    acc = torch.promote_types(x.dtype, torch.float32)
-    w = None if weight is None else weight.to(acc)
-    if rms:
-        y = F.rms_norm(x.to(acc), x.shape[-1:], w, eps)
-        y = y if bias is None else y + bias.to(acc)
-    else:
-        y = F.layer_norm(x.to(acc), x.shape[-1:], w, None if bias is None else bias.to(acc), eps)
-    return modulate(y, _per_token(shift).to(acc), _per_token(scale).to(acc)).to(x.dtype)
-
-
-def gated_residual_ref(x, h, gate):
-    """x + gate * h."""
-    return x + _per_token(gate) * h
-
-
-def gated_residual_modulated_norm_ref(x, h, gate, shift, scale, weight=None, bias=None, eps: float = 1e-6,
-                                      rms: bool = False):
-    """(x + gate * h, norm(x + gate * h) * (1 + scale) + shift), the sum in x's dtype."""
-    x_out = gated_residual_ref(x, h, gate).to(x.dtype)
-    return x_out, modulated_layer_norm_ref(x_out, shift, scale, weight, bias, eps, rms)
+from ..ops.modulated_norm import (gated_residual_modulated_norm_ref, gated_residual_ref, modulate,  # noqa: F401
+                                  modulated_layer_norm_ref)
 
 
 class ModulatedLayerNorm(nn.Module):

@@ -1,13 +1,13 @@
 """Fused ops as ``torch.library`` custom ops with their autograd, so ``torch.compile`` traces through them.
 
 One op is one unit: its kernels (``kernels/<op>.py`` for Triton, ``csrc/<op>.cu`` for CUDA), one op file
-here (custom op, fake, autograd, the first-use check's case), its layer in ``fastsemdiff.nn`` (which holds
-the plain-PyTorch reference), its test and its benchmark:
+here (the plain-PyTorch reference that defines it, custom op, fake, autograd, the first-use check's case),
+its layer in ``fastsemdiff.nn`` (which imports this package, never the reverse), its test and its benchmark:
 
 * modulated norm and gated residual + modulated norm: ``kernels/modulated_layer_norm.py``, ``csrc/adaln.cu``,
   ``modulated_norm.py`` (with ``torch_launchers.py``, its kernels' contract in plain torch),
-  ``nn/norm.py``, ``tests/test_kernel_modulated_layer_norm.py`` and ``tests/test_kernel_gated_residual_norm.py``,
-  ``bench/test_bench_adaln.py``;
+  the layers in ``nn/norm.py``, ``tests/test_kernel_modulated_layer_norm.py`` and
+  ``tests/test_kernel_gated_residual_norm.py``, ``bench/test_bench_adaln.py``;
 * timestep embedding: ``kernels/timestep_embedding.py``, ``csrc/timestep_embedding.cu``,
   ``timestep_embedding.py``, ``nn/embedding.py``, ``tests/test_kernel_timestep_embedding.py``,
   ``bench/test_bench_timestep_embedding.py``.

@@ -2,11 +2,12 @@
 
 Backends (``model.backend``, the layers' ``backend=``):
 
-* ``torch``: the plain-PyTorch reference of ``fastsemdiff.nn``, which defines each op's meaning;
+* ``torch``: the plain-PyTorch reference that defines each op's meaning (beside its op in this package);
 * ``triton``: the Triton kernels (``fastsemdiff.kernels``); CPU tensors run them only under the Triton
   interpreter (``TRITON_INTERPRET=1`` set before the kernels are first imported);
 * ``cuda``: the CUDA C++ kernels (``fastsemdiff._C``, built from ``csrc/``) where they take the input;
-* ``auto``: per op, the backend the measured table names for CUDA tensors, torch elsewhere.
+* ``auto``: per op, the backend the measured table names for CUDA tensors of the device's class, torch
+  elsewhere.
 
 :func:`choose_backend` applies the rules, in this order, as a pure function of the facts (so every rule is
 tested on any machine):
@@ -18,7 +19,8 @@ tested on any machine):
    (``[B, N, C]`` for the norms, ``[B]`` for the embedding), or a dtype its kernels do not compute in
    (fp64 norms: the kernels would silently compute them in fp32).
 4. ``auto`` runs torch off CUDA (and where the device is unknown); on CUDA the op's entry of
-   ``AUTO_MEASURED``, else of ``AUTO_UNMEASURED``.
+   ``AUTO_MEASURED`` for the device's class (``sm_90``: compute capability 9.0), else of
+   ``AUTO_UNMEASURED``.
 5. ``cuda`` (asked for, or picked by ``auto``) where the CUDA kernels do not take the input (not a CUDA
    tensor, another dtype, C not a multiple of 8 or above 8192, rows not 16-byte aligned) runs Triton;
 6. and Triton where it is not installed, or a row is wider than its kernels hold (C > 65536), runs torch.
@@ -42,16 +44,24 @@ FUSED = ("triton", "cuda")  # what a fused op (``fastsemdiff.ops``) can be asked
 NORM_OPS = ("modulated_layer_norm", "gated_residual_modulated_norm")
 OPS = (*NORM_OPS, "timestep_embedding")
 
-# What ``auto`` picks on CUDA tensors, per op, from a GPU measurement in bench/RESULTS.md: the fastest of
-# torch_compile / triton / cuda in the op's forward_backward group at the target shape
-# (bench/test_bench_adaln.py: mln -> modulated_layer_norm, grmln -> gated_residual_modulated_norm;
-# bench/test_bench_timestep_embedding.py: forward). Empty: no GPU has measured them yet.
-AUTO_MEASURED: dict[str, str] = {}
-# What ``auto`` picks on CUDA tensors for an op the table above lacks. The norms: Triton, the kernels they
-# were written for (checked against the reference on first use). The timestep embedding: torch, since its
-# kernels replace one small [B, 256] computation per step and nothing measured shows them faster than the
-# compiled torch path; a measured row that does goes into AUTO_MEASURED.
-AUTO_UNMEASURED: dict[str, str] = {"modulated_layer_norm": "triton", "gated_residual_modulated_norm": "triton",
+# What ``auto`` picks on CUDA tensors, per device class (``sm_<major><minor>``, the compute capability) and op:
+# the fastest of torch_compile / triton / cuda in the op's forward_backward group at the target shape (what a
+# training step runs), from a GPU run recorded in bench/RESULTS.md (bench/test_bench_adaln.py: mln ->
+# modulated_layer_norm, grmln -> gated_residual_modulated_norm, [256, 256, 1152] bf16;
+# bench/test_bench_timestep_embedding.py: forward, t [256] x 256). tests/test_dispatch.py parses RESULTS.md and
+# fails when a row here and the record disagree.
+# sm_90: NVIDIA H200, 2026-12-04, commit 22e0937. The compiled reference beat both kernels in fwd+bwd
+# (modulated LN 634.7 us against triton 960.0 / cuda 1,024.4; gated residual + LN 808.9 against 1,915.3 /
+# 1,287.6; timestep embedding 68.5 against 117.6 / 69.0), so ``auto`` runs the reference there.
+AUTO_MEASURED: dict[str, dict[str, str]] = {
+    "sm_90": {"modulated_layer_norm": "torch", "gated_residual_modulated_norm": "torch",
+              "timestep_embedding": "torch"},
+}
+# What ``auto`` picks on a CUDA device class that no run has measured: torch for every op. The kernels are the
+# same code on every class, and the one class measured (sm_90, the class they were written for) ran the
+# compiled reference faster in fwd+bwd; picking them elsewhere without a measurement would be hope. A GPU run of
+# another class (scripts/gpu_check.py) that shows a kernel ahead adds that class's row to AUTO_MEASURED.
+AUTO_UNMEASURED: dict[str, str] = {"modulated_layer_norm": "torch", "gated_residual_modulated_norm": "torch",
                                    "timestep_embedding": "torch"}
 
 # Looked up once without importing Triton (importing it is slow and, on CPU, decides the interpreter mode).
@@ -114,8 +124,8 @@ def choose_backend(requested: str, op: str, device_type: Optional[str] = None, d
     """The backend (``torch``, ``triton`` or ``cuda``) that runs one call of ``op``, by the module's rules.
 
     Facts given as None are unknown: ``device_type`` (no tensor), ``ndim`` (not a layer's input: the op's own
-    rows), ``aligned`` (trace time). ``measured`` is the table ``auto`` reads (``AUTO_MEASURED``),
-    ``unmeasured`` its default (``AUTO_UNMEASURED``).
+    rows), ``aligned`` (trace time). ``measured`` is the table ``auto`` reads for the device's class (a row
+    of ``AUTO_MEASURED``: op -> backend), ``unmeasured`` its default (``AUTO_UNMEASURED``).
     """
     check_backend(requested)
     _check_op(op)
@@ -134,7 +144,7 @@ def choose_backend(requested: str, op: str, device_type: Optional[str] = None, d
     if requested == "auto":
         if device_type != "cuda":
             return "torch"
-        pick = (measured or {}).get(op) or (AUTO_UNMEASURED if unmeasured is None else unmeasured).get(op, "triton")
+        pick = (measured or {}).get(op) or (AUTO_UNMEASURED if unmeasured is None else unmeasured).get(op, "torch")
         if pick == "cuda" and not cuda_available:
             pick = "triton"
     if pick == "cuda" and cuda_refusal(op, device_type, dtype, channels, aligned) is not None:
@@ -160,6 +170,22 @@ def aligned_rows(x: torch.Tensor, *others: Optional[torch.Tensor]) -> bool:
     return True
 
 
+def device_class(device: torch.device) -> Optional[str]:
+    """The class ``auto``'s measured table is keyed by (``sm_90``: compute capability 9.0), or None off CUDA and
+    without a CUDA driver (fake CUDA tensors on a CPU machine). ``torch.compile`` folds both calls into
+    constants while it traces (and nothing here imports its machinery, which would import Triton early)."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    props = torch.cuda.get_device_properties(device)
+    return f"sm_{props.major}{props.minor}"
+
+
+def measured_for(device: Optional[torch.device]) -> dict[str, str]:
+    """The row of ``AUTO_MEASURED`` for ``device``'s class (op -> backend); empty where no run measured it."""
+    cls = device_class(device) if device is not None else None
+    return AUTO_MEASURED.get(cls, {}) if cls else {}
+
+
 def _cuda_facts(requested: str, op: str, measured: dict[str, str]) -> tuple[bool, str]:
     """Whether ``fastsemdiff._C`` loads (and why not), looked up only where the answer matters, since it
     imports the extension."""
@@ -178,12 +204,13 @@ def resolve_backend(requested: str, op: str, x: Optional[torch.Tensor] = None) -
     """The backend a layer runs ``op`` on for input ``x`` (its device, dtype and shape; without ``x`` the
     device is unknown and ``auto`` means torch). Works on fake tensors, so ``torch.compile`` traces it."""
     check_backend(requested)
-    cuda_available, reason = _cuda_facts(requested, op, AUTO_MEASURED)
     known = x is not None
+    measured = measured_for(x.device) if known and requested == "auto" else {}
+    cuda_available, reason = _cuda_facts(requested, op, measured)
     return choose_backend(requested, op, x.device.type if known else None, x.dtype if known else None,
                           _width(op, x) if known else None, None, ndim=x.dim() if known else None,
                           triton_available=TRITON_AVAILABLE, cuda_available=cuda_available, cuda_reason=reason,
-                          measured=AUTO_MEASURED)
+                          measured=measured)
 
 
 def launch_backend(requested: str, op: str, x: torch.Tensor, operands: Sequence[Optional[torch.Tensor]] = ()) -> str:
@@ -193,8 +220,7 @@ def launch_backend(requested: str, op: str, x: torch.Tensor, operands: Sequence[
     if requested not in FUSED:
         raise ValueError(f"fused {op}: backend={requested!r} is not a fused backend; choose one of {FUSED} "
                          "(the layers of fastsemdiff.nn take 'auto' and 'torch')")
-    cuda_available, reason = _cuda_facts(requested, op, AUTO_MEASURED)
+    cuda_available, reason = _cuda_facts(requested, op, {})
     aligned = aligned_rows(x, *operands) if requested == "cuda" and cuda_available else None
     return choose_backend(requested, op, x.device.type, x.dtype, _width(op, x), aligned,
-                          triton_available=TRITON_AVAILABLE, cuda_available=cuda_available, cuda_reason=reason,
-                          measured=AUTO_MEASURED)
+                          triton_available=TRITON_AVAILABLE, cuda_available=cuda_available, cuda_reason=reason)

@@ -2,7 +2,7 @@
 
 The first time a fused op runs with a given configuration (op, backend, device, dtypes, width, norm kind,
 affine parameters, modulation layout) on a checked device, it is run once on a few rows of fresh random data
-and compared with the plain-PyTorch reference (``fastsemdiff.nn.norm``, ``fastsemdiff.nn.embedding``):
+and compared with the plain-PyTorch reference (in the op's file: ``modulated_norm.py``, ``timestep_embedding.py``):
 forward outputs and every gradient, by the accuracy rule of the kernel tests (SPEC section 7): the fused
 error against an fp64 reference at most twice the error of the reference run in the same dtypes, plus
 ``1e-5`` of the tensor's largest value. A kernel that raises counts as a mismatch too.
@@ -25,13 +25,14 @@ from __future__ import annotations
 import threading
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 
 MODES = ("warn", "error", "off")
 CHECKED_DEVICE_TYPES: tuple[str, ...] = ("cuda",)
 ABS_FLOOR = 1e-5  # of the tensor's largest reference value
+_MISSING = object()
 
 
 class FusedKernelMismatch(UserWarning):
@@ -58,6 +59,7 @@ class Mismatch:
 
 _verdicts: dict[tuple, Optional[str]] = {}  # key -> None (passed) or the mismatch message
 _lock = threading.RLock()
+_generation = 0  # counts reset()s: a decision cached from the verdicts is valid within one generation
 
 
 def check_mode(mode: str) -> str:
@@ -68,8 +70,15 @@ def check_mode(mode: str) -> str:
 
 def reset() -> None:
     """Forget every verdict (tests)."""
+    global _generation
     with _lock:
         _verdicts.clear()
+        _generation += 1
+
+
+def generation() -> int:
+    """How many times the verdicts were forgotten: part of the key of any decision cached from them."""
+    return _generation
 
 
 def verdicts() -> dict[tuple, Optional[str]]:
@@ -126,12 +135,18 @@ def _in_fresh_thread(fn: Callable[[], list[Mismatch]], device: torch.device) -> 
     return out["result"]
 
 
-def passes(key: tuple, mode: str, device: torch.device, run: Callable[[], list[Mismatch]], what: str) -> bool:
+def passes(key: tuple, mode: str, device: torch.device, run: Callable[[], list[Mismatch]],
+           what: Union[str, Callable[[], str]]) -> bool:
     """Whether the fused kernels may serve ``key``: runs the check ``run`` the first time (mode permitting)
-    and remembers the verdict for the process. ``what`` describes the configuration for the message."""
+    and remembers the verdict for the process. ``what`` describes the configuration for the message (or makes
+    that description: it is only needed when a message is written)."""
     if mode == "off" or device.type not in CHECKED_DEVICE_TYPES:
         return True
+    if _verdicts.get(key, _MISSING) is None:  # passed before: a lock-free read (only ever set under the lock)
+        return True
     check_mode(mode)
+    if callable(what):
+        what = what()
     with _lock:
         if key not in _verdicts:
             try:

@@ -15,17 +15,61 @@ the CUDA kernels do not take run on Triton, or on plain torch where Triton is no
 (``warn`` | ``error`` | ``off``) is the first-use check of those kernels against the reference
 (``fastsemdiff.ops.guard``); a configuration that fails it under ``warn`` runs on torch
 (``fastsemdiff.ops.torch_launchers``). The user-facing functions ``modulated_layer_norm`` and
-``gated_residual_modulated_norm`` take ``x [B, N, C]`` with DiT's modulation shapes; the Triton kernels are
-imported on the first call, so ``TRITON_INTERPRET`` may still be set after ``fastsemdiff`` has been imported.
+``gated_residual_modulated_norm`` take ``x [B, N, C]`` with DiT's modulation shapes; the references that
+define both ops (``modulated_layer_norm_ref``, ``gated_residual_modulated_norm_ref``) are here too; the Triton
+kernels are imported on the first call, so ``TRITON_INTERPRET`` may still be set after ``fastsemdiff`` has been
+imported.
 """
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
+from . import _cuda, dispatch, guard
+from .guard import check_mode
+
 CHECK_EPS = 1e-6
+
+
+# ------------------------------------------------------------------------------- the references
+# What each op means, in plain PyTorch: the torch backend of the layers (``fastsemdiff.nn.norm`` re-exports
+# them), the first-use check's reference, and the forward of the torch launchers.
+def _per_token(m: torch.Tensor) -> torch.Tensor:
+    """[B, C] -> [B, 1, C] so modulation broadcasts over tokens; [B, 1, C] and [B, N, C] pass through."""
+    return m.unsqueeze(1) if m.dim() == 2 else m
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """DiT's modulate: x * (1 + scale) + shift, with per-sample or per-token shift/scale."""
+    return x * (1 + _per_token(scale)) + _per_token(shift)
+
+
+def modulated_layer_norm_ref(x, shift, scale, weight=None, bias=None, eps: float = 1e-6, rms: bool = False):
+    """norm(x) [* weight + bias] * (1 + scale) + shift with norm = LayerNorm (or RMSNorm with ``rms``),
+    statistics in fp32 (fp64 for fp64 inputs), output in x's dtype."""
+    acc = torch.promote_types(x.dtype, torch.float32)
+    w = None if weight is None else weight.to(acc)
+    if rms:
+        y = F.rms_norm(x.to(acc), x.shape[-1:], w, eps)
+        y = y if bias is None else y + bias.to(acc)
+    else:
+        y = F.layer_norm(x.to(acc), x.shape[-1:], w, None if bias is None else bias.to(acc), eps)
+    return modulate(y, _per_token(shift).to(acc), _per_token(scale).to(acc)).to(x.dtype)
+
+
+def gated_residual_ref(x, h, gate):
+    """x + gate * h."""
+    return x + _per_token(gate) * h
+
+
+def gated_residual_modulated_norm_ref(x, h, gate, shift, scale, weight=None, bias=None, eps: float = 1e-6,
+                                      rms: bool = False):
+    """(x + gate * h, norm(x + gate * h) * (1 + scale) + shift), the sum in x's dtype."""
+    x_out = gated_residual_ref(x, h, gate).to(x.dtype)
+    return x_out, modulated_layer_norm_ref(x_out, shift, scale, weight, bias, eps, rms)
 
 
 def _triton():
@@ -72,24 +116,50 @@ def _module(backend: str):
     return torch_launchers
 
 
+# Decided once per configuration: the launchers a call runs, by everything the decision reads from the call
+# (op, backend asked for, check mode, device, dtypes, width, norm kind, modulation layout, and for ``cuda``
+# whether the rows are 16-byte aligned, which is read per call). An entry holds while the facts outside the
+# call that the decision also read are unchanged (``_facts``); it replaces, per call, the dispatch rules, the
+# first-use guard's lookup and the building of its key.
+_PLANS: dict[tuple, tuple[tuple, object]] = {}
+
+
+def _facts() -> tuple:
+    """What a cached decision rests on besides the call: Triton's presence, the checked device types, the
+    guard's verdicts (``guard.reset`` forgets them) and the CUDA extension's state."""
+    return (dispatch.TRITON_AVAILABLE, guard.CHECKED_DEVICE_TYPES, guard.generation(), _cuda._loaded,
+            _cuda._ops is None)
+
+
 def _launchers(backend: str, check: str, x: Tensor, rows: tuple, scale: Tensor, weight: Optional[Tensor],
                bias: Optional[Tensor], tokens_per_mod_row: int, rms: bool, residual: bool):
     """The launchers that run this call: those of the kernels ``fastsemdiff.ops.dispatch`` picks for these
     tensors (``rows``: every other [rows, C] operand), or plain torch where it picks torch or the kernels
-    failed their first-use check."""
-    from . import dispatch
-
+    failed their first-use check. Decided once per configuration (``_PLANS``)."""
     op = "gated_residual_modulated_norm" if residual else "modulated_layer_norm"
+    aligned = dispatch.aligned_rows(x, *rows) if backend == "cuda" and x.device.type == "cuda" else None
+    plan_key = (op, backend, check, x.device, x.dtype, scale.dtype, None if weight is None else weight.dtype,
+                None if bias is None else bias.dtype, x.shape[-1], rms, tokens_per_mod_row == 1, aligned)
+    facts = _facts()
+    cached = _PLANS.get(plan_key)
+    if cached is not None and cached[0] == facts:
+        return cached[1]
+    launchers = _decide(backend, check, op, x, rows, scale, weight, bias, tokens_per_mod_row, rms)
+    _PLANS[plan_key] = (facts, launchers)
+    return launchers
+
+
+def _decide(backend: str, check: str, op: str, x: Tensor, rows: tuple, scale: Tensor, weight: Optional[Tensor],
+            bias: Optional[Tensor], tokens_per_mod_row: int, rms: bool):
+    """The launchers for this call by the dispatch rules and the first-use check (raises where they do)."""
     backend = dispatch.launch_backend(backend, op, x, rows)
     if backend == "torch":
         return _module("torch")
-    from . import guard
-
     key = (op, backend, str(x.device), x.dtype, scale.dtype, None if weight is None else weight.dtype,
            None if bias is None else bias.dtype, x.shape[-1], rms, tokens_per_mod_row == 1)
-    what = (f"{key[0]} ({backend}, {str(x.dtype).replace('torch.', '')}, C={x.shape[-1]}, "
-            f"{'RMSNorm' if rms else 'LayerNorm'}, per-{'token' if key[-2] else 'sample'} modulation"
-            f"{', affine' if weight is not None else ''})")
+    what = lambda: (f"{key[0]} ({backend}, {str(x.dtype).replace('torch.', '')}, C={x.shape[-1]}, "  # noqa: E731
+                    f"{'RMSNorm' if rms else 'LayerNorm'}, per-{'token' if key[-2] else 'sample'} modulation"
+                    f"{', affine' if weight is not None else ''})")
     if guard.passes(key, check, x.device, lambda: _norm_check(_module(backend), key), what):
         return _module(backend)
     return _module("torch")
@@ -97,7 +167,6 @@ def _launchers(backend: str, check: str, x: Tensor, rows: tuple, scale: Tensor, 
 
 def _norm_check(launchers, key) -> list:
     """One small forward and backward of ``launchers`` against the reference (see ``fastsemdiff.ops.guard``)."""
-    from ..nn.norm import gated_residual_modulated_norm_ref, modulated_layer_norm_ref
     from .guard import compare_all
 
     op, _, device, x_dtype, mod_dtype, w_dtype, b_dtype, C, rms, per_token = key
@@ -272,6 +341,9 @@ def _mod_rows(mods: dict[str, Tensor], B: int, N: int, C: int, x_shape) -> tuple
     Each of ``[B, C]``, ``[B, 1, C]`` (per-sample) or ``[B, N, C]`` (per-token); a batch of 1 broadcasts.
     If any is per-token, all are expanded to per-token. Chunked views of one adaLN output stay views.
     """
+    fast = _per_sample_rows(list(mods.values()), B, C)
+    if fast is not None:
+        return fast, N
     mods = {k: (m.unsqueeze(1) if m.dim() == 2 else m) for k, m in mods.items()}
     for name, m in mods.items():
         if m.dim() != 3 or m.shape[-1] != C or m.shape[0] not in (1, B) or m.shape[1] not in (1, N):
@@ -287,6 +359,17 @@ def _mod_rows(mods: dict[str, Tensor], B: int, N: int, C: int, x_shape) -> tuple
     if len({r.stride(0) for r in rows}) > 1 and rows[0].shape[0] > 1:
         rows = [r.contiguous() for r in rows]
     return rows, 1 if per_token else N
+
+
+def _per_sample_rows(mods: list[Tensor], B: int, C: int) -> Optional[list[Tensor]]:
+    """DiT's own case, taken as it is: every modulation ``[B, C]`` of one dtype with unit column stride and one
+    row stride (the chunks of one adaLN output); None for anything else (``_mod_rows`` handles it)."""
+    first = mods[0]
+    for m in mods:
+        if m.dim() != 2 or m.shape[0] != B or m.shape[1] != C or m.dtype != first.dtype or m.stride(-1) != 1 \
+                or m.stride(0) != first.stride(0):
+            return None
+    return mods
 
 
 def _affine(weight: Optional[Tensor], bias: Optional[Tensor]):
@@ -312,8 +395,6 @@ def modulated_layer_norm(x: Tensor, shift: Tensor, scale: Tensor, weight: Option
     Statistics are fp32; the result has x's dtype and shape. Differentiable in every tensor input.
     ``check``: the first-use check of the kernels on a GPU, ``warn`` | ``error`` | ``off`` (``fastsemdiff.ops.guard``).
     """
-    from .guard import check_mode
-
     check_mode(check)
     x2d = _tokens(x)
     B, N, C = x.shape
@@ -328,8 +409,6 @@ def gated_residual_modulated_norm(x: Tensor, h: Tensor, gate: Tensor, shift: Ten
                                   eps: float = 1e-6, rms: bool = False, backend: str = "triton",
                                   check: str = "warn") -> tuple[Tensor, Tensor]:
     """``(x + gate * h, norm(x + gate * h) [* weight + bias] * (1 + scale) + shift)`` in one pass."""
-    from .guard import check_mode
-
     check_mode(check)
     x2d, h2d = _tokens(x), _tokens(h, "h")
     B, N, C = x.shape

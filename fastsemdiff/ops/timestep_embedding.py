@@ -1,9 +1,9 @@
 """The sinusoidal timestep embedding as a custom op (``fastsemdiff::timestep_embedding``) with autograd.
 
-``backend="auto"`` layers run the torch reference for it (``fastsemdiff.ops.dispatch.AUTO_UNMEASURED``): the
-op computes one small ``[B, 256]`` table per step, and until a GPU row of
-``bench/test_bench_timestep_embedding.py`` in bench/RESULTS.md shows these kernels faster than the compiled
-torch path, nothing says they pay. ``backend="triton"`` / ``"cuda"`` run them.
+``backend="auto"`` layers run the torch reference for it (``fastsemdiff.ops.dispatch.AUTO_MEASURED``): the
+op computes one small ``[B, 256]`` table per step, and on the one GPU measured (H200, bench/RESULTS.md) the
+compiled reference was as fast as the CUDA kernel and faster than the Triton one. ``backend="triton"`` /
+``"cuda"`` run them.
 """
 from __future__ import annotations
 
@@ -13,10 +13,20 @@ import torch
 from torch import Tensor
 
 
-def _reference(t: Tensor, dim: int, max_period: float) -> Tensor:
-    from ..nn.embedding import timestep_embedding as reference
+def timestep_embedding_ref(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    """The reference: sinusoidal embedding of (scaled) times t [B] -> [B, dim] in fp32, cos of the first half, sin
+    of the second (``fastsemdiff.nn.timestep_embedding``, the torch backend of ``TimestepEmbedder``)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, emb.new_zeros(emb.shape[0], 1)], dim=-1)
+    return emb
 
-    return reference(t, dim, max_period)
+
+def _reference(t: Tensor, dim: int, max_period: float) -> Tensor:
+    return timestep_embedding_ref(t, dim, max_period)
 
 
 def _kernel(backend: str, t: Tensor):
@@ -88,7 +98,7 @@ timestep_embedding_op.register_autograd(_backward, setup_context=_setup)
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0, backend: str = "triton",
                        check: str = "warn") -> Tensor:
-    """``t`` [B] -> fp32 ``[B, dim]`` on the fused kernel; see ``fastsemdiff.nn.timestep_embedding``.
+    """``t`` [B] -> fp32 ``[B, dim]`` on the fused kernel; see ``timestep_embedding_ref``.
     ``check``: the kernel's first-use check on a GPU (``fastsemdiff.ops.guard``)."""
     from .guard import check_mode
 

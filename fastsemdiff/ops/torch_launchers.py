@@ -2,8 +2,9 @@
 
 A fused op runs these instead of its kernels where ``fastsemdiff.ops.dispatch`` picks torch for its call
 (``backend="cuda"`` with an input the CUDA kernels do not take and no Triton installed; an fp64 input; a row
-wider than the Triton kernels hold), or the kernels failed their first-use check (``fastsemdiff.ops.guard``). The forward is the reference of ``fastsemdiff.nn.norm`` itself, so
-results equal the torch backend's; the backward is the analytic gradient in fp32 (the custom op's backward
+wider than the Triton kernels hold), or the kernels failed their first-use check (``fastsemdiff.ops.guard``).
+The forward is the op's reference itself (``fastsemdiff.ops.modulated_norm``), so results equal the torch
+backend's; the backward is the analytic gradient in fp32 (the custom op's backward
 runs below autograd, so it cannot differentiate the reference), checked against autograd in the tests.
 """
 from __future__ import annotations
@@ -12,6 +13,8 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+
+from .modulated_norm import gated_residual_ref, modulated_layer_norm_ref
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -28,8 +31,6 @@ def modulated_norm_fwd(x: Tensor, shift: Tensor, scale: Tensor, weight: Optional
                        rms: bool = False, h: Optional[Tensor] = None, gate: Optional[Tensor] = None
                        ) -> tuple[Optional[Tensor], Tensor, Tensor, Tensor]:
     """``(x_out, y, mean, rstd)`` as the Triton launcher returns them (``x_out`` None without ``h``)."""
-    from ..nn.norm import gated_residual_ref, modulated_layer_norm_ref
-
     M, C = x.shape
     t = tokens_per_mod_row
     x_out = None
