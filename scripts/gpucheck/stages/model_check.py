@@ -1,7 +1,8 @@
-"""The whole model (``SemanticDiffusion``, S preset, bf16 autocast) on the Triton kernels (``auto`` picks torch on sm_90 since the 2026-12-04 record) against torch: loss and
-every gradient against an fp32 run of the reference, by the accuracy rule of the kernel tests (the fused error at
-most twice the torch-bf16 error plus a floor); every first-use check of the kernels must pass. The comparison runs
-in a subprocess (``python -m gpucheck.stages.model_check``) so a crash costs this stage only."""
+"""The whole model (``SemanticDiffusion``, S preset, bf16 autocast) on the Triton kernels (``auto`` picks torch on
+sm_90 since the 2026-12-04 record) against torch: loss and every gradient against an fp32 run of the reference, by
+the accuracy rule of the kernel tests (the fused error at most twice the torch-bf16 error plus a floor); every
+first-use check of the kernels must pass. The comparison runs in a subprocess (``python -m
+gpucheck.stages.model_check``) so a crash costs this stage only."""
 from __future__ import annotations
 
 import argparse
