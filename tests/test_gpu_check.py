@@ -22,7 +22,8 @@ from gpucheck import runner  # noqa: E402
 from gpucheck.stages import train_curves  # noqa: E402
 
 STAGES = ["environment", "install", "build-cuda", "kernel-tests", "model-check", "train-curves", "csrc-tests",
-          "bench-adaln", "bench-train-tiny", "report"]
+          "memcheck", "bench-adaln", "bench-train-tiny", "report"]
+SKIPPED_IN_A_DRY_RUN = {"build-cuda", "memcheck"}  # no GPU: nothing to build for, nothing for the sanitizer to watch
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +49,8 @@ def test_dry_run_passes_every_stage(dry_run):
     stages = {s["name"]: s for s in record["stages"]}
     assert list(stages) == STAGES, list(stages)
     bad = {n: (s["status"], s["reason"]) for n, s in stages.items() if s["status"] != "passed"}
-    assert bad == {"build-cuda": ("skipped", bad.get("build-cuda", ("", ""))[1])}, (bad, output[-3000:])
+    assert set(bad) == SKIPPED_IN_A_DRY_RUN and {v[0] for v in bad.values()} == {"skipped"}, (bad, output[-3000:])
+    assert "dry run" in bad["memcheck"][1]
     assert rc == 0 and record["passed"] and record["dry_run"], output[-3000:]
     assert record["wall_s"] <= record["budget_s"] and seconds < 2000
     assert stages["kernel-tests"]["details"]["counts"]["passed"] >= 12
@@ -189,3 +191,105 @@ def test_parallel_neighbours_share_the_machine_and_a_raising_stage_costs_only_it
     assert [s.name for s in c.stages] == ["a", "p1", "p2", "x", "b"] and peak[0] == 2
     assert c.stages[3].status == "failed" and "RuntimeError: planted" in c.stages[3].reason
     assert c.stages[4].status == "passed"
+
+
+PLANTED = '''
+import ctypes
+import os
+
+
+def test_a_passes():
+    pass
+
+
+def test_b_fails():
+    assert 1 == 2, "planted failure"
+
+
+def test_c_segfaults():
+    ctypes.string_at(0)  # reads address 0: SIGSEGV
+
+
+def test_d_passes_after_the_crash():
+    pass
+
+
+def test_e_aborts():
+    os.abort()  # SIGABRT
+
+
+def test_f_fails_after_two_crashes():
+    assert False, "planted failure after the crashes"
+
+
+def test_g_passes():
+    pass
+'''
+
+
+def test_a_crash_costs_one_test_and_the_names_are_kept(tmp_path):
+    from gpucheck.crashsafe import crash_safe_pytest_stage
+
+    (tmp_path / "planted").mkdir()
+    module = tmp_path / "planted" / "test_planted.py"
+    module.write_text(PLANTED)
+    c = runner.Check(tmp_path, tmp_path, dry_run=True, budget_s=300)
+    s = crash_safe_pytest_stage(c, "planted", [str(module)], 240, interpret=False, min_s=1)
+    crashed = {x["test"].split("::")[-1]: x for x in s.details["crashed"]}
+    assert set(crashed) == {"test_c_segfaults", "test_e_aborts"}, (s.details, c.out)
+    assert crashed["test_c_segfaults"]["exit"] == "SIGSEGV" and crashed["test_e_aborts"]["exit"] == "SIGABRT"
+    assert any("Segmentation fault" in line for line in crashed["test_c_segfaults"]["trace"])
+    assert [t.split("::")[-1] for t in s.details["failed_tests"]] == ["test_b_fails",
+                                                                      "test_f_fails_after_two_crashes"]
+    assert s.details["counts"] == {"passed": 3, "failed": 2, "crashed": 2} and s.details["runs"] == 3
+    assert s.status == "failed" and s.reason.startswith("2 crashed, 2 failed, 3 passed")
+    lines = s.details["summary_lines"]
+    assert any("test_c_segfaults (SIGSEGV)" in line for line in lines)
+    assert any("test_b_fails" in line and "test_f_fails_after_two_crashes" in line for line in lines)
+    c.stages.append(s)
+    assert "test_c_segfaults (SIGSEGV)" in runner.summary(c, None, 1.0)
+
+
+def test_a_clean_module_passes_crash_safe(tmp_path):
+    from gpucheck.crashsafe import crash_safe_pytest_stage
+
+    module = tmp_path / "test_clean.py"
+    module.write_text("def test_one():\n    pass\n\n\ndef test_two():\n    pass\n")
+    c = runner.Check(tmp_path, tmp_path, dry_run=True, budget_s=300)
+    s = crash_safe_pytest_stage(c, "clean", [str(module)], 120, interpret=False, min_s=1)
+    assert s.status == "passed" and s.details["counts"] == {"passed": 2} and s.details["runs"] == 1, s
+    assert s.reason == "2 passed" and not s.details["crashed"] and not s.details["summary_lines"]
+
+
+FAKE_SANITIZER = """#!/bin/sh
+# stands in for compute-sanitizer: drops its options, runs the command, reports one planted finding
+while [ "${1#--}" != "$1" ]; do shift 2; done
+"$@"
+rc=$?
+echo "========= Invalid __global__ read of size 4 bytes"
+echo "=========     at planted_kernel+0x10"
+echo "========= ERROR SUMMARY: 1 error"
+exit $rc
+"""
+
+
+def test_memcheck_runs_the_tests_under_the_tool_and_reports_its_findings(tmp_path, monkeypatch):
+    from gpucheck.stages import memcheck
+
+    tool = tmp_path / "compute-sanitizer"
+    tool.write_text(FAKE_SANITIZER)
+    tool.chmod(0o755)
+    module = tmp_path / "test_cuda_like.py"
+    module.write_text("import ctypes\n\n\ndef test_ok():\n    pass\n\n\ndef test_crash():\n    ctypes.string_at(0)\n"
+                      "\n\ndef test_after():\n    pass\n")
+    monkeypatch.setattr(memcheck, "MODULE", str(module))
+    c = runner.Check(tmp_path, tmp_path, dry_run=False, budget_s=300)
+    c.env = {"gpu": "planted", "compute_sanitizer": str(tool)}
+    s = memcheck.run(c)
+    assert s.status == "failed" and s.details["errors"] == 2, s  # one ERROR SUMMARY per run: before and after the crash
+    assert s.details["first_lines"][0] == "========= Invalid __global__ read of size 4 bytes"
+    assert [x["test"].split("::")[-1] for x in s.details["crashed"]] == ["test_crash"]
+    assert s.details["tests"] == {"passed": 2, "crashed": 1} and str(tool) in s.command
+    assert memcheck.findings("========= Error: Device not supported\n")[2]  # gVisor's refusal is recognised
+    c.env = {"gpu": "planted", "compute_sanitizer": None}
+    assert memcheck.run(c).status == "skipped" and "not found" in memcheck.run(c).reason
