@@ -171,6 +171,11 @@ def run(check: Check) -> Stage:
     s.details["runs"] = {k: " ".join(v[0]) for k, v in runs.items()}
     s.details["img_per_s"] = {k: round(sum(r["img_per_s"] for r in v[1:]) / max(1, len(v) - 1), 1)
                               for k, v in curves.items()}
+    s.details["img_per_s_note"] = "three runs sharing the machine with the other PARALLEL stages: not a throughput"
     s.status = "passed" if s.details["passed"] else "failed"
     s.reason = verdict(s.details)
+    s.details["summary_lines"] = [
+        f"rule: |torch - fused| within {MULTIPLE:g}x the torch bf16-vs-fp32 drift (running max; measured up to "
+        f"{100 * s.details.get('max_drift', float('nan')):.2f}%) + {100 * POINT_FLOOR:g}% per point, "
+        f"{MULTIPLE:g}x + {100 * TAIL_FLOOR:g}% on the last-quarter mean"]
     return s
