@@ -327,3 +327,18 @@ def test_the_curve_check_fails_a_planted_wrong_kernel_and_passes_a_correct_one(t
     assert good["passed"], train_curves.verdict(good)
     assert not bad["passed"] and not bad["tail_ok"], train_curves.verdict(bad)
     assert bad["last_quarter_mean_rel"] > 2 * bad["last_quarter_allowed"]  # failed by a margin, not by a hair
+
+
+def test_the_csrc_stage_is_crash_safe(tmp_path, monkeypatch):
+    from gpucheck.stages import csrc_tests
+
+    module = tmp_path / "test_like_csrc.py"
+    module.write_text("import ctypes\n\n\ndef test_before():\n    pass\n\n\ndef test_bad_input_segfaults():\n"
+                      "    ctypes.string_at(0)\n\n\ndef test_after():\n    assert False\n")
+    monkeypatch.setattr(csrc_tests, "MODULES", [str(module)])
+    c = runner.Check(tmp_path, tmp_path, dry_run=True, budget_s=300)
+    s = csrc_tests.run(c)
+    assert s.name == "csrc-tests" and s.status == "failed" and s.details["counts"] == {
+        "passed": 1, "failed": 1, "crashed": 1}, s
+    assert s.details["crashed"][0]["test"].endswith("::test_bad_input_segfaults")
+    assert s.details["failed_tests"][0].endswith("::test_after")
