@@ -8,14 +8,23 @@ nothing, so it shares the machine with the PARALLEL stages next to it in ORDER).
 Every stage has a dry run (``check.dry_run``: CPU, tiny shapes, Triton under the interpreter) that CI runs, writes
 what it measured into ``stage.details`` and says in one line (``stage.reason``) what it found.
 
+What a stage has to work with (``Check``): ``env`` (the environment stage's facts), ``box(gpu_s, dry_s)``,
+``left()``, ``run(stage, cmd, cap_s, env, min_s)``, ``child_env(interpret, **extra)`` and ``helper_env`` (the
+same with ``scripts/`` importable, for ``python -m gpucheck....`` children), ``bench_jsons`` (merged into
+bench.json), ``record`` (top-level entries for gpu_check.json, e.g. a stated rule), ``finishers`` (background
+work awaited at the end). ``pytest_stage`` and ``bench_stage`` here, ``crashsafe.crash_safe_pytest_stage`` for
+tests that can kill their process. ``details["summary_lines"]``: a stage's extra lines under its summary line.
+
 What runs out first when time is short. The stages run in ORDER against one budget (``--budget``, default
 ``BUDGET_S`` on a GPU). Each subprocess gets min(its stage's time box, the time left); a stage that cannot get
 its minimum (``min_s``, 10 s unless the stage asks for more: the benchmarks want 45) is reported ``skipped`` with
 "the budget was spent before it", and the next one is still tried. So the stages with the highest ORDER are
-dropped first: the smallest training benchmark (bench-train-S2) and switch-matrix (75), profile (70), bench-train
-(60), tune-adaln (55), bench-adaln (50), fuzz (45), and the correctness stages last. ``report`` (99) needs no
-time and always runs. A stage that fails, crashes or overruns its box costs that stage, never the check: heavy
-work runs in a subprocess (``check.run``), and an exception in a stage's own code is reported as its failure.
+dropped first: switch-matrix (75), profile (70), bench-train (60: the smallest size, S2, first), tune-adaln
+(55), bench-adaln (50), fuzz (45), memcheck (42), and the correctness stages (0-40) last. ``report`` (99) needs
+no time and always runs. ``--only`` is the way to spend a short budget on what matters. A stage that fails,
+crashes or overruns its box costs that stage, never the check: heavy work runs in a subprocess (``check.run``;
+``gpucheck.crashsafe`` makes a crash inside a pytest run cost one test), and an exception in a stage's own code
+is reported as its failure.
 """
 from __future__ import annotations
 

@@ -1,8 +1,10 @@
 """The CUDA extension's tests (``tests/test_csrc_cuda.py``, ``tests/test_csrc_build.py``), after the background
-build (build-cuda) has finished."""
+build (build-cuda) has finished. Crash-safe (``gpucheck.crashsafe``): a bad input that segfaults the process
+costs that one test; the crashed and the failing tests are named in the JSON and the summary."""
 from __future__ import annotations
 
-from ..runner import Check, Stage, pytest_stage
+from ..crashsafe import crash_safe_pytest_stage
+from ..runner import Check, Stage
 from . import build_cuda
 
 NAME = "csrc-tests"
@@ -12,4 +14,4 @@ MODULES = ["tests/test_csrc_cuda.py", "tests/test_csrc_build.py"]
 
 def run(check: Check) -> Stage:
     build_cuda.wait(check)
-    return pytest_stage(check, NAME, MODULES, check.box(90, 300), interpret=False)
+    return crash_safe_pytest_stage(check, NAME, MODULES, check.box(90, 300), interpret=False)

@@ -1,8 +1,10 @@
 """The Triton kernels' tests on the GPU, compiled (``tests/conftest.py`` picks CUDA tensors when a GPU is
-present); in a dry run a slice of each module under the interpreter (CI runs them all)."""
+present); in a dry run a slice of each module under the interpreter (CI runs them all). Crash-safe
+(``gpucheck.crashsafe``): a test that kills the process is named, and the tests after it still run."""
 from __future__ import annotations
 
-from ..runner import Check, Stage, pytest_stage
+from ..crashsafe import crash_safe_pytest_stage
+from ..runner import Check, Stage
 
 NAME = "kernel-tests"
 ORDER = 30
@@ -14,4 +16,4 @@ DRY_SLICE = "BC-plain-torch.float32 or backends_agree or dit_block_triton_equals
 
 def run(check: Check) -> Stage:
     args = [*MODULES, *(["-k", DRY_SLICE] if check.dry_run else [])]
-    return pytest_stage(check, NAME, args, check.box(200, 500), parallel=True)
+    return crash_safe_pytest_stage(check, NAME, args, check.box(200, 500), parallel=True)
