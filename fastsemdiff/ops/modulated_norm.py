@@ -25,6 +25,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from . import validation
+
 CHECK_EPS = 1e-6
 
 
@@ -157,6 +159,7 @@ def _none_if_absent(grad: Tensor, given: Optional[Tensor]) -> Optional[Tensor]:
 def modulated_norm_fwd(x: Tensor, shift: Tensor, scale: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                        eps: float, tokens_per_mod_row: int, rms: bool, backend: str, check: str = "warn"
                        ) -> tuple[Tensor, Tensor, Tensor]:
+    validation.norm_fwd("fastsemdiff::modulated_norm_fwd", x, shift, scale, weight, bias, eps, tokens_per_mod_row)
     launchers = _launchers(backend, check, x, (shift, scale), scale, weight, bias, tokens_per_mod_row, rms, False)
     _, y, mean, rstd = launchers.modulated_norm_fwd(x, shift, scale, weight, bias, eps, tokens_per_mod_row, rms)
     return y, mean, rstd
@@ -173,6 +176,7 @@ def _(x, shift, scale, weight, bias, eps, tokens_per_mod_row, rms, backend, chec
 def modulated_norm_bwd(dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, scale: Tensor, weight: Optional[Tensor],
                        bias: Optional[Tensor], tokens_per_mod_row: int, rms: bool, backend: str, check: str = "warn"
                        ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    validation.norm_bwd("fastsemdiff::modulated_norm_bwd", dy, x, mean, rstd, scale, weight, bias, tokens_per_mod_row)
     launchers = _launchers(backend, check, x, (dy, scale), scale, weight, bias, tokens_per_mod_row, rms, False)
     dx, _, _, dshift, dscale, dw, db = launchers.modulated_norm_bwd(
         dy, x, mean, rstd, scale, weight, bias, tokens_per_mod_row, rms)
@@ -209,6 +213,8 @@ def gated_residual_modulated_norm_fwd(x: Tensor, h: Tensor, gate: Tensor, shift:
                                       weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
                                       tokens_per_mod_row: int, rms: bool, backend: str, check: str = "warn"
                                       ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    validation.norm_fwd("fastsemdiff::gated_residual_modulated_norm_fwd", x, shift, scale, weight, bias, eps,
+                        tokens_per_mod_row, h, gate)
     launchers = _launchers(backend, check, x, (h, gate, shift, scale), scale, weight, bias, tokens_per_mod_row, rms,
                            True)
     return launchers.modulated_norm_fwd(x, shift, scale, weight, bias, eps, tokens_per_mod_row, rms, h, gate)
@@ -229,6 +235,8 @@ def gated_residual_modulated_norm_bwd(dx_out: Tensor, dy: Tensor, x_out: Tensor,
                                       bias: Optional[Tensor], tokens_per_mod_row: int, rms: bool, backend: str,
                                       check: str = "warn"
                                       ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    validation.norm_bwd("fastsemdiff::gated_residual_modulated_norm_bwd", dy, x_out, mean, rstd, scale, weight, bias,
+                        tokens_per_mod_row, dx_out, h, gate)
     launchers = _launchers(backend, check, x_out, (dx_out, dy, h, gate, scale), scale, weight, bias,
                            tokens_per_mod_row, rms, True)
     dx, dh, dgate, dshift, dscale, dw, db = launchers.modulated_norm_bwd(
