@@ -128,7 +128,8 @@ def check_mln(inputs, dy, rms):
 
 def check_grmln(inputs, dys, rms):
     check_op(functools.partial(cuda_grmln, eps=EPS, rms=rms),
-             functools.partial(gated_residual_modulated_norm_ref, eps=EPS, rms=rms), inputs, dys, GRMLN_NAMES)
+             functools.partial(gated_residual_modulated_norm_ref, eps=EPS, rms=rms, stored_dtype=inputs[0].dtype),
+             inputs, dys, GRMLN_NAMES)
 
 
 # ------------------------------------------------------------------------------------------- the matrix

@@ -45,10 +45,19 @@ def gated_residual_ref(x, h, gate):
 
 
 def gated_residual_modulated_norm_ref(x, h, gate, shift, scale, weight=None, bias=None, eps: float = 1e-6,
-                                      rms: bool = False):
-    """(x + gate * h, norm(x + gate * h) * (1 + scale) + shift), the sum in x's dtype."""
+                                      rms: bool = False, stored_dtype=None):
+    """(x + gate * h, norm(x + gate * h) * (1 + scale) + shift), the sum in x's dtype.
+
+    The norm reads the sum as stored: rounded to ``stored_dtype`` (default x's dtype). An fp64 run that is the
+    exact reference of a low-precision call passes that call's dtype, so it normalises the same stored value
+    (the rounding passes gradients through unchanged): normalising the unrounded sum instead differs from
+    every implementation by the sum's rounding, and makes the accuracy rule fail correct kernels at random.
+    The returned x_out is the exact sum in x's dtype either way."""
     x_out = gated_residual_ref(x, h, gate).to(x.dtype)
-    return x_out, modulated_layer_norm_ref(x_out, shift, scale, weight, bias, eps, rms)
+    normed = x_out
+    if stored_dtype is not None and stored_dtype != x.dtype:
+        normed = x_out + (x_out.to(stored_dtype).to(x.dtype) - x_out).detach()
+    return x_out, modulated_layer_norm_ref(normed, shift, scale, weight, bias, eps, rms)
 
 
 class ModulatedLayerNorm(nn.Module):
