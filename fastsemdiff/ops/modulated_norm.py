@@ -132,7 +132,9 @@ def _norm_check(launchers, key) -> list:
         lx, lh, lgate, lshift, lscale, lw, lb = leaves
         groups = lambda v: v.view(R, t, C)  # noqa: E731
         if residual:
-            outs = gated_residual_modulated_norm_ref(groups(lx), groups(lh), lgate, lshift, lscale, lw, lb, eps, rms)
+            # the exact run normalises x_out as the kernels store it (in x's dtype): see the reference
+            outs = gated_residual_modulated_norm_ref(groups(lx), groups(lh), lgate, lshift, lscale, lw, lb, eps, rms,
+                                                     x_dtype if cast is not None else None)
             douts = (dx_out, dy)
         else:
             outs, douts = (modulated_layer_norm_ref(groups(lx), lshift, lscale, lw, lb, eps, rms),), (dy,)
