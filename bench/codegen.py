@@ -265,6 +265,7 @@ class Compiled:
     attrs: dict
     code: FunctionCode
     threads: int
+    ptx: str = ""  # the PTX Triton emitted (tests read it for approximate instructions)
 
     @property
     def blocks_per_sm(self) -> int:
@@ -304,7 +305,7 @@ def compile_launch(launch: Launch, arch: int) -> Compiled:
         functions = read_functions(str(cubin), arch)
     (code,) = [c for (name, a), c in functions.items() if a == arch]
     code.shared = max(code.shared, int(getattr(kernel.metadata, "shared", 0)))
-    return Compiled(launch, arch, signature, constexprs, attrs, code, 32 * options.num_warps)
+    return Compiled(launch, arch, signature, constexprs, attrs, code, 32 * options.num_warps, kernel.asm.get("ptx", ""))
 
 
 # ------------------------------------------------------------------------ the launches of the DiT block ops

@@ -32,6 +32,7 @@
 #include <utility>
 
 #include "common.h"
+#include "validate.h"
 
 namespace fastsemdiff {
 namespace {
@@ -821,6 +822,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mln_fwd(const at::Tensor& x, cons
                                                        const std::optional<at::Tensor>& weight,
                                                        const std::optional<at::Tensor>& bias, double eps,
                                                        int64_t tokens_per_mod_row, bool rms) {
+  validate_norm_fwd("fastsemdiff_C::mln_fwd", x, nullptr, nullptr, shift, scale, weight, bias, eps, tokens_per_mod_row);
   auto r = adaln_fwd_impl("fastsemdiff_C::mln_fwd", x, nullptr, nullptr, shift, scale, weight, bias, eps,
                           tokens_per_mod_row, rms);
   return {std::get<1>(r), std::get<2>(r), std::get<3>(r)};
@@ -830,6 +832,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mln_bwd(
     const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& rstd,
     const at::Tensor& scale, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
     int64_t tokens_per_mod_row, bool rms) {
+  validate_norm_bwd("fastsemdiff_C::mln_bwd", nullptr, dy, x, nullptr, nullptr, mean, rstd, scale, weight, bias,
+                    tokens_per_mod_row);
   BwdOut o = adaln_bwd_impl("fastsemdiff_C::mln_bwd", nullptr, dy, x, nullptr, nullptr, mean, rstd, scale,
                             weight, bias, tokens_per_mod_row, rms);
   return {o.dx, o.dshift, o.dscale, o.dweight, o.dbias};
@@ -839,6 +843,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> grmln_fwd(
     const at::Tensor& x, const at::Tensor& h, const at::Tensor& gate, const at::Tensor& shift,
     const at::Tensor& scale, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
     double eps, int64_t tokens_per_mod_row, bool rms) {
+  validate_norm_fwd("fastsemdiff_C::grmln_fwd", x, &h, &gate, shift, scale, weight, bias, eps, tokens_per_mod_row);
   return adaln_fwd_impl("fastsemdiff_C::grmln_fwd", x, &h, &gate, shift, scale, weight, bias, eps,
                         tokens_per_mod_row, rms);
 }
@@ -848,6 +853,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& gate, const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& scale,
     const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, int64_t tokens_per_mod_row,
     bool rms) {
+  validate_norm_bwd("fastsemdiff_C::grmln_bwd", &dx_out, dy, x_out, &h, &gate, mean, rstd, scale, weight, bias,
+                    tokens_per_mod_row);
   BwdOut o = adaln_bwd_impl("fastsemdiff_C::grmln_bwd", &dx_out, dy, x_out, &h, &gate, mean, rstd, scale, weight,
                             bias, tokens_per_mod_row, rms);
   return {o.dx, o.dh, o.dgate, o.dshift, o.dscale, o.dweight, o.dbias};

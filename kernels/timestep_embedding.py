@@ -1,7 +1,10 @@
 """The sinusoidal timestep embedding, ``[cos(t * f_j), sin(t * f_j)]`` with ``f_j = max_period^(-j / half)``.
 
 One program per time step writes the whole fp32 row (any ``dim``; an odd ``dim`` ends in a zero column),
-so the embedding is one launch instead of torch's arange/exp/outer/cos/sin/cat chain.
+so the embedding is one launch instead of torch's arange/exp/outer/cos/sin/cat chain. The frequencies are a
+small fp32 table torch computes once per device (as the reference does), not ``tl.exp`` in the kernel: on a
+GPU that lowers to the approximate ``ex2.approx.f32``, whose few-ulp error, multiplied by t up to 1000 before
+the sine, tripled the embedding's error (tests/test_timestep_codegen.py reads the PTX for it).
 Launcher only; the custom op lives in ``fastsemdiff.ops.timestep_embedding``.
 """
 from __future__ import annotations
@@ -16,16 +19,32 @@ from . import modulated_layer_norm as _mln  # shares its interpreter flag and te
 
 
 @triton.jit
-def _timestep_embedding_kernel(T, OUT, stride_t, half, neg_log_period_over_half, dim, BLOCK_D: tl.constexpr):
+def _timestep_embedding_kernel(T, FREQS, OUT, stride_t, half, dim, BLOCK_D: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
     t = tl.load(T + row * stride_t).to(tl.float32)
     is_sin = cols >= half
-    j = tl.where(is_sin, cols - half, cols).to(tl.float32)
-    arg = t * tl.exp(j * neg_log_period_over_half)
+    j = tl.where(is_sin, cols - half, cols)
+    used = cols < 2 * half
+    arg = t * tl.load(FREQS + j, mask=used, other=0.0)
     emb = tl.where(is_sin, tl.sin(arg), tl.cos(arg))
-    emb = tl.where(cols < 2 * half, emb, 0.0)
+    emb = tl.where(used, emb, 0.0)
     tl.store(OUT + row * dim + cols, emb, mask=cols < dim)
+
+
+_FREQS: dict = {}  # (device, half, max_period) -> fp32 [half]
+
+
+def frequencies(half: int, max_period: float, device: torch.device) -> torch.Tensor:
+    """fp32 ``max_period^(-j / half)``, computed by torch exactly as the reference computes it on that device
+    (so the kernel's arguments ``t * f`` carry the reference's frequencies, not a GPU's approximate exp2);
+    cached per device, since the table does not depend on t."""
+    key = (device, half, max_period)
+    freqs = _FREQS.get(key)
+    if freqs is None:
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=device) / max(half, 1))
+        _FREQS[key] = freqs
+    return freqs
 
 
 def timestep_embedding_fwd(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -42,8 +61,9 @@ def timestep_embedding_fwd(t: torch.Tensor, dim: int, max_period: float = 10000.
     block = triton.next_power_of_2(dim)
     if t.shape[0] == 0:
         return out
+    freqs = frequencies(half, max_period, t.device) if half else out  # dim 1: no frequency is read
     _timestep_embedding_kernel[(t.shape[0],)](
-        t, out, t.stride(0), half, -math.log(max_period) / max(half, 1), dim,
+        t, freqs, out, t.stride(0), half, dim,
         BLOCK_D=block, num_warps=_mln.num_warps_for(block, out.element_size(), 4 if dim <= 1024 else 8),
     )
     return out

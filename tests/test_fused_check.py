@@ -83,7 +83,8 @@ def test_cuda_backend_without_triton_runs_torch(no_triton, kind, affine, rms, dt
              ["y", "x", "shift", "scale", "weight", "bias"])
     inputs, dys = grmln_inputs(kind, affine, rms, dtype, device="cpu")
     check_op(functools.partial(ops.gated_residual_modulated_norm, eps=EPS, rms=rms, backend="cuda"),
-             functools.partial(gated_residual_modulated_norm_ref, eps=EPS, rms=rms), inputs, dys,
+             functools.partial(gated_residual_modulated_norm_ref, eps=EPS, rms=rms, stored_dtype=inputs[0].dtype),
+             inputs, dys,
              ["x_out", "y", "x", "h", "gate", "shift", "scale", "weight", "bias"])
     assert calls.count("modulated_norm_fwd") >= 2 and calls.count("modulated_norm_bwd") == 2, calls
 

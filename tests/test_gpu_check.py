@@ -22,7 +22,7 @@ from gpucheck import runner  # noqa: E402
 from gpucheck.stages import train_curves  # noqa: E402
 
 STAGES = ["environment", "install", "build-cuda", "kernel-tests", "model-check", "train-curves", "csrc-tests",
-          "memcheck", "bench-adaln", "bench-train-tiny", "profile", "switch-matrix", "report"]
+          "memcheck", "fuzz", "bench-adaln", "bench-train-tiny", "profile", "switch-matrix", "report"]
 SKIPPED_IN_A_DRY_RUN = {"build-cuda", "memcheck"}  # no GPU: nothing to build for, nothing for the sanitizer to watch
 
 
@@ -177,10 +177,10 @@ def test_stages_are_discovered_in_their_order_and_keep_the_contract():
     orders = {m.NAME: m.ORDER for m in mods}
     assert [m.ORDER for m in mods] == sorted(m.ORDER for m in mods)
     assert {k: orders[k] for k in ("environment", "install", "build-cuda", "kernel-tests", "model-check",
-                                   "train-curves", "csrc-tests", "bench-adaln", "bench-train", "profile",
+                                   "train-curves", "csrc-tests", "memcheck", "fuzz", "bench-adaln", "bench-train", "profile",
                                    "switch-matrix", "report")} == {
         "environment": 0, "install": 10, "build-cuda": 20, "kernel-tests": 30, "model-check": 31,
-        "train-curves": 32, "csrc-tests": 40, "bench-adaln": 50, "bench-train": 60, "profile": 70,
+        "train-curves": 32, "csrc-tests": 40, "memcheck": 42, "fuzz": 45, "bench-adaln": 50, "bench-train": 60, "profile": 70,
         "switch-matrix": 75, "report": 99}
     assert mods[-1].NAME == "report"
     parallel = [m.NAME for m in mods if getattr(m, "PARALLEL", False)]

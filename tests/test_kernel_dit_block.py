@@ -73,7 +73,9 @@ def test_semantic_diffusion_loss_and_grads_triton_equals_torch():
     with torch.no_grad():
         for name, p in models["torch"].named_parameters():
             if "adaLN" in name or "final_layer.linear" in name:
-                p.normal_(0, 0.1, generator=gen(len(name)))
+                # drawn on the CPU generator, then moved: the same values on every device (a CPU generator
+                # cannot fill a CUDA tensor in place)
+                p.copy_(torch.randn(p.shape, generator=gen(len(name))).to(p.device) * 0.1)
     models["triton"].load_state_dict(models["torch"].state_dict())
     x0 = randn(4, 1, 28, 28, seed=140).clamp(-1, 1)
     res = {}

@@ -37,7 +37,8 @@ def make_inputs(B, N, C, kind, affine, dtype, seed=0, rms=False):
 
 def check(inputs, dys, rms=False):
     kernel = functools.partial(gated_residual_modulated_norm, eps=EPS, rms=rms)
-    ref = functools.partial(gated_residual_modulated_norm_ref, eps=EPS, rms=rms)
+    # the exact reference normalises x_out as stored in x's dtype, as the op does (see the reference's docstring)
+    ref = functools.partial(gated_residual_modulated_norm_ref, eps=EPS, rms=rms, stored_dtype=inputs[0].dtype)
     check_op(kernel, ref, inputs, dys, NAMES)
 
 
@@ -103,13 +104,14 @@ def test_chunked_modulation_views_and_mixed_dtypes():
     parent = randn(B, 6 * C, seed=60, scale=0.5)
     (x, h, *_), (dxo, dy) = make_inputs(B, N, C, "BC", False, torch.bfloat16, seed=61)
 
-    def split(fn):
+    def split(fn, **kw):
         def run(x, h, p):
             _, _, gate, shift, scale, _ = p.chunk(6, dim=-1)
-            return fn(x, h, gate, shift, scale, eps=EPS)
+            return fn(x, h, gate, shift, scale, eps=EPS, **kw)
         return run
 
-    check_op(split(gated_residual_modulated_norm), split(gated_residual_modulated_norm_ref), [x, h, parent],
+    check_op(split(gated_residual_modulated_norm), split(gated_residual_modulated_norm_ref, stored_dtype=x.dtype),
+             [x, h, parent],
              (dxo, dy), ["x_out", "y", "x", "h", "parent"])
 
 

@@ -14,8 +14,8 @@ from torch import nn
 from .. import ops
 from ..ops.dispatch import check_backend, resolve_backend
 from ..ops.guard import check_mode
-from ..ops.modulated_norm import (gated_residual_modulated_norm_ref, gated_residual_ref, modulate,  # noqa: F401
-                                  modulated_layer_norm_ref)
+from ..ops.modulated_norm_reference import (gated_residual_modulated_norm_ref, gated_residual_ref,  # noqa: F401
+                                           modulate, modulated_layer_norm_ref)
 
 
 class ModulatedLayerNorm(nn.Module):

@@ -16,60 +16,23 @@ the CUDA kernels do not take run on Triton, or on plain torch where Triton is no
 (``fastsemdiff.ops.guard``); a configuration that fails it under ``warn`` runs on torch
 (``fastsemdiff.ops.torch_launchers``). The user-facing functions ``modulated_layer_norm`` and
 ``gated_residual_modulated_norm`` take ``x [B, N, C]`` with DiT's modulation shapes; the references that
-define both ops (``modulated_layer_norm_ref``, ``gated_residual_modulated_norm_ref``) are here too; the Triton
-kernels are imported on the first call, so ``TRITON_INTERPRET`` may still be set after ``fastsemdiff`` has been
-imported.
+define both ops (``modulated_layer_norm_ref``, ``gated_residual_modulated_norm_ref``) live beside it in
+``fastsemdiff.ops.modulated_norm_reference`` and are importable from here too; the Triton kernels are imported
+on the first call, so ``TRITON_INTERPRET`` may still be set after ``fastsemdiff`` has been imported.
 """
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from . import _cuda, dispatch, guard
+from . import _cuda, dispatch, guard, validation
 from .guard import check_mode
+from .modulated_norm_reference import (gated_residual_modulated_norm_ref, gated_residual_ref,  # noqa: F401
+                                       modulate, modulated_layer_norm_ref)
 
 CHECK_EPS = 1e-6
-
-
-# ------------------------------------------------------------------------------- the references
-# What each op means, in plain PyTorch: the torch backend of the layers (``fastsemdiff.nn.norm`` re-exports
-# them), the first-use check's reference, and the forward of the torch launchers.
-def _per_token(m: torch.Tensor) -> torch.Tensor:
-    """[B, C] -> [B, 1, C] so modulation broadcasts over tokens; [B, 1, C] and [B, N, C] pass through."""
-    return m.unsqueeze(1) if m.dim() == 2 else m
-
-
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """DiT's modulate: x * (1 + scale) + shift, with per-sample or per-token shift/scale."""
-    return x * (1 + _per_token(scale)) + _per_token(shift)
-
-
-def modulated_layer_norm_ref(x, shift, scale, weight=None, bias=None, eps: float = 1e-6, rms: bool = False):
-    """norm(x) [* weight + bias] * (1 + scale) + shift with norm = LayerNorm (or RMSNorm with ``rms``),
-    statistics in fp32 (fp64 for fp64 inputs), output in x's dtype."""
-    acc = torch.promote_types(x.dtype, torch.float32)
-    w = None if weight is None else weight.to(acc)
-    if rms:
-        y = F.rms_norm(x.to(acc), x.shape[-1:], w, eps)
-        y = y if bias is None else y + bias.to(acc)
-    else:
-        y = F.layer_norm(x.to(acc), x.shape[-1:], w, None if bias is None else bias.to(acc), eps)
-    return modulate(y, _per_token(shift).to(acc), _per_token(scale).to(acc)).to(x.dtype)
-
-
-def gated_residual_ref(x, h, gate):
-    """x + gate * h."""
-    return x + _per_token(gate) * h
-
-
-def gated_residual_modulated_norm_ref(x, h, gate, shift, scale, weight=None, bias=None, eps: float = 1e-6,
-                                      rms: bool = False):
-    """(x + gate * h, norm(x + gate * h) * (1 + scale) + shift), the sum in x's dtype."""
-    x_out = gated_residual_ref(x, h, gate).to(x.dtype)
-    return x_out, modulated_layer_norm_ref(x_out, shift, scale, weight, bias, eps, rms)
 
 
 def _triton():
@@ -199,7 +162,9 @@ def _norm_check(launchers, key) -> list:
         lx, lh, lgate, lshift, lscale, lw, lb = leaves
         groups = lambda v: v.view(R, t, C)  # noqa: E731
         if residual:
-            outs = gated_residual_modulated_norm_ref(groups(lx), groups(lh), lgate, lshift, lscale, lw, lb, eps, rms)
+            # the exact run normalises x_out as the kernels store it (in x's dtype): see the reference
+            outs = gated_residual_modulated_norm_ref(groups(lx), groups(lh), lgate, lshift, lscale, lw, lb, eps, rms,
+                                                     x_dtype if cast is not None else None)
             douts = (dx_out, dy)
         else:
             outs, douts = (modulated_layer_norm_ref(groups(lx), lshift, lscale, lw, lb, eps, rms),), (dy,)
@@ -226,6 +191,7 @@ def _none_if_absent(grad: Tensor, given: Optional[Tensor]) -> Optional[Tensor]:
 def modulated_norm_fwd(x: Tensor, shift: Tensor, scale: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                        eps: float, tokens_per_mod_row: int, rms: bool, backend: str, check: str = "warn"
                        ) -> tuple[Tensor, Tensor, Tensor]:
+    validation.norm_fwd("fastsemdiff::modulated_norm_fwd", x, shift, scale, weight, bias, eps, tokens_per_mod_row)
     launchers = _launchers(backend, check, x, (shift, scale), scale, weight, bias, tokens_per_mod_row, rms, False)
     _, y, mean, rstd = launchers.modulated_norm_fwd(x, shift, scale, weight, bias, eps, tokens_per_mod_row, rms)
     return y, mean, rstd
@@ -242,6 +208,7 @@ def _(x, shift, scale, weight, bias, eps, tokens_per_mod_row, rms, backend, chec
 def modulated_norm_bwd(dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, scale: Tensor, weight: Optional[Tensor],
                        bias: Optional[Tensor], tokens_per_mod_row: int, rms: bool, backend: str, check: str = "warn"
                        ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    validation.norm_bwd("fastsemdiff::modulated_norm_bwd", dy, x, mean, rstd, scale, weight, bias, tokens_per_mod_row)
     launchers = _launchers(backend, check, x, (dy, scale), scale, weight, bias, tokens_per_mod_row, rms, False)
     dx, _, _, dshift, dscale, dw, db = launchers.modulated_norm_bwd(
         dy, x, mean, rstd, scale, weight, bias, tokens_per_mod_row, rms)
@@ -278,6 +245,8 @@ def gated_residual_modulated_norm_fwd(x: Tensor, h: Tensor, gate: Tensor, shift:
                                       weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
                                       tokens_per_mod_row: int, rms: bool, backend: str, check: str = "warn"
                                       ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    validation.norm_fwd("fastsemdiff::gated_residual_modulated_norm_fwd", x, shift, scale, weight, bias, eps,
+                        tokens_per_mod_row, h, gate)
     launchers = _launchers(backend, check, x, (h, gate, shift, scale), scale, weight, bias, tokens_per_mod_row, rms,
                            True)
     return launchers.modulated_norm_fwd(x, shift, scale, weight, bias, eps, tokens_per_mod_row, rms, h, gate)
@@ -298,6 +267,8 @@ def gated_residual_modulated_norm_bwd(dx_out: Tensor, dy: Tensor, x_out: Tensor,
                                       bias: Optional[Tensor], tokens_per_mod_row: int, rms: bool, backend: str,
                                       check: str = "warn"
                                       ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    validation.norm_bwd("fastsemdiff::gated_residual_modulated_norm_bwd", dy, x_out, mean, rstd, scale, weight, bias,
+                        tokens_per_mod_row, dx_out, h, gate)
     launchers = _launchers(backend, check, x_out, (dx_out, dy, h, gate, scale), scale, weight, bias,
                            tokens_per_mod_row, rms, True)
     dx, dh, dgate, dshift, dscale, dw, db = launchers.modulated_norm_bwd(

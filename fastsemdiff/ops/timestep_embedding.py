@@ -12,6 +12,8 @@ import math
 import torch
 from torch import Tensor
 
+from . import validation
+
 
 def timestep_embedding_ref(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
     """The reference: sinusoidal embedding of (scaled) times t [B] -> [B, dim] in fp32, cos of the first half, sin
@@ -61,6 +63,7 @@ def _check(kernel, t_dtype: torch.dtype, dim: int, max_period: float, device: to
 
 @torch.library.custom_op("fastsemdiff::timestep_embedding", mutates_args=())
 def timestep_embedding_op(t: Tensor, dim: int, max_period: float, backend: str, check: str = "warn") -> Tensor:
+    validation.timestep_embedding("fastsemdiff::timestep_embedding", t, dim, max_period)
     name, kernel = _kernel(backend, t)
     if name != "torch":
         from . import guard

@@ -3,9 +3,9 @@
 A fused op runs these instead of its kernels where ``fastsemdiff.ops.dispatch`` picks torch for its call
 (``backend="cuda"`` with an input the CUDA kernels do not take and no Triton installed; an fp64 input; a row
 wider than the Triton kernels hold), or the kernels failed their first-use check (``fastsemdiff.ops.guard``).
-The forward is the op's reference itself (``fastsemdiff.ops.modulated_norm``), so results equal the torch
-backend's; the backward is the analytic gradient in fp32 (the custom op's backward
-runs below autograd, so it cannot differentiate the reference), checked against autograd in the tests.
+The forward is the op's reference itself (``fastsemdiff.ops.modulated_norm_reference``), so results equal
+the torch backend's; the backward is the analytic gradient in fp32 (the custom op's backward runs below
+autograd, so it cannot differentiate the reference), checked against autograd in the tests.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .modulated_norm import gated_residual_ref, modulated_layer_norm_ref
+from .modulated_norm_reference import gated_residual_ref, modulated_layer_norm_ref
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
