@@ -176,12 +176,10 @@ def test_stages_are_discovered_in_their_order_and_keep_the_contract():
     mods = runner.discover()
     orders = {m.NAME: m.ORDER for m in mods}
     assert [m.ORDER for m in mods] == sorted(m.ORDER for m in mods)
-    assert {k: orders[k] for k in ("environment", "install", "build-cuda", "kernel-tests", "model-check",
-                                   "train-curves", "csrc-tests", "memcheck", "fuzz", "bench-adaln", "bench-train", "profile",
-                                   "switch-matrix", "report")} == {
-        "environment": 0, "install": 10, "build-cuda": 20, "kernel-tests": 30, "model-check": 31,
-        "train-curves": 32, "csrc-tests": 40, "memcheck": 42, "fuzz": 45, "bench-adaln": 50, "bench-train": 60, "profile": 70,
-        "switch-matrix": 75, "report": 99}
+    expected = {"environment": 0, "install": 10, "build-cuda": 20, "kernel-tests": 30, "model-check": 31,
+                "train-curves": 32, "csrc-tests": 40, "memcheck": 42, "fuzz": 45, "bench-adaln": 50,
+                "bench-train": 60, "profile": 70, "switch-matrix": 75, "report": 99}
+    assert {k: orders[k] for k in expected} == expected
     assert mods[-1].NAME == "report"
     parallel = [m.NAME for m in mods if getattr(m, "PARALLEL", False)]
     assert {"kernel-tests", "model-check", "train-curves"} <= set(parallel)
