@@ -83,6 +83,9 @@ def package_graph(root: str = PACKAGE) -> tuple[dict[str, Optional[Path]], dict[
             return False
         path = Path(spec.origin)
         files[name] = path if path.suffix == ".py" else None
+        parent = name.rpartition(".")[0]
+        if parent.startswith(root):  # a package reached only through its submodules' imports (fastsemdiff.kernels, which the
+            add(parent)  # editable install maps from kernels/, is no folder of fastsemdiff/): its folder too
         if spec.submodule_search_locations is not None:
             packages.add(name)
             for info in pkgutil.iter_modules(list(spec.submodule_search_locations)):
