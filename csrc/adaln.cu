@@ -446,7 +446,7 @@ __global__ void __launch_bounds__(MAX_THREADS) adaln_bwd_kernel(const BwdParams 
 }
 
 // ===================================================================================== the "rows" variants
-// Variant 1 of the forward, variants 1 and 2 of the backward (csrc/adaln.cu's NormConfig picks; the baseline
+// Variant 1 of the forward, variants 1 (4-row tiles; 2 for the gated op) and 2 (2-row tiles) of the backward (csrc/adaln.cu's NormConfig picks; the baseline
 // kernels above are variant 0). Both walk a persistent grid (SM count x resident blocks) so that every SM
 // keeps several rows' 16-byte loads in flight and no block waits on a second wave.
 //
@@ -500,6 +500,16 @@ __device__ __forceinline__ void store_stream(U* __restrict__ p, const float (&in
   uint4 raw;
   memcpy(&raw, &pk, sizeof(raw));
   __stcs(reinterpret_cast<uint4*>(p), raw);
+}
+
+// Makes a pack's registers opaque to the compiler: a conversion after this point cannot reuse one made
+// before it, so a tile kept in packs across a reduction is not kept as floats (twice the registers) instead.
+template <typename U>
+__device__ __forceinline__ void opaque(Pack<U>& pk) {
+  uint4 raw;
+  memcpy(&raw, &pk, sizeof(raw));
+  asm volatile("" : "+r"(raw.x), "+r"(raw.y), "+r"(raw.z), "+r"(raw.w));
+  memcpy(&pk, &raw, sizeof(raw));
 }
 
 __device__ __forceinline__ float warp_sum(float v) {
@@ -737,6 +747,15 @@ __device__ __forceinline__ void bwd_rows_tile(const BwdParams& p, int64_t t0, in
       sums[k] = t;
     }
     buf ^= 1;
+  }
+#pragma unroll
+  for (int r = 0; r < RT; ++r) {
+#pragma unroll
+    for (int i = 0; i < CH; ++i) {
+      if (!(valid[r] && s.active[i])) continue;
+      opaque(xr[r][i]);
+      opaque(dyr[r][i]);
+    }
   }
   if constexpr (GATED) {
     // dx_out and h feed only the outputs: loaded (the whole tile's, back to back) after the reduction, so
@@ -1080,7 +1099,7 @@ std::pair<int64_t, int64_t> check_rows_input(const at::Tensor& x_in, const char*
 
 // ------------------------------------------------------------------------------------ variant selection
 // Which kernels run: the forward variant (0: adaln_fwd_kernel, 1: adaln_fwd_rows_kernel), the backward
-// variant (0: adaln_bwd_kernel, 1: adaln_bwd_rows_kernel with 4-row tiles, 2: with 2-row tiles) and the
+// variant (0: adaln_bwd_kernel, 1: adaln_bwd_rows_kernel with 4-row tiles (the gated op: 2), 2: 2-row tiles) and the
 // resident blocks per SM the rows kernels size their persistent grid for (0: the occupancy calculator's
 // figure). A variant < 0 means "the table's choice" (choose_*_variant below). Set by the op
 // fastsemdiff_C::norm_config (tests, the tuner), or by FASTSEMDIFF_CUDA_NORM_CONFIG="fwd,bwd[,bps]", read at the
@@ -1304,12 +1323,14 @@ void bwd_rows(const char* op, const BwdRowsInputs& in, BwdOut& out, const at::Te
   const RowLaunch cfg = row_launch(C);
   const int threads = cfg.threads_per_row;  // <= kBwdRowsMaxThreads (bwd_variant checked)
   const bool mod_f32 = md != in.x.scalar_type();
-  const int tile = variant == 1 ? 4 : 2;
+  // Tiles of 4 rows (variant 1) or 2 (variant 2); the gated op takes 2-row tiles in both: with 4 rows of x, dy,
+  // dx_out and h its kernel spills at the two-blocks-per-SM register bound.
+  const int tile = variant == 1 && !gated ? 4 : 2;
   void (*kernel)(const BwdParams) = nullptr;
 #define FASTSEMDIFF_BWD_ROWS_PICK(TM)                                                                 \
-  if (tile == 4) kernel = gated ? &adaln_bwd_rows_kernel<scalar_t, TM, true, 4>                       \
-                                : &adaln_bwd_rows_kernel<scalar_t, TM, false, 4>;                     \
-  else kernel = gated ? &adaln_bwd_rows_kernel<scalar_t, TM, true, 2> : &adaln_bwd_rows_kernel<scalar_t, TM, false, 2>;
+  if (gated) kernel = &adaln_bwd_rows_kernel<scalar_t, TM, true, 2>;                                  \
+  else if (tile == 4) kernel = &adaln_bwd_rows_kernel<scalar_t, TM, false, 4>;                        \
+  else kernel = &adaln_bwd_rows_kernel<scalar_t, TM, false, 2>;
   FASTSEMDIFF_DISPATCH_X(in.x.scalar_type(), op, [&] {
     if (mod_f32 && !std::is_same<scalar_t, float>::value) {
       FASTSEMDIFF_BWD_ROWS_PICK(float)

@@ -424,7 +424,7 @@ def cuda_selected(C: int, dtype: torch.dtype) -> list[tuple[str, int]]:
             if C <= CUDA_FWD_ROWS_MAX_C:
                 out.append((f"void adaln_fwd_rows_kernel<{x}, {m}, {gated}>(FwdParams)", CUDA_FWD_ROWS_THREADS))
             if threads <= CUDA_BWD_ROWS_MAX_THREADS:
-                for tile in CUDA_BWD_ROWS_TILES:
+                for tile in (CUDA_BWD_ROWS_TILES_GATED if gated == "true" else CUDA_BWD_ROWS_TILES):
                     out.append((f"void adaln_bwd_rows_kernel<{x}, {m}, {gated}, {tile}>(BwdParams)", threads))
     if threads <= CUDA_BWD_ROWS_MAX_THREADS:
         out.append((CUDA_FINISH_KERNEL, CUDA_FINISH_THREADS))
@@ -437,6 +437,7 @@ CUDA_FWD_ROWS_MAX_C = 1280
 CUDA_FWD_ROWS_THREADS = 128
 CUDA_BWD_ROWS_MAX_THREADS = 192
 CUDA_BWD_ROWS_TILES = (4, 2)
+CUDA_BWD_ROWS_TILES_GATED = (2,)  # 4 rows of x, dy, dx_out and h spill at the two-blocks-per-SM bound
 CUDA_FINISH_KERNEL = "adaln_bwd_finish_kernel(FinishParams)"
 CUDA_FINISH_THREADS = 256
 

@@ -40,7 +40,8 @@ OPS = ("mln_fwd", "mln_bwd", "grmln_fwd", "grmln_bwd", "timestep_embedding")
 FWD_VARIANTS = {0: "baseline: a team of ceil(C / 8) threads per row",
                 1: "rows: one row per warp, persistent grid, the next row prefetched (C <= 1280)"}
 BWD_VARIANTS = {0: "baseline: row ranges per sample, one row at a time",
-                1: "rows: persistent grid, 4-row tiles, segment partial sums + finishing kernel (C <= 1536)",
+                1: "rows: persistent grid, 4-row tiles (gated op: 2), segment partial sums + finishing kernel "
+                   "(C <= 1536)",
                 2: "rows: as 1 with 2-row tiles"}
 # (fwd, bwd) pairs the tests run every norm check under: each variant at least once.
 TEST_VARIANTS = {"baseline": (0, 0), "rows-tile4": (1, 1), "rows-tile2": (1, 2)}
