@@ -426,7 +426,26 @@ def cuda_selected(C: int, dtype: torch.dtype) -> list[tuple[str, int]]:
         for gated in ("false", "true"):
             out.append((f"void adaln_fwd_kernel<{x}, {m}, {gated}>(FwdParams)", threads * rows_per_block))
             out.append((f"void adaln_bwd_kernel<{x}, {m}, {gated}, {bound}>(BwdParams)", threads * rows_per_block))
+            # the rows variants (fastsemdiff.ops._cuda.FWD_VARIANTS / BWD_VARIANTS), where they take the width
+            if C <= CUDA_FWD_ROWS_MAX_C:
+                out.append((f"void adaln_fwd_rows_kernel<{x}, {m}, {gated}>(FwdParams)", CUDA_FWD_ROWS_THREADS))
+            if threads <= CUDA_BWD_ROWS_MAX_THREADS:
+                for tile in (CUDA_BWD_ROWS_TILES_GATED if gated == "true" else CUDA_BWD_ROWS_TILES):
+                    out.append((f"void adaln_bwd_rows_kernel<{x}, {m}, {gated}, {tile}>(BwdParams)", threads))
+    if threads <= CUDA_BWD_ROWS_MAX_THREADS:
+        out.append((CUDA_FINISH_KERNEL, CUDA_FINISH_THREADS))
     return out
+
+
+# The rows variants' launch facts (csrc/adaln.cu: kFwdRowsMaxC, kFwdRowsWarps, kBwdRowsMaxThreads, the tiles of
+# bwd variants 1 and 2, kFinishThreads).
+CUDA_FWD_ROWS_MAX_C = 1280
+CUDA_FWD_ROWS_THREADS = 128
+CUDA_BWD_ROWS_MAX_THREADS = 192
+CUDA_BWD_ROWS_TILES = (4, 2)
+CUDA_BWD_ROWS_TILES_GATED = (2,)  # 4 rows of x, dy, dx_out and h spill at the two-blocks-per-SM bound
+CUDA_FINISH_KERNEL = "adaln_bwd_finish_kernel(FinishParams)"
+CUDA_FINISH_THREADS = 256
 
 
 TIMESTEP_CUDA_KERNEL = "timestep_embedding_kernel(float const*, float*, long, int, int, float, float)"
@@ -488,11 +507,16 @@ ACCEPTED_STACK_VARIANT = {
 # fastsemdiff._C kernels whose stores are not 128-bit, with why.
 ACCEPTED_NARROW = {
     TIMESTEP_CUDA_KERNEL: "writes one fp32 per thread, coalesced (a [B, 256] fp32 output once per step)",
+    CUDA_FINISH_KERNEL: "the rows backward's finish: one output element per thread in the output's dtype "
+                        "(dshift/dscale/dgate [B, C], dweight/dbias [C]), coalesced; a few MB per backward",
 }
 # 32-bit scalar accesses allowed beside the 128-bit rows (mean and rstd of a row); None: the kernel reads no rows
 # (the timestep kernel reads t and libdevice's trig-reduction table), so only its stores are checked.
 SCALAR_ACCESSES = {"_fwd_kernel": 2, "_bwd_kernel": 2, "_timestep_embedding_kernel": None, "adaln_fwd_kernel": 2,
-                   "adaln_bwd_kernel": 4, "timestep_embedding_kernel": None}
+                   "adaln_bwd_kernel": 4, "timestep_embedding_kernel": None,
+                   # mean and rstd stored per row; loaded per row of a 4-row tile and of a per-token row
+                   "adaln_fwd_rows_kernel": 2, "adaln_bwd_rows_kernel": 2 * 4 + 2,
+                   "adaln_bwd_finish_kernel": None}
 # Variants with fewer than two resident blocks per SM, with why ((kernel, variant) -> reason).
 ACCEPTED_OCCUPANCY = {
     ("_bwd_kernel", "ln+residual+affine"): "the affine + gated-residual backward holds five fp32 partial sums, w, b, "

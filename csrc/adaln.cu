@@ -25,11 +25,18 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <mutex>
 #include <optional>
 #include <tuple>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 #include "common.h"
 #include "validate.h"
@@ -272,6 +279,7 @@ struct BwdParams {
   int64_t workers_per_group;  // row ranges per group
   int64_t rows_per_worker;
   int64_t num_workers;  // groups * workers_per_group
+  int64_t rows_per_block;  // rows kernels only: block b owns rows [b * rows_per_block, (b + 1) * rows_per_block)
 };
 
 template <typename T, typename TM, bool GATED, int MAX_THREADS>
@@ -439,6 +447,543 @@ __global__ void __launch_bounds__(MAX_THREADS) adaln_bwd_kernel(const BwdParams 
   }
 }
 
+// ===================================================================================== the "rows" variants
+// Variant 1 of the forward, variants 1 (4-row tiles; 2 for the gated op) and 2 (2-row tiles) of the backward (csrc/adaln.cu's NormConfig picks; the baseline
+// kernels above are variant 0). Both walk a persistent grid (SM count x resident blocks) so that every SM
+// keeps several rows' 16-byte loads in flight and no block waits on a second wave.
+//
+// Forward: one row per warp (32 lanes x up to kRowElems elements: C <= 1280), four warps per block, rows
+// grid-strided over all warps; the next row's x (and h) are loaded before the current row's two warp-shuffle
+// reductions. No block barrier.
+//
+// Backward: one row across the block (ceil(C / 8) threads rounded to warps, 8 elements per thread as in the
+// baseline; C <= 1536), R rows per tile (R / 2 for fp32 x): the tile's x and dy loads are all issued
+// before its reductions (dx_out and h, when gated, all right after them), and the tile's 2R row sums share
+// one block barrier (double-buffered shared memory).
+// Block b owns the contiguous rows [b L, (b + 1) L). Per-sample sums: the block's rows of group g (a
+// "segment") are summed in fp32 registers and written once to slot b + g of a [blocks + groups - 1, C] fp32
+// buffer (consecutive segments in row order have consecutive b + g, so no two segments share a slot; a slot
+// is skipped where a block and a group end on the same row and is never read). dweight/dbias: one [C] row
+// per block. adaln_bwd_finish_kernel then writes each group's sum over its blocks b_lo(g)..b_hi(g) (and the
+// column sums of the weight/bias partials) in the outputs' dtypes. No atomics. tests/test_csrc_worksplit.py
+// re-implements this indexing in Python and checks it against direct sums.
+constexpr int kRowElems = 40;                       // elements per lane, one-row-per-warp forward
+constexpr int kFwdRowsMaxC = kWarp * kRowElems;     // 1280
+constexpr int kFwdRowsWarps = 4;                    // rows (warps) per block
+// Threads per row of the rows backward (C <= 1536), and the launch bound's two resident blocks per SM at that
+// size: at most 170 registers a thread, which the tiles below fit without spilling.
+constexpr int kBwdRowsMaxThreads = 192;
+constexpr int kBwdRowsMinBlocks = 2;
+constexpr int kBwdRowsMaxWarps = kBwdRowsMaxThreads / kWarp;
+
+// 16-byte streaming accesses (read or written once: evict first, keep the modulation rows in L2).
+template <typename U>
+__device__ __forceinline__ Pack<U> load_stream(const U* __restrict__ p) {
+  const uint4 raw = __ldcs(reinterpret_cast<const uint4*>(p));
+  Pack<U> pk;
+  static_assert(sizeof(Pack<U>) == sizeof(uint4), "a pack is 16 bytes");
+  memcpy(&pk, &raw, sizeof(raw));
+  return pk;
+}
+
+template <typename U, int N>
+__device__ __forceinline__ void unpack(const Pack<U>& pk, float (&out)[N]) {
+  static_assert(N == Pack<U>::kSize, "one pack");
+#pragma unroll
+  for (int j = 0; j < N; ++j) out[j] = static_cast<float>(pk.v[j]);
+}
+
+template <typename U, int N>
+__device__ __forceinline__ void store_stream(U* __restrict__ p, const float (&in)[N]) {
+  static_assert(N == Pack<U>::kSize, "one pack");
+  Pack<U> pk;
+#pragma unroll
+  for (int j = 0; j < N; ++j) pk.v[j] = static_cast<U>(in[j]);
+  uint4 raw;
+  memcpy(&raw, &pk, sizeof(raw));
+  __stcs(reinterpret_cast<uint4*>(p), raw);
+}
+
+// Makes a pack's registers opaque to the compiler: a conversion after this point cannot reuse one made
+// before it, so a tile kept in packs across a reduction is not kept as floats (twice the registers) instead.
+template <typename U>
+__device__ __forceinline__ void opaque(Pack<U>& pk) {
+  uint4 raw;
+  memcpy(&raw, &pk, sizeof(raw));
+  asm volatile("" : "+r"(raw.x), "+r"(raw.y), "+r"(raw.z), "+r"(raw.w));
+  memcpy(&pk, &raw, sizeof(raw));
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int offset = kWarp / 2; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+template <typename T, typename TM, bool GATED>
+__global__ void __launch_bounds__(kFwdRowsWarps * kWarp) adaln_fwd_rows_kernel(const FwdParams p) {
+  constexpr int VEC = kVectorBytes / sizeof(T);
+  constexpr int NV = kRowElems / VEC;  // vectors per lane: 5 (16-bit), 10 (fp32)
+  const int lane = threadIdx.x % kWarp;
+  const int64_t warps_total = static_cast<int64_t>(gridDim.x) * kFwdRowsWarps;
+  int64_t row = static_cast<int64_t>(blockIdx.x) * kFwdRowsWarps + threadIdx.x / kWarp;
+  if (row >= p.M) return;  // the whole warp (no block barrier in this kernel)
+  const int C = p.C;
+  const int nvec = C / VEC;
+  const float inv_c = 1.f / static_cast<float>(C);
+  bool active[NV];
+#pragma unroll
+  for (int k = 0; k < NV; ++k) active[k] = lane + k * kWarp < nvec;
+
+  Pack<T> xa[NV], ha[NV];
+#pragma unroll
+  for (int k = 0; k < NV; ++k) {
+    if (!active[k]) continue;
+    const int64_t e = static_cast<int64_t>(lane + k * kWarp) * VEC;
+    xa[k] = load_stream(static_cast<const T*>(p.x) + row * p.x_stride + e);
+    if constexpr (GATED) ha[k] = load_stream(static_cast<const T*>(p.h) + row * p.h_stride + e);
+  }
+  while (true) {
+    // The next row's loads go out before this row's reductions.
+    const int64_t next = row + warps_total;
+    const bool has_next = next < p.M;
+    Pack<T> xb[NV], hb[NV];
+    if (has_next) {
+#pragma unroll
+      for (int k = 0; k < NV; ++k) {
+        if (!active[k]) continue;
+        const int64_t e = static_cast<int64_t>(lane + k * kWarp) * VEC;
+        xb[k] = load_stream(static_cast<const T*>(p.x) + next * p.x_stride + e);
+        if constexpr (GATED) hb[k] = load_stream(static_cast<const T*>(p.h) + next * p.h_stride + e);
+      }
+    }
+
+    // The row stays in its 16-byte packs (half the registers of floats for 16-bit x) and is converted at
+    // each of its three uses.
+    const int64_t mrow = row / p.tokens_per_mod_row;
+    if constexpr (GATED) {
+      // x_out = x + gate * h in fp32, rounded to x's dtype; the norm reads the rounded value (kept in xa).
+      const TM* gr = static_cast<const TM*>(p.gate) + mrow * p.gate_stride;
+      T* xo = static_cast<T*>(p.x_out) + row * C;
+#pragma unroll
+      for (int k = 0; k < NV; ++k) {
+        if (!active[k]) continue;
+        const int c = (lane + k * kWarp) * VEC;
+        float xv[VEC], hv[VEC], gv[VEC];
+        unpack(xa[k], xv);
+        unpack(ha[k], hv);
+        load_vec<TM, VEC>(gr + c, gv);
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) xa[k].v[j] = static_cast<T>(xv[j] + gv[j] * hv[j]);
+        uint4 raw;
+        memcpy(&raw, &xa[k], sizeof(raw));
+        __stcs(reinterpret_cast<uint4*>(xo + c), raw);
+      }
+    }
+    float mean = 0.f;
+    if (!p.rms) {
+      float s = 0.f;
+#pragma unroll
+      for (int k = 0; k < NV; ++k) {
+        if (!active[k]) continue;
+        float xv[VEC];
+        unpack(xa[k], xv);
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) s += xv[j];
+      }
+      mean = warp_sum(s) * inv_c;
+    }
+    float q = 0.f;
+#pragma unroll
+    for (int k = 0; k < NV; ++k) {
+      if (!active[k]) continue;
+      float xv[VEC];
+      unpack(xa[k], xv);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        const float d = xv[j] - mean;
+        q += d * d;
+      }
+    }
+    const float rstd = 1.f / sqrtf(warp_sum(q) * inv_c + p.eps);
+
+    const TM* shr = static_cast<const TM*>(p.shift) + mrow * p.shift_stride;
+    const TM* scr = static_cast<const TM*>(p.scale) + mrow * p.scale_stride;
+    T* yr = static_cast<T*>(p.y) + row * C;
+#pragma unroll
+    for (int k = 0; k < NV; ++k) {
+      if (!active[k]) continue;
+      const int c = (lane + k * kWarp) * VEC;
+      float sh[VEC], sc[VEC], out[VEC];
+      unpack(xa[k], out);
+      load_vec<TM, VEC>(shr + c, sh);
+      load_vec<TM, VEC>(scr + c, sc);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) out[j] = (out[j] - mean) * rstd;
+      if (p.weight != nullptr) {
+        float w[VEC];
+        load_vec<float, VEC>(p.weight + c, w);
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) out[j] *= w[j];
+      }
+      if (p.bias != nullptr) {
+        float b[VEC];
+        load_vec<float, VEC>(p.bias + c, b);
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) out[j] += b[j];
+      }
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) out[j] = out[j] * (1.f + sc[j]) + sh[j];
+      store_stream<T, VEC>(yr + c, out);
+    }
+    if (lane == 0) {
+      p.mean[row] = mean;
+      p.rstd[row] = rstd;
+    }
+    if (!has_next) break;
+    row = next;
+#pragma unroll
+    for (int k = 0; k < NV; ++k) {
+      if (!active[k]) continue;
+      xa[k] = xb[k];
+      if constexpr (GATED) ha[k] = hb[k];
+    }
+  }
+}
+
+// A thread's share of the rows backward: its 8 columns (CH vectors of VEC) of the parameters, of the current
+// group's modulation, and of the running sums.
+template <int CH, int VEC>
+struct BwdRowsState {
+  bool active[CH];
+  float w[CH][VEC], b[CH][VEC];
+  float ops[CH][VEC];   // 1 + scale: the current group's (per-sample) or the current row's (per-token)
+  float gate[CH][VEC];  // gated only, as ops
+  float acc_shift[CH][VEC], acc_scale[CH][VEC], acc_gate[CH][VEC];  // per-sample: the current segment's
+  float acc_w[CH][VEC], acc_b[CH][VEC];                             // the block's
+};
+
+// One tile of RT rows [t0, t0 + RT) clipped to `end`: all loads, one block reduction of the 2 RT row sums,
+// then dx (dh), the per-row outputs (per-token) and the running sums.
+template <typename T, typename TM, bool GATED, int RT, bool PER_TOKEN, int CH, int VEC>
+__device__ __forceinline__ void bwd_rows_tile(const BwdParams& p, int64_t t0, int64_t end,
+                                              BwdRowsState<CH, VEC>& s, float* smem, int& buf) {
+  const int C = p.C;
+  const int tpr = blockDim.x;
+  const int nwarps = tpr / kWarp;
+  const int warp = threadIdx.x / kWarp;
+  const int lane = threadIdx.x % kWarp;
+  const float inv_c = 1.f / static_cast<float>(C);
+
+  bool valid[RT];
+  float mean[RT], rstd[RT];
+  Pack<T> xr[RT][CH], dyr[RT][CH], dxor[RT][CH], hr[RT][CH];
+#pragma unroll
+  for (int r = 0; r < RT; ++r) {
+    const int64_t row = t0 + r;
+    valid[r] = row < end;  // the same in every thread of the block
+    mean[r] = 0.f;
+    rstd[r] = 0.f;
+    if (!valid[r]) continue;
+    if (!p.rms) mean[r] = p.mean[row];
+    rstd[r] = p.rstd[row];
+#pragma unroll
+    for (int i = 0; i < CH; ++i) {
+      if (!s.active[i]) continue;
+      const int64_t e = static_cast<int64_t>(threadIdx.x + i * tpr) * VEC;
+      xr[r][i] = load_stream(static_cast<const T*>(p.x) + row * p.x_stride + e);
+      dyr[r][i] = load_stream(static_cast<const T*>(p.dy) + row * p.dy_stride + e);
+    }
+  }
+  if constexpr (PER_TOKEN) {
+    static_assert(!PER_TOKEN || RT == 1, "per-token tiles are one row (its own modulation row)");
+    if (valid[0]) {
+#pragma unroll
+      for (int i = 0; i < CH; ++i) {
+        if (!s.active[i]) continue;
+        const int64_t e = static_cast<int64_t>(threadIdx.x + i * tpr) * VEC;
+        load_vec<TM, VEC>(static_cast<const TM*>(p.scale) + t0 * p.scale_stride + e, s.ops[i]);
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) s.ops[i][j] += 1.f;
+        if constexpr (GATED) load_vec<TM, VEC>(static_cast<const TM*>(p.gate) + t0 * p.gate_stride + e, s.gate[i]);
+      }
+    }
+  }
+
+  // The tile stays in its 16-byte packs (x, dy: 8 registers a row for 16-bit x) and is converted in each phase.
+  float sums[2 * RT];  // per row: sum(g), sum(g * xhat), g = dy (1 + scale) w = d loss / d xhat
+#pragma unroll
+  for (int r = 0; r < RT; ++r) {
+    sums[2 * r] = 0.f;
+    sums[2 * r + 1] = 0.f;
+#pragma unroll
+    for (int i = 0; i < CH; ++i) {
+      if (!(valid[r] && s.active[i])) continue;
+      float xv[VEC], dv[VEC];
+      unpack(xr[r][i], xv);
+      unpack(dyr[r][i], dv);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        const float xhat = (xv[j] - mean[r]) * rstd[r];
+        const float g = dv[j] * s.ops[i][j] * s.w[i][j];
+        sums[2 * r] += g;
+        sums[2 * r + 1] += g * xhat;
+      }
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < 2 * RT; ++k) sums[k] = warp_sum(sums[k]);
+  if (nwarps > 1) {  // the same in every thread
+    // smem: [2 buffers][kBwdRowsMaxWarps][2 RT]; alternating buffers make one barrier per tile enough (a
+    // buffer is rewritten two tiles later, after every thread has passed the barrier in between).
+    float* sb = smem + buf * (kBwdRowsMaxWarps * 2 * RT);
+    if (lane == 0) {
+#pragma unroll
+      for (int k = 0; k < 2 * RT; ++k) sb[warp * 2 * RT + k] = sums[k];
+    }
+    __syncthreads();
+#pragma unroll
+    for (int k = 0; k < 2 * RT; ++k) {
+      float t = 0.f;
+      for (int w = 0; w < nwarps; ++w) t += sb[w * 2 * RT + k];  // same order in every thread
+      sums[k] = t;
+    }
+    buf ^= 1;
+  }
+#pragma unroll
+  for (int r = 0; r < RT; ++r) {
+#pragma unroll
+    for (int i = 0; i < CH; ++i) {
+      if (!(valid[r] && s.active[i])) continue;
+      opaque(xr[r][i]);
+      opaque(dyr[r][i]);
+    }
+  }
+  if constexpr (GATED) {
+    // dx_out and h feed only the outputs: loaded (the whole tile's, back to back) after the reduction, so
+    // that they do not hold registers across it (they made the gated kernels spill at 2 blocks per SM).
+#pragma unroll
+    for (int r = 0; r < RT; ++r) {
+      if (!valid[r]) continue;
+      const int64_t row = t0 + r;
+#pragma unroll
+      for (int i = 0; i < CH; ++i) {
+        if (!s.active[i]) continue;
+        const int64_t e = static_cast<int64_t>(threadIdx.x + i * tpr) * VEC;
+        dxor[r][i] = load_stream(static_cast<const T*>(p.dx_out) + row * p.dx_out_stride + e);
+        hr[r][i] = load_stream(static_cast<const T*>(p.h) + row * p.h_stride + e);
+      }
+    }
+  }
+
+#pragma unroll
+  for (int r = 0; r < RT; ++r) {
+    if (!valid[r]) continue;
+    const int64_t row = t0 + r;
+    const float mean_g = p.rms ? 0.f : sums[2 * r] * inv_c;
+    const float mean_gx = sums[2 * r + 1] * inv_c;
+#pragma unroll
+    for (int i = 0; i < CH; ++i) {
+      if (!s.active[i]) continue;
+      const int64_t off = row * C + static_cast<int64_t>(threadIdx.x + i * tpr) * VEC;  // contiguous outputs
+      float xh[VEC], dy[VEC], dx[VEC];
+      unpack(xr[r][i], xh);
+      unpack(dyr[r][i], dy);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        xh[j] = (xh[j] - mean[r]) * rstd[r];
+        const float g = dy[j] * s.ops[i][j] * s.w[i][j];
+        dx[j] = (g - mean_g - xh[j] * mean_gx) * rstd[r];
+      }
+      if constexpr (GATED) {
+        // x_out = x + gate * h feeds both the residual stream (dx_out) and the norm (dx above).
+        float dxo[VEC], hv[VEC], dh[VEC], dg[VEC];
+        unpack(dxor[r][i], dxo);
+        unpack(hr[r][i], hv);
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) {
+          dx[j] += dxo[j];
+          dh[j] = s.gate[i][j] * dx[j];
+          dg[j] = dx[j] * hv[j];
+        }
+        store_stream<T, VEC>(static_cast<T*>(p.dh) + off, dh);
+        if constexpr (PER_TOKEN) {
+          store_vec<TM, VEC>(static_cast<TM*>(p.dgate) + off, dg);
+        } else {
+#pragma unroll
+          for (int j = 0; j < VEC; ++j) s.acc_gate[i][j] += dg[j];
+        }
+      }
+      store_stream<T, VEC>(static_cast<T*>(p.dx) + off, dx);
+      float dsc[VEC];
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) dsc[j] = dy[j] * (xh[j] * s.w[i][j] + s.b[i][j]);
+      if constexpr (PER_TOKEN) {
+        store_vec<TM, VEC>(static_cast<TM*>(p.dshift) + off, dy);
+        store_vec<TM, VEC>(static_cast<TM*>(p.dscale) + off, dsc);
+      } else {
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) {
+          s.acc_shift[i][j] += dy[j];
+          s.acc_scale[i][j] += dsc[j];
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        const float dnorm = dy[j] * s.ops[i][j];
+        s.acc_w[i][j] += dnorm * xh[j];
+        s.acc_b[i][j] += dnorm;
+      }
+    }
+  }
+}
+
+template <typename T, typename TM, bool GATED, int R>
+__global__ void __launch_bounds__(kBwdRowsMaxThreads, kBwdRowsMinBlocks) adaln_bwd_rows_kernel(const BwdParams p) {
+  constexpr int VEC = kVectorBytes / sizeof(T);
+  constexpr int CH = kElemsPerThread / VEC;
+  // R rows of 16-bit x a tile; R / 2 rows of fp32 x (the same bytes, and the same registers).
+  constexpr int RT = sizeof(T) == 4 && R > 1 ? R / 2 : R;
+  __shared__ float smem[2 * kBwdRowsMaxWarps * 2 * RT];
+  const int C = p.C;
+  const int nvec = C / VEC;
+  const int tpr = blockDim.x;
+  const int64_t blk = blockIdx.x;
+  const int64_t r0 = blk * p.rows_per_block;
+  const int64_t r1 = r0 + p.rows_per_block < p.M ? r0 + p.rows_per_block : p.M;
+
+  BwdRowsState<CH, VEC> s;
+#pragma unroll
+  for (int i = 0; i < CH; ++i) {
+    const int c = threadIdx.x + i * tpr;
+    s.active[i] = c < nvec;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      s.w[i][j] = 1.f;
+      s.b[i][j] = 0.f;
+      s.ops[i][j] = 1.f;
+      s.gate[i][j] = 0.f;
+      s.acc_shift[i][j] = s.acc_scale[i][j] = s.acc_gate[i][j] = 0.f;
+      s.acc_w[i][j] = s.acc_b[i][j] = 0.f;
+    }
+    if (!s.active[i]) continue;
+    if (p.weight != nullptr) load_vec<float, VEC>(p.weight + c * VEC, s.w[i]);
+    if (p.bias != nullptr) load_vec<float, VEC>(p.bias + c * VEC, s.b[i]);
+  }
+
+  int buf = 0;
+  if (p.per_token) {
+    for (int64_t row = r0; row < r1; ++row) bwd_rows_tile<T, TM, GATED, 1, true>(p, row, r1, s, smem, buf);
+  } else {
+    for (int64_t seg = r0; seg < r1;) {
+      const int64_t group = seg / p.rows_per_group;
+      const int64_t seg_end = (group + 1) * p.rows_per_group < r1 ? (group + 1) * p.rows_per_group : r1;
+#pragma unroll
+      for (int i = 0; i < CH; ++i) {
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) s.acc_shift[i][j] = s.acc_scale[i][j] = s.acc_gate[i][j] = 0.f;
+        if (!s.active[i]) continue;
+        const int64_t e = static_cast<int64_t>(threadIdx.x + i * tpr) * VEC;
+        load_vec<TM, VEC>(static_cast<const TM*>(p.scale) + group * p.scale_stride + e, s.ops[i]);
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) s.ops[i][j] += 1.f;
+        if constexpr (GATED) load_vec<TM, VEC>(static_cast<const TM*>(p.gate) + group * p.gate_stride + e, s.gate[i]);
+      }
+      for (int64_t t0 = seg; t0 < seg_end; t0 += RT) bwd_rows_tile<T, TM, GATED, RT, false>(p, t0, seg_end, s, smem, buf);
+      // This segment's sums: slot blk + group (see the comment above kRowElems).
+#pragma unroll
+      for (int i = 0; i < CH; ++i) {
+        if (!s.active[i]) continue;
+        const int64_t off = (blk + group) * C + static_cast<int64_t>(threadIdx.x + i * tpr) * VEC;
+        store_vec<float, VEC>(static_cast<float*>(p.dshift) + off, s.acc_shift[i]);
+        store_vec<float, VEC>(static_cast<float*>(p.dscale) + off, s.acc_scale[i]);
+        if constexpr (GATED) store_vec<float, VEC>(static_cast<float*>(p.dgate) + off, s.acc_gate[i]);
+      }
+      seg = seg_end;
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < CH; ++i) {
+    if (!s.active[i]) continue;
+    const int64_t off = blk * C + static_cast<int64_t>(threadIdx.x + i * tpr) * VEC;
+    if (p.dw_part != nullptr) store_vec<float, VEC>(p.dw_part + off, s.acc_w[i]);
+    if (p.db_part != nullptr) store_vec<float, VEC>(p.db_part + off, s.acc_b[i]);
+  }
+}
+
+// Output dtypes the finishing kernel writes (anything else is written as fp32 and converted by the host).
+enum OutDtype : int { kOutF32 = 0, kOutF16 = 1, kOutBF16 = 2, kOutF64 = 3 };
+
+__device__ __forceinline__ void store_as(void* dst, int64_t i, int dtype, float v) {
+  switch (dtype) {
+    case kOutF16: static_cast<at::Half*>(dst)[i] = static_cast<at::Half>(v); break;
+    case kOutBF16: static_cast<at::BFloat16*>(dst)[i] = static_cast<at::BFloat16>(v); break;
+    case kOutF64: static_cast<double*>(dst)[i] = static_cast<double>(v); break;
+    default: static_cast<float*>(dst)[i] = v;
+  }
+}
+
+struct FinishParams {
+  // per-sample sums (dshift, dscale, dgate): dst[g, c] = sum over b in [b_lo(g), b_hi(g)] of src[b + g, c]
+  const float* sample_src[3];
+  void* sample_dst[3];
+  int sample_dtype[3];
+  int n_sample;
+  // weight/bias: dst[c] = sum over b < blocks of src[b, c]
+  const float* param_src[2];
+  void* param_dst[2];
+  int param_dtype[2];
+  int n_param;
+  int64_t groups;
+  int64_t rows_per_group;
+  int64_t rows_per_block;
+  int64_t blocks;
+  int64_t sample_blocks;  // the grid's first sample_blocks blocks do the per-sample sums, the rest weight/bias
+  int C;
+};
+
+constexpr int kFinishThreads = 256;
+constexpr int kFinishParamWarps = kFinishThreads / kWarp;
+
+__global__ void __launch_bounds__(kFinishThreads) adaln_bwd_finish_kernel(const FinishParams f) {
+  const int C = f.C;
+  if (blockIdx.x < f.sample_blocks) {  // one thread per (group, column)
+    const int64_t idx = static_cast<int64_t>(blockIdx.x) * kFinishThreads + threadIdx.x;
+    if (idx >= f.groups * C) return;
+    const int64_t g = idx / C;
+    const int64_t c = idx % C;
+    const int64_t b_lo = g * f.rows_per_group / f.rows_per_block;
+    const int64_t b_hi = ((g + 1) * f.rows_per_group - 1) / f.rows_per_block;
+    for (int k = 0; k < f.n_sample; ++k) {
+      float t = 0.f;
+      for (int64_t b = b_lo; b <= b_hi; ++b) t += f.sample_src[k][(b + g) * C + c];
+      store_as(f.sample_dst[k], idx, f.sample_dtype[k], t);
+    }
+    return;
+  }
+  // 32 columns per block, the blocks' partial rows split over 8 warps, then summed across the warps.
+  __shared__ float red[2][kFinishParamWarps][kWarp];
+  const int lane = threadIdx.x % kWarp;
+  const int warp = threadIdx.x / kWarp;
+  const int64_t c = (static_cast<int64_t>(blockIdx.x) - f.sample_blocks) * kWarp + lane;
+  for (int k = 0; k < f.n_param; ++k) {
+    float t = 0.f;
+    if (c < C) {
+#pragma unroll 4
+      for (int64_t b = warp; b < f.blocks; b += kFinishParamWarps) t += f.param_src[k][b * C + c];
+    }
+    red[k][warp][lane] = t;
+  }
+  __syncthreads();
+  if (warp == 0 && c < C) {
+    for (int k = 0; k < f.n_param; ++k) {
+      float t = 0.f;
+      for (int w = 0; w < kFinishParamWarps; ++w) t += red[k][w][lane];
+      store_as(f.param_dst[k], c, f.param_dtype[k], t);
+    }
+  }
+}
+
 // ------------------------------------------------------------------------------------------- host helpers
 // x's dtype: the kernels are instantiated for fp32, fp16 and bf16 only (no fp64).
 #define FASTSEMDIFF_DISPATCH_X(DTYPE, OP, ...)                                                     \
@@ -554,6 +1099,93 @@ std::pair<int64_t, int64_t> check_rows_input(const at::Tensor& x_in, const char*
   return {x_in.size(0), x_in.size(1)};
 }
 
+// ------------------------------------------------------------------------------------ variant selection
+// Which kernels run: the forward variant (0: adaln_fwd_kernel, 1: adaln_fwd_rows_kernel), the backward
+// variant (0: adaln_bwd_kernel, 1: adaln_bwd_rows_kernel with 4-row tiles (the gated op: 2), 2: 2-row tiles) and the
+// resident blocks per SM the rows kernels size their persistent grid for (0: the occupancy calculator's
+// figure). A variant < 0 means "the table's choice" (choose_*_variant below). Set by the op
+// fastsemdiff_C::norm_config (tests, the tuner), or by FASTSEMDIFF_CUDA_NORM_CONFIG="fwd,bwd[,bps]", read at the
+// first norm call.
+// A rows variant that does not take a width (forward: C > 1280; backward: C > 1536) runs variant 0.
+constexpr int kFwdVariants = 2;
+constexpr int kBwdVariants = 3;
+
+struct NormConfigState {
+  std::atomic<int> fwd{-1};
+  std::atomic<int> bwd{-1};
+  std::atomic<int> blocks_per_sm{0};
+  NormConfigState() {
+    const char* env = std::getenv("FASTSEMDIFF_CUDA_NORM_CONFIG");
+    if (env == nullptr || *env == '\0') return;
+    int f = -1, b = -1, bps = 0;
+    const int n = std::sscanf(env, "%d,%d,%d", &f, &b, &bps);
+    // Read on the first norm call (norm_config_state is built then), so a bad value is that call's error.
+    TORCH_CHECK(n >= 2 && f >= -1 && f < kFwdVariants && b >= -1 && b < kBwdVariants && bps >= 0 && bps <= 32,
+                "FASTSEMDIFF_CUDA_NORM_CONFIG=", env, " is not \"fwd,bwd[,blocks_per_sm]\" with fwd in -1..",
+                kFwdVariants - 1, ", bwd in -1..", kBwdVariants - 1, " and blocks_per_sm in 0..32 (unset it, or see "
+                "csrc/adaln.cu)");
+    fwd = f;
+    bwd = b;
+    blocks_per_sm = n == 3 ? bps : 0;
+  }
+};
+
+NormConfigState& norm_config_state() {
+  static NormConfigState state;
+  return state;
+}
+
+// The table: measured choices per width and rows go here (scripts/gpu_check.py's tuning stage). Until a GPU
+// run has shown a rows variant correct and faster, every width runs the baseline kernels.
+int choose_fwd_variant(int64_t /*C*/, int64_t /*M*/) { return 0; }
+int choose_bwd_variant(int64_t /*C*/, int64_t /*M*/) { return 0; }
+
+int fwd_variant(int64_t C, int64_t M) {
+  const int v = norm_config_state().fwd.load();
+  const int chosen = v >= 0 ? v : choose_fwd_variant(C, M);
+  return chosen == 1 && C > kFwdRowsMaxC ? 0 : chosen;
+}
+
+int bwd_variant(int64_t C, int64_t M) {
+  const int v = norm_config_state().bwd.load();
+  const int chosen = v >= 0 ? v : choose_bwd_variant(C, M);
+  const int64_t threads = (C / kElemsPerThread + kWarp - 1) / kWarp * kWarp;
+  return chosen != 0 && threads > kBwdRowsMaxThreads ? 0 : chosen;
+}
+
+// Resident blocks per SM of a kernel at a block size (the override, or the occupancy calculator's figure,
+// asked once per kernel, block size and device).
+int resident_blocks(const void* kernel, int threads) {
+  const int forced = norm_config_state().blocks_per_sm.load();
+  if (forced > 0) return forced;
+  static std::mutex mu;
+  static std::map<std::tuple<const void*, int, int>, int> cache;
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  const auto key = std::make_tuple(kernel, threads, device);
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = cache.find(key);
+  if (it != cache.end()) return it->second;
+  int blocks = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, 0));
+  blocks = std::max(blocks, 1);
+  cache.emplace(key, blocks);
+  return blocks;
+}
+
+std::vector<int64_t> norm_config(int64_t fwd, int64_t bwd, int64_t blocks_per_sm) {
+  TORCH_CHECK(fwd >= -1 && fwd < kFwdVariants, "fastsemdiff_C::norm_config: fwd_variant=", fwd,
+              " is not -1 (the table's choice) or a variant 0..", kFwdVariants - 1);
+  TORCH_CHECK(bwd >= -1 && bwd < kBwdVariants, "fastsemdiff_C::norm_config: bwd_variant=", bwd,
+              " is not -1 (the table's choice) or a variant 0..", kBwdVariants - 1);
+  TORCH_CHECK(blocks_per_sm >= 0 && blocks_per_sm <= 32, "fastsemdiff_C::norm_config: blocks_per_sm=",
+              blocks_per_sm, " is not 0 (the occupancy calculator's) or 1..32");
+  NormConfigState& s = norm_config_state();
+  std::vector<int64_t> previous{s.fwd.exchange(static_cast<int>(fwd)), s.bwd.exchange(static_cast<int>(bwd)),
+                                s.blocks_per_sm.exchange(static_cast<int>(blocks_per_sm))};
+  return previous;
+}
+
 // ------------------------------------------------------------------------------------------ forward host
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> adaln_fwd_impl(
     const char* op, const at::Tensor& x_in, const at::Tensor* h_in, const at::Tensor* gate_in,
@@ -628,6 +1260,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> adaln_fwd_impl(
   const dim3 grid(static_cast<unsigned>((M + cfg.rows_per_block - 1) / cfg.rows_per_block));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const bool mod_f32 = md != x.scalar_type();
+  if (fwd_variant(C, M) == 1) {
+    // One row per warp, a persistent grid: as many blocks as are resident at once, or one row per warp.
+    const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+    const auto launch = [&](void (*kernel)(const FwdParams)) {
+      const int threads = kFwdRowsWarps * kWarp;
+      const int64_t wanted = (M + kFwdRowsWarps - 1) / kFwdRowsWarps;
+      const int64_t resident = static_cast<int64_t>(sms) * resident_blocks(reinterpret_cast<const void*>(kernel),
+                                                                           threads);
+      kernel<<<static_cast<unsigned>(std::min(wanted, resident)), threads, 0, stream>>>(p);
+    };
+    FASTSEMDIFF_DISPATCH_X(x.scalar_type(), op, [&] {
+      if (mod_f32 && !std::is_same<scalar_t, float>::value) {
+        launch(gated ? &adaln_fwd_rows_kernel<scalar_t, float, true> : &adaln_fwd_rows_kernel<scalar_t, float, false>);
+      } else {
+        launch(gated ? &adaln_fwd_rows_kernel<scalar_t, scalar_t, true>
+                     : &adaln_fwd_rows_kernel<scalar_t, scalar_t, false>);
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    return {x_out, y, mean, rstd};
+  }
   FASTSEMDIFF_DISPATCH_X(x.scalar_type(), op, [&] {
     if (mod_f32 && !std::is_same<scalar_t, float>::value) {
       if (gated) adaln_fwd_kernel<scalar_t, float, true><<<grid, block, 0, stream>>>(p);
@@ -645,6 +1298,167 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> adaln_fwd_impl(
 struct BwdOut {
   at::Tensor dx, dh, dgate, dshift, dscale, dweight, dbias;
 };
+
+// The rows backward's operands, prepared as adaln_bwd_impl prepares them for the baseline.
+struct BwdRowsInputs {
+  at::Tensor dy, x, dx_out, h, gate, scale, mean, rstd, w, b;
+};
+
+int out_dtype_code(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return kOutF32;
+    case at::kHalf: return kOutF16;
+    case at::kBFloat16: return kOutBF16;
+    case at::kDouble: return kOutF64;
+    default: return -1;  // written as fp32, converted afterwards
+  }
+}
+
+// The rows backward (variants 1, 2): the persistent-grid kernel, then one finishing launch for the per-sample
+// and weight/bias sums (the work split is described above kRowElems).
+void bwd_rows(const char* op, const BwdRowsInputs& in, BwdOut& out, const at::Tensor& scale_in,
+              const at::Tensor* gate_in, const at::Tensor* h_in, const std::optional<at::Tensor>& weight,
+              const std::optional<at::Tensor>& bias, int64_t M, int64_t C, int64_t mod_rows,
+              int64_t tokens_per_mod_row, bool rms, at::ScalarType md, int variant) {
+  const bool gated = h_in != nullptr;
+  const bool per_token = tokens_per_mod_row == 1;
+  const RowLaunch cfg = row_launch(C);
+  const int threads = cfg.threads_per_row;  // <= kBwdRowsMaxThreads (bwd_variant checked)
+  const bool mod_f32 = md != in.x.scalar_type();
+  // Tiles of 4 rows (variant 1) or 2 (variant 2); the gated op takes 2-row tiles in both: with 4 rows of x, dy,
+  // dx_out and h its kernel spills at the two-blocks-per-SM register bound.
+  const int tile = variant == 1 && !gated ? 4 : 2;
+  void (*kernel)(const BwdParams) = nullptr;
+#define FASTSEMDIFF_BWD_ROWS_PICK(TM)                                                                 \
+  if (gated) kernel = &adaln_bwd_rows_kernel<scalar_t, TM, true, 2>;                                  \
+  else if (tile == 4) kernel = &adaln_bwd_rows_kernel<scalar_t, TM, false, 4>;                        \
+  else kernel = &adaln_bwd_rows_kernel<scalar_t, TM, false, 2>;
+  FASTSEMDIFF_DISPATCH_X(in.x.scalar_type(), op, [&] {
+    if (mod_f32 && !std::is_same<scalar_t, float>::value) {
+      FASTSEMDIFF_BWD_ROWS_PICK(float)
+    } else {
+      FASTSEMDIFF_BWD_ROWS_PICK(scalar_t)
+    }
+  });
+#undef FASTSEMDIFF_BWD_ROWS_PICK
+
+  // The split: one block per resident slot on the device (one wave), at least kBwdRowsMinRows rows a block
+  // (fewer rows would write more partial sums than they read rows), none left empty.
+  constexpr int64_t kBwdRowsMinRows = 8;
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t resident = static_cast<int64_t>(sms) * resident_blocks(reinterpret_cast<const void*>(kernel), threads);
+  int64_t blocks = std::max<int64_t>(1, std::min(resident, (M + kBwdRowsMinRows - 1) / kBwdRowsMinRows));
+  const int64_t rows_per_block = (M + blocks - 1) / blocks;
+  blocks = (M + rows_per_block - 1) / rows_per_block;
+  const int64_t groups = per_token ? 1 : mod_rows;
+  const int64_t slots = blocks + groups - 1;
+
+  const auto opts = in.x.options();
+  const auto f32 = opts.dtype(at::kFloat);
+  at::Tensor dshift_buf, dscale_buf, dgate_buf;
+  if (per_token) {
+    dshift_buf = at::empty({M, C}, opts.dtype(md));
+    dscale_buf = at::empty({M, C}, opts.dtype(md));
+    if (gated) dgate_buf = at::empty({M, C}, opts.dtype(md));
+  } else {
+    dshift_buf = at::empty({slots, C}, f32);
+    dscale_buf = at::empty({slots, C}, f32);
+    if (gated) dgate_buf = at::empty({slots, C}, f32);
+  }
+  at::Tensor dw_part = in.w.defined() ? at::empty({blocks, C}, f32) : at::Tensor();
+  at::Tensor db_part = in.b.defined() ? at::empty({blocks, C}, f32) : at::Tensor();
+
+  BwdParams p{};
+  p.dy = in.dy.data_ptr();
+  p.dy_stride = in.dy.stride(0);
+  p.dx_out = gated ? in.dx_out.data_ptr() : nullptr;
+  p.dx_out_stride = gated ? in.dx_out.stride(0) : 0;
+  p.x = in.x.data_ptr();
+  p.x_stride = in.x.stride(0);
+  p.h = gated ? in.h.data_ptr() : nullptr;
+  p.h_stride = gated ? in.h.stride(0) : 0;
+  p.gate = gated ? in.gate.data_ptr() : nullptr;
+  p.gate_stride = gated ? in.gate.stride(0) : 0;
+  p.scale = in.scale.data_ptr();
+  p.scale_stride = in.scale.stride(0);
+  p.mean = in.mean.data_ptr<float>();
+  p.rstd = in.rstd.data_ptr<float>();
+  p.weight = ptr_or_null(in.w);
+  p.bias = ptr_or_null(in.b);
+  p.dx = out.dx.data_ptr();
+  p.dh = gated ? out.dh.data_ptr() : nullptr;
+  p.dshift = dshift_buf.data_ptr();
+  p.dscale = dscale_buf.data_ptr();
+  p.dgate = gated ? dgate_buf.data_ptr() : nullptr;
+  p.dw_part = mutable_ptr_or_null(dw_part);
+  p.db_part = mutable_ptr_or_null(db_part);
+  p.M = M;
+  p.C = static_cast<int>(C);
+  p.per_token = per_token;
+  p.rms = rms;
+  p.warps_per_row = cfg.warps_per_row;
+  p.rows_per_group = per_token ? M : tokens_per_mod_row;
+  p.rows_per_block = rows_per_block;
+
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  kernel<<<static_cast<unsigned>(blocks), threads, 0, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+
+  // Finish: per-sample sums over each group's blocks, weight/bias sums over all blocks, in the outputs' dtypes.
+  FinishParams f{};
+  f.groups = groups;
+  f.rows_per_group = p.rows_per_group;
+  f.rows_per_block = rows_per_block;
+  f.blocks = blocks;
+  f.C = static_cast<int>(C);
+  std::vector<std::pair<at::Tensor*, at::ScalarType>> convert;  // outputs written as fp32, cast afterwards
+  const auto output = [&](at::Tensor& dst, at::IntArrayRef shape, at::ScalarType dtype, int& code) {
+    code = out_dtype_code(dtype);
+    dst = at::empty(shape, opts.dtype(code < 0 ? at::kFloat : dtype));
+    if (code < 0) {
+      code = kOutF32;
+      convert.emplace_back(&dst, dtype);
+    }
+  };
+  if (per_token) {
+    out.dshift = dshift_buf.to(scale_in.scalar_type());
+    out.dscale = dscale_buf.to(scale_in.scalar_type());
+    if (gated) out.dgate = dgate_buf.to(gate_in->scalar_type());
+  } else {
+    f.n_sample = gated ? 3 : 2;
+    f.sample_src[0] = dshift_buf.data_ptr<float>();
+    f.sample_src[1] = dscale_buf.data_ptr<float>();
+    output(out.dshift, {groups, C}, scale_in.scalar_type(), f.sample_dtype[0]);
+    output(out.dscale, {groups, C}, scale_in.scalar_type(), f.sample_dtype[1]);
+    if (gated) {
+      f.sample_src[2] = dgate_buf.data_ptr<float>();
+      output(out.dgate, {groups, C}, gate_in->scalar_type(), f.sample_dtype[2]);
+    }
+    f.sample_dst[0] = out.dshift.data_ptr();
+    f.sample_dst[1] = out.dscale.data_ptr();
+    if (gated) f.sample_dst[2] = out.dgate.data_ptr();
+    f.sample_blocks = (groups * C + kFinishThreads - 1) / kFinishThreads;
+  }
+  out.dweight = empty_param_grad(in.x);
+  out.dbias = empty_param_grad(in.x);
+  if (dw_part.defined()) {
+    f.param_src[f.n_param] = dw_part.data_ptr<float>();
+    output(out.dweight, {C}, weight->scalar_type(), f.param_dtype[f.n_param]);
+    f.param_dst[f.n_param++] = out.dweight.data_ptr();
+  }
+  if (db_part.defined()) {
+    f.param_src[f.n_param] = db_part.data_ptr<float>();
+    output(out.dbias, {C}, bias->scalar_type(), f.param_dtype[f.n_param]);
+    f.param_dst[f.n_param++] = out.dbias.data_ptr();
+  }
+  const int64_t param_blocks = f.n_param > 0 ? (C + kWarp - 1) / kWarp : 0;
+  if (f.sample_blocks + param_blocks > 0) {
+    adaln_bwd_finish_kernel<<<static_cast<unsigned>(f.sample_blocks + param_blocks), kFinishThreads, 0, stream>>>(f);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  for (auto& [dst, dtype] : convert) *dst = dst->to(dtype);
+  if (gated && h_in->scalar_type() != in.x.scalar_type()) out.dh = out.dh.to(h_in->scalar_type());
+}
 
 BwdOut adaln_bwd_impl(const char* op, const at::Tensor* dx_out_in, const at::Tensor& dy_in,
                       const at::Tensor& x_in, const at::Tensor* h_in, const at::Tensor* gate_in,
@@ -707,6 +1521,13 @@ BwdOut adaln_bwd_impl(const char* op, const at::Tensor* dx_out_in, const at::Ten
     check_aligned(dx_out, op, "dx_out");
     check_aligned(h, op, "h");
     check_aligned(gate, op, "gate");
+  }
+
+  if (const int variant = bwd_variant(C, M); variant != 0) {
+    BwdRowsInputs in{dy, x, dx_out, h, gate, scale, mean, rstd, w, b};
+    bwd_rows(op, in, out, scale_in, gate_in, h_in, weight, bias, M, C, mod_rows, tokens_per_mod_row, rms, md,
+             variant);
+    return out;
   }
 
   // Row ranges: each group (a sample, or all rows when per-token) is split into workers_per_group ranges,
@@ -861,6 +1682,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 }
 
 }  // namespace
+
+// The variant switch (see "variant selection"): an op of its own, so that ops.cpp's schemas stay as they are.
+TORCH_LIBRARY_FRAGMENT(fastsemdiff_C, m) {
+  m.def("norm_config(int fwd_variant, int bwd_variant, int blocks_per_sm) -> int[]", &norm_config);
+}
 
 TORCH_LIBRARY_IMPL(fastsemdiff_C, CUDA, m) {
   m.impl("mln_fwd", &mln_fwd);

@@ -136,6 +136,20 @@ def test_selected_cuda_kernels_have_no_stack_frame_and_128_bit_rows(cuda_rows):
     assert norm and all(r["stack"] == 0 and r["local"] == 0 for r in norm)
 
 
+def test_rows_variant_cuda_kernels_are_checked(cuda_rows):
+    """The rows variants (fastsemdiff.ops._cuda.FWD_VARIANTS / BWD_VARIANTS 1, 2) are among the kernels held to
+    the rules above at every DiT width: no stack, 128-bit row accesses, at least two resident blocks per SM."""
+    rows = [r for r in cuda_rows if r["arch"] == 90]
+    for C in codegen.DIT_WIDTHS:
+        for part in ("adaln_fwd_rows_kernel<", "adaln_bwd_rows_kernel<", codegen.CUDA_FINISH_KERNEL):
+            found = [r for r in rows if part in r["kernel"] and r["width"] == C]
+            assert found, (part, C)
+            assert all(r["stack"] == 0 and r["local"] == 0 and r["blocks_per_sm"] >= 2 for r in found), found
+    bwd = [r for r in rows if "adaln_bwd_rows_kernel<" in r["kernel"]]
+    assert {r["kernel"].split(", ")[-1][:1] for r in bwd} == {"4", "2"}  # both tiles
+    assert all(r["access"].startswith("ld 128x") for r in bwd)
+
+
 def test_dispatcher_model_matches_the_cuda_source():
     """cuda_row_launch mirrors row_launch and the launch-bound choice in csrc/adaln.cu: check the source says so."""
     src = (codegen.Path(__file__).resolve().parents[1] / "csrc" / "adaln.cu").read_text()

@@ -75,6 +75,24 @@ def _args(name: str, device: str, dtype=torch.bfloat16, B=3, N=5, C=64, per_toke
     }[name]
 
 
+def test_norm_config_switch(ops):
+    """norm_config (the CUDA norm kernels' variant switch; no tensors, so it runs anywhere) sets the variants
+    process-wide and returns the previous ones; bad values are refused with the range."""
+    initial = list(ops.norm_config(-1, -1, 0))
+    ops.norm_config(*initial)
+    with _cuda.norm_variants(1, 2, 3):
+        assert list(ops.norm_config(1, 2, 3)) == [1, 2, 3]
+    assert list(ops.norm_config(*initial)) == initial
+    for args, match in [((2, 0, 0), "fwd_variant=2"), ((0, 3, 0), "bwd_variant=3"), ((0, -2, 0), "bwd_variant=-2"),
+                        ((0, 0, 33), "blocks_per_sm=33")]:
+        with pytest.raises(RuntimeError, match=match):
+            ops.norm_config(*args)
+    assert list(ops.norm_config(*initial)) == initial  # a refused call changes nothing
+    # the CUDA tests run every variant
+    assert {f for f, _ in _cuda.TEST_VARIANTS.values()} == set(_cuda.FWD_VARIANTS)
+    assert {b for _, b in _cuda.TEST_VARIANTS.values()} == set(_cuda.BWD_VARIANTS)
+
+
 @pytest.mark.parametrize("name", _cuda.OPS)
 def test_cpu_tensors_raise_a_clear_error(ops, name):
     with pytest.raises(RuntimeError, match=r"CUDA tensors only.*backend='triton'"):

@@ -6,6 +6,9 @@ bf16/fp16 at most twice the error of the reference run in the same dtype, plus a
 are allocated by the extension, so before each call the caching allocator is handed NaN-filled blocks of the
 outputs' sizes: an element a kernel forgets to write most likely shows up as NaN.
 
+Every norm check runs under each kernel variant of csrc/adaln.cu (the ``variant`` fixture:
+``_cuda.TEST_VARIANTS``, selected with ``_cuda.norm_variants``), so one GPU run proves or disproves each.
+
 Needs a CUDA device and the built extension; skips with the reason otherwise.
 """
 from __future__ import annotations
@@ -31,6 +34,14 @@ from kernel_helpers import DTYPES, EPS, check_op, mod_shape, randn  # noqa: E402
 
 OPS = _cuda.load()
 DEV = torch.device("cuda")
+
+
+@pytest.fixture(params=list(_cuda.TEST_VARIANTS.values()), ids=list(_cuda.TEST_VARIANTS))
+def variant(request):
+    """Runs the test under one (forward, backward) kernel variant."""
+    fwd, bwd = request.param
+    with _cuda.norm_variants(fwd, bwd):
+        yield request.param
 
 
 def _poison(*specs):
@@ -153,38 +164,38 @@ def _matrix(fn):
 
 
 @_matrix
-def test_mln_matrix(C, B, N, kind, affine, rms, dtype):
+def test_mln_matrix(C, B, N, kind, affine, rms, dtype, variant):
     check_mln(*mln_inputs(B, N, C, kind, affine, dtype, seed=C + N), rms)
 
 
 @_matrix
-def test_grmln_matrix(C, B, N, kind, affine, rms, dtype):
+def test_grmln_matrix(C, B, N, kind, affine, rms, dtype, variant):
     check_grmln(*grmln_inputs(B, N, C, kind, affine, dtype, seed=C + N), rms)
 
 
 @pytest.mark.parametrize("kind", ["B1C", "BNC"])
-def test_b1c_modulation_and_wide_rows(kind):
+def test_b1c_modulation_and_wide_rows(kind, variant):
     """[B, 1, C] modulation, and widths that use 256-, 512- and 1024-thread rows."""
     for C, dtype in [(2056, torch.bfloat16), (4096, torch.float32), (8192, torch.float16), (8192, torch.float32)]:
         check_mln(*mln_inputs(2, 5, C, kind, True, dtype, seed=C), rms=False)
         check_grmln(*grmln_inputs(2, 5, C, kind, True, dtype, seed=C), rms=True)
 
 
-def test_mixed_dtypes():
+def test_mixed_dtypes(variant):
     """fp32 modulation and parameters with bf16 x (the modulation is read as fp32); fp16 modulation with bf16 x."""
     check_mln(*mln_inputs(3, 7, 384, "BC", True, torch.bfloat16, mod_dtype=torch.float32,
                           param_dtype=torch.float32), rms=False)
     check_mln(*mln_inputs(3, 7, 384, "BNC", True, torch.bfloat16, mod_dtype=torch.float16), rms=True)
 
 
-def test_branch_output_in_another_dtype():
+def test_branch_output_in_another_dtype(variant):
     """h in bf16 on an fp32 residual stream (autocast): h is read as fp32, dh comes back in bf16."""
     inputs, dys = grmln_inputs(3, 7, 384, "BC", True, torch.float32)
     inputs[1] = inputs[1].to(torch.bfloat16)
     check_grmln(inputs, dys, rms=False)
 
 
-def test_strided_modulation_from_one_adaln_output():
+def test_strided_modulation_from_one_adaln_output(variant):
     """shift/scale/gate as column chunks of one [B, 6C] tensor (DiT's adaLN output): read in place."""
     B, N, C = 3, 7, 384
     ada = randn(B, 6 * C, seed=1, dtype=torch.bfloat16)
@@ -196,6 +207,21 @@ def test_strided_modulation_from_one_adaln_output():
                                                        scale.contiguous(), eps=EPS)
     assert_close(x_out.float(), ref_out.float(), rtol=0.02, atol=0.02)
     assert_close(y.float(), ref_y.float(), rtol=0.02, atol=0.03)
+
+
+@pytest.mark.parametrize("C", [8, 72, 200, 1272, 1280, 1288, 1536, 1544])
+@pytest.mark.parametrize("blocks_per_sm", [1, 0])
+def test_rows_variants_edge_widths_and_splits(C, blocks_per_sm, variant):
+    """The rows kernels' limits (forward C <= 1280: one row per warp, 40 elements a lane; backward C <= 1536:
+    192 threads a row; wider rows run the baseline) and widths whose last 16-byte vector leaves some lanes idle;
+    persistent grids of one block per SM (long row ranges crossing many sample boundaries mid-tile) and of the
+    occupancy figure."""
+    fwd, bwd = variant
+    with _cuda.norm_variants(fwd, bwd, blocks_per_sm):
+        for B, N, kind, dtype in [(5, 37, "BC", torch.bfloat16), (64, 256, "BC", torch.bfloat16),
+                                  (3, 11, "BNC", torch.float32)]:
+            check_mln(*mln_inputs(B, N, C, kind, True, dtype, seed=C + N), rms=False)
+            check_grmln(*grmln_inputs(B, N, C, kind, kind == "BC", dtype, seed=C + N), rms=kind != "BC")
 
 
 @pytest.fixture(scope="module")
@@ -222,7 +248,7 @@ def test_inputs_the_cuda_kernels_do_not_take_are_sent_to_triton():
     assert dispatch.launch_backend("cuda", "modulated_layer_norm", torch.randn(6, 64, device=DEV)) == "cuda"
 
 
-def test_empty_input():
+def test_empty_input(variant):
     x = torch.empty(0, 64, device=DEV)
     m = torch.empty(0, 64, device=DEV)
     y, mean, rstd = OPS.mln_fwd(x, m, m, None, None, EPS, 1, False)

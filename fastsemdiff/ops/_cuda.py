@@ -29,10 +29,22 @@ the parameter's dtype.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
-from typing import Optional
+from typing import Iterator, Optional
 
 OPS = ("mln_fwd", "mln_bwd", "grmln_fwd", "grmln_bwd", "timestep_embedding")
+
+# The norm kernels' variants (csrc/adaln.cu, "variant selection"); -1 is the table's choice there, which is the
+# baseline (0) until a GPU run shows a rows variant correct and faster.
+FWD_VARIANTS = {0: "baseline: a team of ceil(C / 8) threads per row",
+                1: "rows: one row per warp, persistent grid, the next row prefetched (C <= 1280)"}
+BWD_VARIANTS = {0: "baseline: row ranges per sample, one row at a time",
+                1: "rows: persistent grid, 4-row tiles (gated op: 2), segment partial sums + finishing kernel "
+                   "(C <= 1536)",
+                2: "rows: as 1 with 2-row tiles"}
+# (fwd, bwd) pairs the tests run every norm check under: each variant at least once.
+TEST_VARIANTS = {"baseline": (0, 0), "rows-tile4": (1, 1), "rows-tile2": (1, 2)}
 
 _loaded = False
 _ops = None
@@ -82,3 +94,19 @@ def unavailable_reason() -> Optional[str]:
     load()
     return _reason
 
+
+
+@contextlib.contextmanager
+def norm_variants(fwd: int = -1, bwd: int = -1, blocks_per_sm: int = 0) -> Iterator[None]:
+    """Within it the CUDA norm ops run the given kernel variants (FWD_VARIANTS, BWD_VARIANTS; -1: the table's
+    choice) with persistent grids sized for ``blocks_per_sm`` resident blocks (0: the occupancy calculator's
+    figure). Process-wide, not thread-local: for tests and the tuner. Outside the context (or with
+    FASTSEMDIFF_CUDA_NORM_CONFIG="fwd,bwd[,blocks_per_sm]" in the environment) the table decides."""
+    ops = load()
+    if ops is None or not hasattr(ops, "norm_config"):
+        raise RuntimeError(unavailable_reason() or "fastsemdiff._C has no norm_config op: rebuild it")
+    previous = ops.norm_config(fwd, bwd, blocks_per_sm)
+    try:
+        yield
+    finally:
+        ops.norm_config(*previous)
