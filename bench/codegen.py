@@ -491,8 +491,10 @@ def access_width(code: FunctionCode) -> str:
 # ------------------------------------------------------------------------------------------- the table
 # Stack frames accepted, with why (kernel name -> (bytes, reason)).
 ACCEPTED_STACK = {
-    "_timestep_embedding_kernel": (32, "libdevice sinf/cosf: the Payne-Hanek reduction for |t f| > 105615 keeps "
-                                       "a 28-byte table on the stack; DiT's t f <= 1000 never takes that path"),
+    "_timestep_embedding_kernel": (40, "libdevice sinf/cosf: the Payne-Hanek reduction for |t f| > 105615 keeps "
+                                       "a 28-byte table on the stack (40 B at some widths since the frequencies "
+                                       "are read from a table, not computed with tl.exp); DiT's t f <= 1000 "
+                                       "never takes that path"),
     TIMESTEP_CUDA_KERNEL: (32, "sinf/cosf (accurate, to match torch bit for bit): the same Payne-Hanek slow path, "
                                "never taken for t f <= 1000"),
 }
