@@ -39,7 +39,7 @@
 #include <vector>
 
 #include "common.h"
-#include "validate.h"
+#include "cuda_ops.h"
 
 namespace fastsemdiff {
 namespace {
@@ -1637,62 +1637,50 @@ BwdOut adaln_bwd_impl(const char* op, const at::Tensor* dx_out_in, const at::Ten
   return out;
 }
 
+}  // namespace
+
 // ---------------------------------------------------------------------------------------------- the ops
-std::tuple<at::Tensor, at::Tensor, at::Tensor> mln_fwd(const at::Tensor& x, const at::Tensor& shift,
-                                                       const at::Tensor& scale,
-                                                       const std::optional<at::Tensor>& weight,
-                                                       const std::optional<at::Tensor>& bias, double eps,
-                                                       int64_t tokens_per_mod_row, bool rms) {
-  validate_norm_fwd("fastsemdiff_C::mln_fwd", x, nullptr, nullptr, shift, scale, weight, bias, eps, tokens_per_mod_row);
+// Registered for CUDA by ops.cpp, behind validate.h's checks (cuda_ops.h says why there).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mln_fwd_cuda(const at::Tensor& x, const at::Tensor& shift,
+                                                            const at::Tensor& scale,
+                                                            const std::optional<at::Tensor>& weight,
+                                                            const std::optional<at::Tensor>& bias, double eps,
+                                                            int64_t tokens_per_mod_row, bool rms) {
   auto r = adaln_fwd_impl("fastsemdiff_C::mln_fwd", x, nullptr, nullptr, shift, scale, weight, bias, eps,
                           tokens_per_mod_row, rms);
   return {std::get<1>(r), std::get<2>(r), std::get<3>(r)};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mln_bwd(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mln_bwd_cuda(
     const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& rstd,
     const at::Tensor& scale, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
     int64_t tokens_per_mod_row, bool rms) {
-  validate_norm_bwd("fastsemdiff_C::mln_bwd", nullptr, dy, x, nullptr, nullptr, mean, rstd, scale, weight, bias,
-                    tokens_per_mod_row);
   BwdOut o = adaln_bwd_impl("fastsemdiff_C::mln_bwd", nullptr, dy, x, nullptr, nullptr, mean, rstd, scale,
                             weight, bias, tokens_per_mod_row, rms);
   return {o.dx, o.dshift, o.dscale, o.dweight, o.dbias};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> grmln_fwd(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> grmln_fwd_cuda(
     const at::Tensor& x, const at::Tensor& h, const at::Tensor& gate, const at::Tensor& shift,
     const at::Tensor& scale, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
     double eps, int64_t tokens_per_mod_row, bool rms) {
-  validate_norm_fwd("fastsemdiff_C::grmln_fwd", x, &h, &gate, shift, scale, weight, bias, eps, tokens_per_mod_row);
   return adaln_fwd_impl("fastsemdiff_C::grmln_fwd", x, &h, &gate, shift, scale, weight, bias, eps,
                         tokens_per_mod_row, rms);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> grmln_bwd(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> grmln_bwd_cuda(
     const at::Tensor& dx_out, const at::Tensor& dy, const at::Tensor& x_out, const at::Tensor& h,
     const at::Tensor& gate, const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& scale,
     const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, int64_t tokens_per_mod_row,
     bool rms) {
-  validate_norm_bwd("fastsemdiff_C::grmln_bwd", &dx_out, dy, x_out, &h, &gate, mean, rstd, scale, weight, bias,
-                    tokens_per_mod_row);
   BwdOut o = adaln_bwd_impl("fastsemdiff_C::grmln_bwd", &dx_out, dy, x_out, &h, &gate, mean, rstd, scale, weight,
                             bias, tokens_per_mod_row, rms);
   return {o.dx, o.dh, o.dgate, o.dshift, o.dscale, o.dweight, o.dbias};
 }
 
-}  // namespace
-
 // The variant switch (see "variant selection"): an op of its own, so that ops.cpp's schemas stay as they are.
 TORCH_LIBRARY_FRAGMENT(fastsemdiff_C, m) {
   m.def("norm_config(int fwd_variant, int bwd_variant, int blocks_per_sm) -> int[]", &norm_config);
-}
-
-TORCH_LIBRARY_IMPL(fastsemdiff_C, CUDA, m) {
-  m.impl("mln_fwd", &mln_fwd);
-  m.impl("mln_bwd", &mln_bwd);
-  m.impl("grmln_fwd", &grmln_fwd);
-  m.impl("grmln_bwd", &grmln_bwd);
 }
 
 }  // namespace fastsemdiff

@@ -13,6 +13,7 @@
 #include <tuple>
 
 #include "common.h"
+#include "cuda_ops.h"
 #include "validate.h"
 
 namespace fastsemdiff {
@@ -263,6 +264,47 @@ at::Tensor timestep_embedding_cpu(const at::Tensor& t, int64_t dim, double max_p
   cuda_only(op);
 }
 
+// Every op on CUDA tensors: the same checks, here in code the host compiler built, then the implementation of
+// adaln.cu / timestep_embedding.cu (cuda_ops.h): a refused input never has an nvcc-compiled frame on the stack.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mln_fwd_checked(const at::Tensor& x, const at::Tensor& shift,
+                                                               const at::Tensor& scale, const OptTensor& weight,
+                                                               const OptTensor& bias, double eps,
+                                                               int64_t tokens_per_mod_row, bool rms) {
+  validate_norm_fwd("fastsemdiff_C::mln_fwd", x, nullptr, nullptr, shift, scale, weight, bias, eps,
+                    tokens_per_mod_row);
+  return mln_fwd_cuda(x, shift, scale, weight, bias, eps, tokens_per_mod_row, rms);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mln_bwd_checked(
+    const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& rstd,
+    const at::Tensor& scale, const OptTensor& weight, const OptTensor& bias, int64_t tokens_per_mod_row, bool rms) {
+  validate_norm_bwd("fastsemdiff_C::mln_bwd", nullptr, dy, x, nullptr, nullptr, mean, rstd, scale, weight, bias,
+                    tokens_per_mod_row);
+  return mln_bwd_cuda(dy, x, mean, rstd, scale, weight, bias, tokens_per_mod_row, rms);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> grmln_fwd_checked(
+    const at::Tensor& x, const at::Tensor& h, const at::Tensor& gate, const at::Tensor& shift,
+    const at::Tensor& scale, const OptTensor& weight, const OptTensor& bias, double eps, int64_t tokens_per_mod_row,
+    bool rms) {
+  validate_norm_fwd("fastsemdiff_C::grmln_fwd", x, &h, &gate, shift, scale, weight, bias, eps, tokens_per_mod_row);
+  return grmln_fwd_cuda(x, h, gate, shift, scale, weight, bias, eps, tokens_per_mod_row, rms);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> grmln_bwd_checked(
+    const at::Tensor& dx_out, const at::Tensor& dy, const at::Tensor& x_out, const at::Tensor& h,
+    const at::Tensor& gate, const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& scale,
+    const OptTensor& weight, const OptTensor& bias, int64_t tokens_per_mod_row, bool rms) {
+  validate_norm_bwd("fastsemdiff_C::grmln_bwd", &dx_out, dy, x_out, &h, &gate, mean, rstd, scale, weight, bias,
+                    tokens_per_mod_row);
+  return grmln_bwd_cuda(dx_out, dy, x_out, h, gate, mean, rstd, scale, weight, bias, tokens_per_mod_row, rms);
+}
+
+at::Tensor timestep_embedding_checked(const at::Tensor& t, int64_t dim, double max_period) {
+  validate_timestep_embedding("fastsemdiff_C::timestep_embedding", t, dim, max_period);
+  return timestep_embedding_cuda(t, dim, max_period);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(fastsemdiff_C, m) {
@@ -297,6 +339,14 @@ TORCH_LIBRARY_IMPL(fastsemdiff_C, CPU, m) {
   m.impl("grmln_fwd", &grmln_fwd_cpu);
   m.impl("grmln_bwd", &grmln_bwd_cpu);
   m.impl("timestep_embedding", &timestep_embedding_cpu);
+}
+
+TORCH_LIBRARY_IMPL(fastsemdiff_C, CUDA, m) {
+  m.impl("mln_fwd", &mln_fwd_checked);
+  m.impl("mln_bwd", &mln_bwd_checked);
+  m.impl("grmln_fwd", &grmln_fwd_checked);
+  m.impl("grmln_bwd", &grmln_bwd_checked);
+  m.impl("timestep_embedding", &timestep_embedding_checked);
 }
 
 }  // namespace fastsemdiff

@@ -13,7 +13,7 @@
 #include <cmath>
 
 #include "common.h"
-#include "validate.h"
+#include "cuda_ops.h"
 
 namespace fastsemdiff {
 namespace {
@@ -35,9 +35,11 @@ __global__ void timestep_embedding_kernel(const float* __restrict__ t, float* __
   }
 }
 
-at::Tensor timestep_embedding(const at::Tensor& t_in, int64_t dim, double max_period) {
+}  // namespace
+
+// Registered for CUDA by ops.cpp, behind validate.h's checks (cuda_ops.h says why there).
+at::Tensor timestep_embedding_cuda(const at::Tensor& t_in, int64_t dim, double max_period) {
   constexpr const char* op = "fastsemdiff_C::timestep_embedding";
-  validate_timestep_embedding(op, t_in, dim, max_period);
   TORCH_CHECK(t_in.is_cuda(), op, ": t is on ", t_in.device(), "; ", kCudaOnlyMessage);
   TORCH_CHECK(t_in.dim() == 1, op, ": t must be [B], got ", t_in.sizes());
   TORCH_CHECK(at::isFloatingType(t_in.scalar_type()) || at::isIntegralType(t_in.scalar_type(), false), op,
@@ -64,9 +66,5 @@ at::Tensor timestep_embedding(const at::Tensor& t_in, int64_t dim, double max_pe
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(fastsemdiff_C, CUDA, m) { m.impl("timestep_embedding", &timestep_embedding); }
 
 }  // namespace fastsemdiff

@@ -1,8 +1,8 @@
 // What every op of fastsemdiff._C requires of its inputs, checked before anything is allocated or launched.
 //
 // The checks are the same on every device: the CPU registration (ops.cpp) runs them ahead of its "CUDA only"
-// refusal, so tests on a CPU prove each message, and the CUDA ops (adaln.cu, timestep_embedding.cu) run them
-// first, so no input the kernels do not take reaches a kernel. They read shapes, strides, dtypes, devices and
+// refusal, so tests on a CPU prove each message, and the CUDA registration (also ops.cpp) runs them before it
+// calls into adaln.cu / timestep_embedding.cu, so no input the kernels do not take reaches a kernel. They read shapes, strides, dtypes, devices and
 // start addresses only (never tensor data). Defined in ops.cpp (compiled by the host compiler alone).
 #pragma once
 
