@@ -114,7 +114,9 @@ class FunctionCode:
 
 
 _RESOURCE = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
-_GLOBAL = re.compile(r"\b(LDG|STG)((?:\.[A-Z0-9_]+)*)")
+# global loads (LDG; LDGSTS: cp.async, global to shared, what a pipelined loop's loads become) and stores;
+# not LDGDEPBAR (the cp.async group barrier)
+_GLOBAL = re.compile(r"\b(LDGSTS|LDG|STG)((?:\.[A-Z0-9_]+)*)(?![A-Z0-9_])")
 
 
 def _width(modifiers: str) -> int:
@@ -151,7 +153,7 @@ def read_functions(path: str, arch: Optional[int] = None) -> dict[tuple[str, int
             fn = out.setdefault((m.group(1), arch), FunctionCode(m.group(1), arch))
         elif fn is not None:
             for kind, mods in _GLOBAL.findall(line):
-                counts = fn.loads if kind == "LDG" else fn.stores
+                counts = fn.loads if kind.startswith("LDG") else fn.stores
                 w = _width(mods)
                 counts[w] = counts.get(w, 0) + 1
     return out
@@ -218,21 +220,24 @@ class _Recorder:
 @contextlib.contextmanager
 def record(arch: int):
     """Within it, the launchers record their launches (a list it yields) instead of running, with
-    the device's SM count that of the ``arch`` GPU (the launchers' only query of the device)."""
+    the device's SM count and device class (the launch table's key) those of the ``arch`` GPU (the launchers'
+    only queries of the device)."""
     k = gpu_kernels()
     log: list[Launch] = []
-    patches = [(k.mln, "_fwd_kernel"), (k.mln, "_bwd_kernel"), (k.ts, "_timestep_embedding_kernel")]
+    patches = [(k.mln, "_fwd_kernel"), (k.mln, "_bwd_kernel"), (k.mln, "_finish_kernel"),
+               (k.ts, "_timestep_embedding_kernel")]
     saved = {(mod, n): getattr(mod, n) for mod, n in patches}
-    saved_target = k.mln._target_programs
+    saved_device = (k.mln._sm_count, k.mln._device_class)
     try:
         for mod, n in patches:
             setattr(mod, n, _Recorder(saved[(mod, n)], log))
-        k.mln._target_programs = lambda device: 8 * SMS[arch].sm_count
+        k.mln._sm_count = lambda device: SMS[arch].sm_count
+        k.mln._device_class = lambda device: f"sm_{arch}"  # the launch table's key for this GPU
         yield log
     finally:
         for (mod, n), v in saved.items():
             setattr(mod, n, v)
-        k.mln._target_programs = saved_target
+        k.mln._sm_count, k.mln._device_class = saved_device
 
 
 class _DeviceTensor:
@@ -441,15 +446,17 @@ def extension_functions() -> dict[tuple[str, int], FunctionCode]:
 # ---------------------------------------------------------------------------------------------- checks
 def access_problems(code: FunctionCode, dtype: Optional[torch.dtype], scalar_accesses: int) -> list[str]:
     """Why the global accesses are not those of 16-byte rows: every access is 128-bit except up to
-    ``scalar_accesses`` 32-bit ones (per-row statistics, t), and both loads and stores use 128 bits."""
+    ``scalar_accesses`` 32- or 64-bit ones (a tile's row statistics, vectors loaded or stored once per program,
+    t), and both loads and stores use 128 bits."""
     problems = []
     for kind, counts in (("load", code.loads), ("store", code.stores)):
-        narrow = {w: n for w, n in counts.items() if w not in (128, 32)}
+        narrow = {w: n for w, n in counts.items() if w not in (128, 64, 32)}
         if narrow:
             problems.append(f"{kind}s of {narrow} bits (width: count)")
-    scalars = code.loads.get(32, 0) + code.stores.get(32, 0)
+    scalars = sum(c.get(w, 0) for c in (code.loads, code.stores) for w in (32, 64))
     if scalars > scalar_accesses:
-        problems.append(f"{scalars} 32-bit accesses (at most {scalar_accesses} scalar ones expected)")
+        problems.append(f"{scalars} 32/64-bit accesses (at most {scalar_accesses} per-row or per-program ones "
+                        f"expected)")
     if not code.loads.get(128) and scalar_accesses < sum(code.loads.values()):
         problems.append("no 128-bit load")
     if not code.stores.get(128):
@@ -485,15 +492,18 @@ ACCEPTED_NARROW = {
 }
 # 32-bit scalar accesses allowed beside the 128-bit rows (mean and rstd of a row); None: the kernel reads no rows
 # (the timestep kernel reads t and libdevice's trig-reduction table), so only its stores are checked.
-SCALAR_ACCESSES = {"_fwd_kernel": 2, "_bwd_kernel": 2, "_timestep_embedding_kernel": None, "adaln_fwd_kernel": 2,
+# The tiled Triton kernels: the forward stores a tile's mean and rstd and may load w and b once; the backward
+# loads a tile's mean and rstd, and once per program the modulation row, gate, w, b (spread over all threads, so
+# narrower than 128 bits where BLOCK_C < 8 x threads) and stores its partial rows (dshift, dscale, dgate, dw, db).
+SCALAR_ACCESSES = {"_fwd_kernel": 4, "_bwd_kernel": 11, "_finish_kernel": 0, "_timestep_embedding_kernel": None, "adaln_fwd_kernel": 2,
                    "adaln_bwd_kernel": 4, "timestep_embedding_kernel": None}
-# Variants with fewer than two resident blocks per SM, with why ((kernel, variant) -> reason).
-ACCEPTED_OCCUPANCY = {
-    ("_bwd_kernel", "ln+residual+affine"): "the affine + gated-residual backward holds five fp32 partial sums, w, b, "
-                                           "1 + scale and gate for 8 columns per thread (161 registers at C = 1152): "
-                                           "one block of 8 warps per SM. Not a DiT variant (DiT's norms have no "
-                                           "affine); reloading w and b per row would cut it, not done yet",
+# Kernel variants whose accesses are not all 128-bit, with why ((kernel, variant suffix) -> reason).
+ACCEPTED_NARROW_VARIANT = {
+    ("_finish_kernel", "weight/bias sums"): "writes the [C] weight/bias gradient once per backward (4 warps over "
+                                            "256 columns: 64-bit fp32 stores); its reads are 128-bit",
 }
+# Variants with fewer than two resident blocks per SM, with why ((kernel, variant) -> reason).
+ACCEPTED_OCCUPANCY: dict = {}  # none since the tiled backward (the affine + gated one had 161 registers before)
 
 
 def _short(kernel: str) -> str:
@@ -528,8 +538,12 @@ def _row(impl: str, kernel: str, variant: str, width: int, dtype: str, arch: int
             narrow = [f"stores of {w} bits" for w in code.stores if w != 128]
         else:
             narrow = access_problems(code, None, scalars)
+        variant_reason = next((r for (k, v), r in ACCEPTED_NARROW_VARIANT.items()
+                               if k == kernel and variant.endswith(v)), None)
         if narrow and kernel in ACCEPTED_NARROW:
             notes.append(f"accesses accepted: {ACCEPTED_NARROW[kernel]}")
+        elif narrow and variant_reason:
+            notes.append(f"accesses accepted: {variant_reason}")
         else:
             problems += narrow
     return dict(impl=impl, kernel=kernel, variant=variant, width=width, dtype=dtype, arch=arch, regs=code.regs,
@@ -553,8 +567,13 @@ def _triton_task(task) -> list[dict]:
     rows = []
     for launch in launches:
         c = compile_launch(launch, arch)
-        rows.append(_row("triton", launch.name, variant, width, dtype, arch, c.code, c.threads, aligned,
-                         grid=list(launch.grid), num_warps=launch.num_warps, divisible_by_16=c.divisible_by_16()))
+        v = variant
+        if launch.name == "_finish_kernel":  # the second step of the backward's sums: which ones
+            v = f"{variant} {'per-sample sums' if launch.grid[0] > 1 else 'weight/bias sums'}"
+        rows.append(_row("triton", launch.name, v, width, dtype, arch, c.code, c.threads, aligned,
+                         grid=list(launch.grid), num_warps=launch.num_warps, divisible_by_16=c.divisible_by_16(),
+                         config={k: launch.kwargs[k] for k in ("ROWS", "TILES", "NUM_STAGES", "K", "PARTS")
+                                 if k in launch.kwargs}))
     return rows
 
 
@@ -618,15 +637,18 @@ def run_in_subprocess(what: str = "triton", timeout: float = 1500) -> list[dict]
 
 def markdown(rows: list[dict]) -> str:
     """The rows as one markdown table."""
-    head = ("| impl | kernel | variant | width | dtype | arch | registers | threads | blocks/SM | global accesses "
-            "(bits x count) | stack / local B | verdict |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
+    head = ("| impl | kernel | variant | width | dtype | arch | launch | registers | threads | blocks/SM | global "
+            "accesses (bits x count) | stack / local B | verdict |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     lines = [head]
     for r in rows:
         verdict = "; ".join(r["problems"]) if r["problems"] else ("ok" + (f" ({r['note']})" if r["note"] else ""))
         if not r["aligned"] and not r["problems"]:
             verdict += " (width not a multiple of 8: masked, narrower accesses expected)"
+        cfg = r.get("config") or {}
+        launch = ", ".join([f"grid {'x'.join(map(str, r['grid']))}" if r.get("grid") else "",
+                            *(f"{k.lower()} {v}" for k, v in cfg.items())]).strip(", ") or "-"
         lines.append(f"| {r['impl']} | `{_short(r['kernel'])}` | {r['variant']} | {r['width']} | {r['dtype']} | "
-                     f"sm_{r['arch']} | {r['regs']} | {r['threads']} | {r['blocks_per_sm']} | {r['access']} | "
+                     f"sm_{r['arch']} | {launch} | {r['regs']} | {r['threads']} | {r['blocks_per_sm']} | {r['access']} | "
                      f"{r['stack']} / {r['local']} | {verdict} |")
     return "\n".join(lines)
 

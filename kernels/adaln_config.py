@@ -92,6 +92,13 @@ def launch_config(op: str, direction: str, C: int, device: torch.device | str,
     return config, "default"
 
 
+def tile_rows(config: dict, affine_backward: bool = False) -> int:
+    """Rows per tile of a launch: the config's, halved for a backward with weight or bias (two more fp32
+    accumulators and w, b live per thread: at C = 1,152 two rows took 157-173 registers, one block per SM). The
+    table is tuned on DiT's norms, which have no affine."""
+    return max(1, config["rows"] // 2) if affine_backward else config["rows"]
+
+
 def programs_per_group(groups: int, rows_per_group: int, rows: int, sms: int, config: dict) -> tuple[int, int]:
     """``(S, rows_per_program)``: S programs per group of ``rows_per_group`` rows (a power of two, see the module
     docstring), each over a whole number of ``rows``-row tiles (the last program of a group may be ragged)."""

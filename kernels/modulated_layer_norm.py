@@ -69,7 +69,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .adaln_config import device_class, launch_config, programs_per_group
+from .adaln_config import device_class, launch_config, programs_per_group, tile_rows
 
 # Whether the kernels below were defined under the Triton interpreter (decided when @triton.jit runs).
 INTERPRETED: bool = bool(triton.knobs.runtime.interpret)
@@ -478,14 +478,15 @@ def modulated_norm_bwd(
     # Split each group (a sample, or all rows when per-token) into S parts of whole tiles.
     op = "gated_residual_norm" if residual else "modulated_norm"
     cfg = config_for(op, "bwd", C, x.device, config)
+    ROWS = tile_rows(cfg, weight is not None or bias is not None)
     num_groups, rows_per_group = (1, M) if per_token else (M // t, t)
     rpp = rows_per_program or ROWS_PER_PROGRAM
     if rpp is None:
-        S, rpp = programs_per_group(num_groups, rows_per_group, cfg["rows"], _sm_count(x.device), cfg)
+        S, rpp = programs_per_group(num_groups, rows_per_group, ROWS, _sm_count(x.device), cfg)
     else:
         rpp = max(1, min(int(rpp), rows_per_group))
         S = triton.cdiv(rows_per_group, rpp)
-    ROWS = min(cfg["rows"], triton.next_power_of_2(rpp))
+    ROWS = min(ROWS, triton.next_power_of_2(rpp))
     num_programs = num_groups * S
 
     f32 = torch.float32
