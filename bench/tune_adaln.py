@@ -5,8 +5,9 @@
 
 For each op (modulated norm, gated residual + norm), direction and width, candidate configurations (rows per
 tile, warps, stages; then programs per SM for the backward) are timed at ``[batch x tokens, C]`` bf16 as
-CUDA-graph replays (``torch.cuda.CUDAGraph``: launch overhead out, the kernels' device time in), each checked
-against the default configuration's outputs first. The fastest per (op, direction, width) goes into a JSON in
+CUDA-graph replays (``torch.cuda.CUDAGraph``: launch overhead out, the kernels' device time in), each first
+compiled for the codegen rules (``fastsemdiff.codegen.config_problems``: no spills, two blocks per SM, 128-bit
+rows; so the written table passes tests/test_codegen.py) and checked against the default configuration's outputs. The fastest per (op, direction, width) goes into a JSON in
 the format of ``kernels/adaln_configs.json`` under this device's class (``sm_90``), with every timing beside it
 (``timings``): the lead commits the table a GPU run wrote. Time box: the whole run stops trying candidates
 when it is spent (each group gets an equal share; the default is always timed first).
@@ -113,6 +114,20 @@ def agrees(got, want) -> bool:
     return True
 
 
+def codegen_problems(op: str, direction: str, C: int, config: dict, device: torch.device, dry_run: bool) -> list:
+    """The codegen rules (fastsemdiff.codegen) for this config on this GPU's arch; none in a dry run (the
+    interpreter compiles nothing: tests/test_codegen.py checks the defaults there)."""
+    if dry_run or device.type != "cuda":
+        return []
+    from fastsemdiff import codegen
+
+    major, minor = torch.cuda.get_device_capability(device)
+    arch = 10 * major + minor
+    if arch not in codegen.SMS or codegen.cuobjdump() is None:  # no rules for this arch, or nothing to read with
+        return []
+    return codegen.config_problems(op, direction, C, config, arch)
+
+
 def time_call(fn, device: torch.device, dry_run: bool) -> float:
     """Seconds per call: CUDA-graph replays on a GPU (10 calls per graph, replayed until ~50 ms), perf_counter
     around two calls on the CPU."""
@@ -189,6 +204,11 @@ def tune(args: argparse.Namespace) -> dict:
         def measure(cfg: dict) -> None:
             entry = {"op": op, "direction": direction, "C": C, "config": cfg}
             try:
+                problems = codegen_problems(op, direction, C, cfg, device, dry)
+                if problems:  # spills, one block per SM, narrow rows: tests/test_codegen.py would refuse it
+                    entry["error"] = "codegen: " + "; ".join(problems)
+                    timings.append(entry)
+                    return
                 fn = make_call(K, op, direction, d, cfg)
                 if not agrees(fn(), want):
                     entry["error"] = "outputs differ from the default configuration's"

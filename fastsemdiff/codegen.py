@@ -352,21 +352,41 @@ def _norm_inputs(case: NormCase):
     return _tokens(x), _tokens(h), dict(zip(mods, rows)), weight, bias, t
 
 
-def norm_launches(case: NormCase, arch: int) -> list[Launch]:
-    """The forward and backward launches of one norm variant, as the launchers make them on an ``arch`` GPU."""
+def norm_launches(case: NormCase, arch: int, fwd_config: Optional[dict] = None,
+                  bwd_config: Optional[dict] = None) -> list[Launch]:
+    """The forward and backward launches of one norm variant, as the launchers make them on an ``arch`` GPU
+    (with the launch table's settings, or these configs over them)."""
     k = gpu_kernels().mln
     x2d, h2d, mods, weight, bias, t = _norm_inputs(case)
     with record(arch) as log:
         if case.residual:
             x_out, y, mean, rstd = k.modulated_norm_fwd(x2d, mods["shift"], mods["scale"], weight, bias, 1e-6, t,
-                                                        case.rms, h2d, mods["gate"])
+                                                        case.rms, h2d, mods["gate"], config=fwd_config)
             k.modulated_norm_bwd(torch.empty_like(y), x_out, mean, rstd, mods["scale"], weight, bias, t, case.rms,
-                                 torch.empty_like(x_out), h2d, mods["gate"])
+                                 torch.empty_like(x_out), h2d, mods["gate"], config=bwd_config)
         else:
             _, y, mean, rstd = k.modulated_norm_fwd(x2d, mods["shift"], mods["scale"], weight, bias, 1e-6, t,
-                                                    case.rms)
-            k.modulated_norm_bwd(torch.empty_like(y), x2d, mean, rstd, mods["scale"], weight, bias, t, case.rms)
+                                                    case.rms, config=fwd_config)
+            k.modulated_norm_bwd(torch.empty_like(y), x2d, mean, rstd, mods["scale"], weight, bias, t, case.rms,
+                                 config=bwd_config)
     return log
+
+
+def config_problems(op: str, direction: str, C: int, config: dict, arch: int = 90,
+                    dtype: torch.dtype = torch.bfloat16) -> list[str]:
+    """What the codegen rules find wrong with one launch config of DiT's variant of ``op`` (no affine,
+    per-sample modulation) in ``direction`` at width C: the tuner keeps only configs with none, so the table it
+    writes passes tests/test_codegen.py. Compiles in this process (it must not run the interpreter)."""
+    case = NormCase(C, dtype, residual=op == "gated_residual_norm")
+    kernel = "_fwd_kernel" if direction == "fwd" else "_bwd_kernel"
+    launches = norm_launches(case, arch, **{f"{direction}_config": config})
+    problems = []
+    for launch in launches:
+        if launch.name == kernel:
+            c = compile_launch(launch, arch)
+            problems += _row("triton", kernel, case.label, C, _dtype_str(dtype), arch, c.code, c.threads,
+                             C % 8 == 0)["problems"]
+    return problems
 
 
 def timestep_launch(dim: int, arch: int, B: int = 256) -> Launch:
