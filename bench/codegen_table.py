@@ -3,7 +3,7 @@ dispatcher selects at the DiT widths, compiled for sm_80 and sm_90 on this (CPU)
 
     python bench/codegen_table.py [--what triton|cuda|all] [-o table.md]
 
-The rows come from fastsemdiff.codegen, the helper tests/test_codegen.py checks them with; a header names the
+The rows come from bench/codegen.py, the helper tests/test_codegen.py checks them with; a header names the
 date, versions and commit. Nothing is timed.
 """
 from __future__ import annotations
@@ -11,12 +11,14 @@ from __future__ import annotations
 import argparse
 import datetime
 import subprocess
+import sys
 from pathlib import Path
 
 import torch
 import triton
 
-from fastsemdiff import codegen
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/codegen.py, also under PYTHONSAFEPATH=1
+import codegen  # noqa: E402
 
 
 def _commit() -> str:

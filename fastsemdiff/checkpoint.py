@@ -61,6 +61,7 @@ FIXED_ON_RESUME = (
 FREE_ON_RESUME = ("model.preset", "model.backend", "model.fused_check", "model.adaln", "data.source",
                   "data.path", "data.hflip", "data.loader", "data.workers", "data.crop", "data.crop_scale", "data.bad_images",
                   "data.mixed_channels", "data.verify", "latents.vae", "latents.resident")
+FREE_ON_RESUME += ("model.attention", "model.mlp_epilogue")  # speed switches: which kernels, the same weights
 FREE_SECTIONS_ON_RESUME = ("train", "eval")
 
 

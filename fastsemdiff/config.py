@@ -53,6 +53,13 @@ class ModelConfig:
     # Fixed 2-D sin-cos positions: "dit" puts the column in the first half of the channels and the row in the
     # second (facebookresearch/DiT, MAE); "rows_first" is the transposed table of models saved before this key.
     pos_layout: str = "dit"
+    # ---- the training step's speed switches (fastsemdiff/levers.py checks them against the device at start)
+    # auto: SDPA picks per call (torch's own order) | flash | efficient | cudnn | math: that SDPA backend only |
+    # flash_attn: the flash-attn package (CUDA, bf16). A choice the device cannot run stops the run at start.
+    attention: str = "auto"
+    # off: fc1 -> GELU(tanh) as two ops | addmm: bias + tanh-GELU in fc1's matmul epilogue (torch._addmm_activation,
+    # cuBLASLt on CUDA); its backward recomputes the pre-activation (one more matmul, less activation memory)
+    mlp_epilogue: str = "off"
 
     def resolved(self) -> tuple[int, int, int]:
         """(hidden, depth, heads) after applying the preset."""
@@ -157,6 +164,15 @@ class TrainConfig:
     probe_every: int = 0  # quick kNN probe every N steps; 0 turns it off
     resume: bool = False
     progress: bool = True
+    # ---- the training step's speed switches (fastsemdiff/levers.py checks them against the device at start)
+    # auto (fused on CUDA, foreach elsewhere) | fused | foreach | loop: how AdamW and the EMA run: fused (one
+    # multi-tensor kernel per group, AdamW(fused=True)), foreach (multi-tensor ops), loop (one op per tensor)
+    update: str = "auto"
+    # torch.compile's mode: default | reduce-overhead (CUDA graphs; CUDA only) | max-autotune-no-cudagraphs
+    compile_mode: str = "default"
+    # off | rowwise | tensorwise: torchao float8 training of the blocks' token matmuls (levers.fp8_filter);
+    # needs a CUDA GPU of compute capability 8.9+ (Ada, Hopper, Blackwell) and torchao
+    fp8: str = "off"
 
 
 @dataclass
@@ -210,6 +226,12 @@ class Config:
             "train.compile": (self.train.compile, {"auto", "on", "off"}),
             "train.compile_scope": (self.train.compile_scope, {"blocks", "model"}),
             "train.precision": (self.train.precision, {"auto", "bf16", "fp32"}),
+            "model.attention": (self.model.attention, {"auto", "flash", "efficient", "cudnn", "math", "flash_attn"}),
+            "model.mlp_epilogue": (self.model.mlp_epilogue, {"off", "addmm"}),
+            "train.update": (self.train.update, {"auto", "fused", "foreach", "loop"}),
+            "train.compile_mode": (self.train.compile_mode, {"default", "reduce-overhead",
+                                                             "max-autotune-no-cudagraphs"}),
+            "train.fp8": (self.train.fp8, {"off", "rowwise", "tensorwise"}),
         }
         for key, (value, allowed) in choices.items():
             if value not in allowed:
@@ -254,6 +276,9 @@ class Config:
             raise ConfigError("train.steps and train.batch_size must be positive")
         if self.train.grad_accum < 1:
             raise ConfigError(f"train.grad_accum={self.train.grad_accum} must be at least 1 (1: no accumulation)")
+        if self.train.compile_mode != "default" and self.train.compile == "off":
+            raise ConfigError(f"train.compile_mode={self.train.compile_mode} needs torch.compile, but train.compile=off; "
+                              "set train.compile=on (or auto on CUDA) or leave train.compile_mode=default")
         if any(not 0.0 <= t <= 1.0 for t in self.eval.ts):
             raise ConfigError(f"eval.ts={self.eval.ts} must lie in [0, 1] (0 = clean, 1 = pure noise)")
         if not set(self.eval.multi_ts) <= set(self.eval.ts):

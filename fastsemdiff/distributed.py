@@ -109,15 +109,17 @@ class Wrapped:
 
 
 def wrap(model: nn.Module, rt: Runtime, compile_scope: Optional[str] = None,
-         activation_checkpointing: bool = False) -> Wrapped:
+         activation_checkpointing: bool = False, compile_mode: str = "default") -> Wrapped:
     """Checkpoint and compile each transformer block (optional), shard per block (FSDP2/HSDP) or replicate
-    (DDP), and with ``compile_scope="model"`` compile the whole loss instead of the blocks."""
+    (DDP), and with ``compile_scope="model"`` compile the whole loss instead of the blocks; ``compile_mode`` is
+    torch.compile's mode (train.compile_mode)."""
+    mode = None if compile_mode == "default" else compile_mode
     blocks = [*model.encoder.blocks, *model.denoiser.blocks]
     for block in blocks:
         block.checkpoint_activations = activation_checkpointing
     if compile_scope == "blocks":
         for block in blocks:
-            block.compile()
+            block.compile(mode=mode)
     wrapped = model
     if rt.parallel in SHARDED:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -135,7 +137,7 @@ def wrap(model: nn.Module, rt: Runtime, compile_scope: Optional[str] = None,
         from torch.nn.parallel import DistributedDataParallel
 
         wrapped = DistributedDataParallel(model, device_ids=[rt.device] if rt.device.type == "cuda" else None)
-    return Wrapped(torch.compile(wrapped) if compile_scope == "model" else wrapped, wrapped)
+    return Wrapped(torch.compile(wrapped, mode=mode) if compile_scope == "model" else wrapped, wrapped)
 
 
 def no_gradient_sync(module: nn.Module, skip: bool):

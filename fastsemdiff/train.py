@@ -20,7 +20,7 @@ import yaml
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
-from . import distributed
+from . import distributed, levers
 from .config import Config, ConfigError, load_config
 from .data import DatasetError, build_train_data, load_split, mix_seed, resolve_latents_config
 from .errors import CheckpointError, TrainingDiverged
@@ -45,23 +45,26 @@ def ema_decay_at(step: int, cfg: Config) -> float:
 
 
 def make_optimizer(params: list[torch.Tensor], cfg: Config, device: torch.device) -> torch.optim.AdamW:
-    """AdamW over ``params``, with the fused (single-kernel, sync-free) implementation on CUDA."""
+    """AdamW over ``params`` as ``train.update`` says (``levers.update_impl``): fused (one sync-free kernel per
+    group; auto on CUDA), foreach (multi-tensor ops; auto elsewhere) or loop (one op per tensor)."""
     tc = cfg.train
-    return torch.optim.AdamW(params, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay,
-                             fused=device.type == "cuda")
+    impl = levers.update_impl(tc.update, device)
+    kind = {"fused": {"fused": True}, "foreach": {"foreach": True}, "loop": {"foreach": False}}[impl]
+    return torch.optim.AdamW(params, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay, **kind)
 
 
 def apply_update(params: list[torch.Tensor], optimizer: torch.optim.Optimizer, ema: list[torch.Tensor], step: int,
                  cfg: Config) -> torch.Tensor:
     """Everything of a step after the backward: clip the gradients, step the optimizer at this step's
-    learning rate, drop the gradients and move the EMA (``torch._foreach_lerp_``). Returns the gradient
-    norm as a tensor: nothing here waits for the device."""
+    learning rate, drop the gradients and move the EMA (one ``torch._foreach_lerp_``, or per tensor with
+    train.update=loop). Returns the gradient norm as a tensor: nothing here waits for the device."""
     for group in optimizer.param_groups:
         group["lr"] = lr_at(step, cfg)
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
+    loop = cfg.train.update == "loop"
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip, foreach=not loop)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    torch._foreach_lerp_(ema, [p.detach() for p in params], 1.0 - ema_decay_at(step, cfg))
+    levers.ema_update_(ema, params, 1.0 - ema_decay_at(step, cfg), "loop" if loop else "foreach")
     return grad_norm
 
 
@@ -141,6 +144,8 @@ def train(cfg: Config, resume: bool = False) -> Path:
                           f"train.grad_accum={tc.grad_accum} equal micro-batches; choose a batch size divisible "
                           f"by {rt.world_size * tc.grad_accum}")
     local_batch = tc.batch_size // rt.world_size
+    # the speed switches against this device, before any data is read: a choice it cannot run stops here
+    levers.check_levers(cfg, rt.device, rt.dtype or torch.float32, resolve_compile(cfg, rt.device) is not None)
     if resolve_compile(cfg, rt.device) == "model" and rt.parallel in distributed.SHARDED:
         raise ConfigError(f"train.compile_scope=model is not supported with train.parallel={rt.parallel}: FSDP2's "
                           "per-block gathers run between the blocks; use train.compile_scope=blocks")
@@ -170,7 +175,10 @@ def train(cfg: Config, resume: bool = False) -> Path:
             pass
     torch.manual_seed(tc.seed)
     core = SemanticDiffusion(cfg, adaln=layout).to(rt.device)
-    model = distributed.wrap(core, rt, resolve_compile(cfg, rt.device), tc.activation_checkpointing)
+    applied = levers.apply_model_levers(core, cfg)
+    if "fp8" in applied:
+        say(f"float8 training ({tc.fp8}) of {len(applied['fp8'][1])} linears (levers.fp8_filter)")
+    model = distributed.wrap(core, rt, resolve_compile(cfg, rt.device), tc.activation_checkpointing, tc.compile_mode)
     params = [p for p in model.module.parameters() if p.requires_grad]
     names = [n for n, p in core.named_parameters() if p.requires_grad]
     optimizer = make_optimizer(params, cfg, rt.device)
@@ -201,7 +209,10 @@ def train(cfg: Config, resume: bool = False) -> Path:
     t_log, n_log, loss_sum = time.perf_counter(), 0, torch.zeros((), device=rt.device)
 
     model.step.train()
+    graphs = tc.compile_mode == "reduce-overhead"  # CUDA graph trees: each step's outputs are the last step's
     for step in range(start, tc.steps):
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         gen = torch.Generator(rt.device).manual_seed(mix_seed(tc.seed, step, rt.rank, 1))
         x0, labels = data.batch(step)
         loss, parts = forward_backward(model, core, x0, labels, gen, tc.grad_accum, autocast)

@@ -4,22 +4,38 @@ specialisation of the real tensors), and every fastsemdiff._C kernel the dispatc
 .so. At the DiT widths 384, 768, 1024, 1152 (and 100, not a multiple of 8) in bf16, fp16 and fp32:
 
 * it compiles, with no stack frame or local memory (spills), except the accepted ones listed in
-  fastsemdiff.codegen.ACCEPTED_STACK with their reason;
+  bench/codegen.py's ACCEPTED_STACK with their reason;
 * rows that are 16-byte aligned with C % 8 == 0 are read and written with 128-bit accesses (only the per-row
   statistics are 32-bit scalars);
 * its registers leave at least two resident blocks per SM.
 
-The compiling runs once per module in a subprocess without the Triton interpreter (fastsemdiff.codegen explains
-why); the table in bench/RESULTS.md comes from the same rows (bench/codegen_table.py).
+The compiling runs once per module in a subprocess without the Triton interpreter (bench/codegen.py explains
+why); the table in bench/RESULTS.md comes from the same rows (bench/codegen_table.py). bench/codegen.py is loaded
+from the checkout by its path (it is not part of the package), and inspects the fastsemdiff under test: the
+checkout, or .venv-gpu-image's installed copy under PYTHONSAFEPATH=1.
 """
 from __future__ import annotations
+
+import importlib.util
+import sys
 
 import pytest
 import torch
 
+from conftest import REPO
+
 pytest.importorskip("triton")
 
-from fastsemdiff import codegen  # noqa: E402
+
+def _load_codegen():
+    spec = importlib.util.spec_from_file_location("bench_codegen", REPO / "bench" / "codegen.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses resolve their module while the file executes
+    spec.loader.exec_module(module)
+    return module
+
+
+codegen = _load_codegen()
 
 pytestmark = pytest.mark.skipif(codegen.cuobjdump() is None,
                                 reason="cuobjdump not found (it ships with triton in triton/backends/nvidia/bin)")

@@ -7,6 +7,8 @@ re-sharded run sees exactly the data it would have seen, with no sampler state t
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from .errors import DatasetError
@@ -152,3 +154,34 @@ class DeviceImageDataset:
             self._draws = (index.contiguous().to(self.device), flips)
             self._draws_key = key
         return self._draws
+
+
+class DeviceStream:
+    """The device-resident dataset behind the training-stream interface (``loader.TrainData``): a batch is a
+    function of the step. It lives beside the dataset, not in loader.py, so that latent_data.py (which the loader
+    imports) can hand out device-resident latents without importing the loader back."""
+
+    name = "device"
+    skipped = 0
+
+    def __init__(self, data: DeviceImageDataset, batch_size: int, rank: int, world_size: int, seed: int,
+                 hflip: bool, dtype: torch.dtype = torch.float32):
+        data.steps_per_epoch(batch_size, world_size)  # fail at start, not at the first step
+        self.data, self.dtype = data, dtype
+        self.args = (batch_size, rank, world_size, seed, hflip)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        images, labels = self.data.batch(step, *self.args)
+        return images.to(self.dtype), labels
+
+    def state(self) -> Optional[bytes]:
+        return None
+
+    def load_state(self, state: Optional[bytes]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

@@ -14,7 +14,8 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from .device_dataset import _FLIP_STREAM, _PERMUTATION_STREAM, DeviceImageDataset, _cpu_generator, mix_seed
+from .device_dataset import (_FLIP_STREAM, _PERMUTATION_STREAM, DeviceImageDataset, DeviceStream, _cpu_generator,
+                             mix_seed)
 from .errors import DatasetError
 from .latent_store import LatentShards
 
@@ -134,8 +135,6 @@ def free_memory(device: torch.device) -> int:
 def build_latent_data(d, lc, *, batch_size: int, rank: int, world_size: int, seed: int, device: torch.device,
                       dtype: torch.dtype = torch.float32, say: Callable[[str], None] = lambda _: None):
     """The training stream of ``data.path``'s latents: device-resident or memory-mapped (``latents.resident``)."""
-    from .loader import DeviceStream
-
     shards = LatentShards(d.path, "train")
     budget = int(free_memory(device) * DEVICE_SHARE)
     resident = lc.resident if lc.resident != "auto" else ("device" if shards.nbytes <= budget else "stream")

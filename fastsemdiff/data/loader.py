@@ -14,7 +14,7 @@ from typing import Callable, Optional, Protocol
 import torch
 
 from .dali_stream import DaliStream, dali_available
-from .device_dataset import DeviceImageDataset
+from .device_dataset import DeviceImageDataset, DeviceStream
 from .errors import DatasetError
 from .latent_data import build_latent_data
 from .splits import load_split, split_path
@@ -32,35 +32,6 @@ class TrainData(Protocol):
     def state(self) -> Optional[bytes]: ...
     def load_state(self, state: Optional[bytes]) -> None: ...
     def close(self) -> None: ...
-
-
-class DeviceStream:
-    """The device-resident dataset behind the streaming interface: a batch is a function of the step."""
-
-    name = "device"
-    skipped = 0
-
-    def __init__(self, data: DeviceImageDataset, batch_size: int, rank: int, world_size: int, seed: int,
-                 hflip: bool, dtype: torch.dtype = torch.float32):
-        data.steps_per_epoch(batch_size, world_size)  # fail at start, not at the first step
-        self.data, self.dtype = data, dtype
-        self.args = (batch_size, rank, world_size, seed, hflip)
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        images, labels = self.data.batch(step, *self.args)
-        return images.to(self.dtype), labels
-
-    def state(self) -> Optional[bytes]:
-        return None
-
-    def load_state(self, state: Optional[bytes]) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 def choose_loader(source: str, loader: str) -> str:

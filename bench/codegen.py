@@ -1,6 +1,11 @@
 """What the fused kernels compile to, read on a machine without a GPU (for the codegen tests and the table in
 bench/RESULTS.md).
 
+An inspection tool, not part of the runtime package: training never imports it, so it lives beside its
+users (``bench/codegen_table.py``; ``tests/test_codegen.py`` loads it from this file). It inspects whichever
+fastsemdiff the calling interpreter imports (the checkout, or an installed copy), and its compiling half runs
+as ``python bench/codegen.py --what triton|cuda|all [--json rows.json]`` (``run_in_subprocess``).
+
 A kernel's speed on a GPU is decided by facts that are fixed at compile time: registers per thread (how many
 blocks fit on an SM), spills to local memory or a stack frame, and the width of every global load and store.
 This module reads them from compiled code, with no GPU:
@@ -181,7 +186,7 @@ def gpu_kernels() -> types.SimpleNamespace:
 
     if triton.knobs.runtime.interpret:
         raise RuntimeError("the codegen helpers compile kernels, which the Triton interpreter cannot: run them in a "
-                           "process without TRITON_INTERPRET=1 (fastsemdiff.codegen.run_in_subprocess does)")
+                           "process without TRITON_INTERPRET=1 (bench/codegen.py's run_in_subprocess does)")
     from fastsemdiff.kernels import modulated_layer_norm as mln
     from fastsemdiff.kernels import timestep_embedding as ts
 
@@ -642,7 +647,8 @@ def extension_rows() -> list[dict]:
 
 
 def run_in_subprocess(what: str = "triton", timeout: float = 1500) -> list[dict]:
-    """``python -m fastsemdiff.codegen --json`` in a fresh process without the Triton interpreter."""
+    """``python bench/codegen.py --json`` in a fresh process without the Triton interpreter, importing the
+    fastsemdiff this process imports."""
     import json
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -650,7 +656,7 @@ def run_in_subprocess(what: str = "triton", timeout: float = 1500) -> list[dict]
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "rows.json"
-        subprocess.run([sys.executable, "-m", "fastsemdiff.codegen", "--what", what, "--json", str(out)], env=env,
+        subprocess.run([sys.executable, str(Path(__file__).resolve()), "--what", what, "--json", str(out)], env=env,
                        cwd=tmp, check=True, timeout=timeout)
         return json.loads(out.read_text())
 
