@@ -6,7 +6,7 @@
 For each op (modulated norm, gated residual + norm), direction and width, candidate configurations (rows per
 tile, warps, stages; then programs per SM for the backward) are timed at ``[batch x tokens, C]`` bf16 as
 CUDA-graph replays (``torch.cuda.CUDAGraph``: launch overhead out, the kernels' device time in), each first
-compiled for the codegen rules (``fastsemdiff.codegen.config_problems``: no spills, two blocks per SM, 128-bit
+compiled for the codegen rules (``bench/codegen.py``'s ``config_problems``: no spills, two blocks per SM, 128-bit
 rows; so the written table passes tests/test_codegen.py) and checked against the default configuration's outputs. The fastest per (op, direction, width) goes into a JSON in
 the format of ``kernels/adaln_configs.json`` under this device's class (``sm_90``), with every timing beside it
 (``timings``): the lead commits the table a GPU run wrote. Time box: the whole run stops trying candidates
@@ -115,11 +115,12 @@ def agrees(got, want) -> bool:
 
 
 def codegen_problems(op: str, direction: str, C: int, config: dict, device: torch.device, dry_run: bool) -> list:
-    """The codegen rules (fastsemdiff.codegen) for this config on this GPU's arch; none in a dry run (the
+    """The codegen rules (bench/codegen.py) for this config on this GPU's arch; none in a dry run (the
     interpreter compiles nothing: tests/test_codegen.py checks the defaults there)."""
     if dry_run or device.type != "cuda":
         return []
-    from fastsemdiff import codegen
+    sys.path.insert(0, str(ROOT / "bench"))  # bench/codegen.py (not part of the package)
+    import codegen
 
     major, minor = torch.cuda.get_device_capability(device)
     arch = 10 * major + minor
