@@ -390,7 +390,7 @@ def config_problems(op: str, direction: str, C: int, config: dict, arch: int = 9
         if launch.name == kernel:
             c = compile_launch(launch, arch)
             problems += _row("triton", kernel, case.label, C, _dtype_str(dtype), arch, c.code, c.threads,
-                             C % 8 == 0)["problems"]
+                             C % 8 == 0, tile_rows=int(launch.kwargs.get("ROWS", 1)))["problems"]
     return problems
 
 
@@ -506,6 +506,10 @@ ACCEPTED_STACK = {
 # Stack frames of one variant on one triton version, accepted with why ((kernel, variant, width, dtype, arch,
 # triton "major.minor") -> (bytes, reason)): found by CI on the GPU image's triton, not on the newer one.
 ACCEPTED_STACK_VARIANT = {
+    **{("_fwd_kernel", "ln+residual", C, "float32", 90, "3.6"): (
+        8, "triton 3.6 keeps 8 bytes on the stack in the fp32 gated forward at 4 rows x 1,024 lanes per tile on "
+           "sm_90 (48 registers); triton 3.8 compiles the same source with none. fp32 activations are not the "
+           "training dtype (bf16); accepted until the GPU check times it") for C in (768, 1024)},
     ("_bwd_kernel", "rms+plain", 1152, "bfloat16", 90, "3.6"): (
         8, "triton 3.6 spills 8 bytes (two registers) in the RMSNorm backward at C = 1152 bf16 on sm_90, at 64 "
            "registers x 256 threads; triton 3.8 compiles the same source with none. Not DiT's norm (LayerNorm); "
@@ -522,13 +526,25 @@ ACCEPTED_NARROW = {
 # narrower than 128 bits where BLOCK_C < 8 x threads) and stores its partial rows (dshift, dscale, dgate, dw, db).
 SCALAR_ACCESSES = {"_fwd_kernel": 4, "_bwd_kernel": 11, "_finish_kernel": 0, "_timestep_embedding_kernel": None, "adaln_fwd_kernel": 2,
                    "adaln_bwd_kernel": 4, "timestep_embedding_kernel": None}
+def allowed_scalars(kernel: str, tile_rows: int = 1) -> Optional[int]:
+    """32/64-bit accesses allowed beside the 128-bit rows: SCALAR_ACCESSES, plus in the backward up to one per row
+    statistic of a tile (triton 3.6 moves a pipelined tile's mean and rstd as 2 x ROWS scalar cp.asyncs)."""
+    base = SCALAR_ACCESSES[kernel]
+    return base + 2 * tile_rows if base is not None and kernel == "_bwd_kernel" else base
+
+
 # Kernel variants whose accesses are not all 128-bit, with why ((kernel, variant suffix) -> reason).
 ACCEPTED_NARROW_VARIANT = {
     ("_finish_kernel", "weight/bias sums"): "writes the [C] weight/bias gradient once per backward (4 warps over "
                                             "256 columns: 64-bit fp32 stores); its reads are 128-bit",
 }
 # Variants with fewer than two resident blocks per SM, with why ((kernel, variant) -> reason).
-ACCEPTED_OCCUPANCY: dict = {}  # none since the tiled backward (the affine + gated one had 161 registers before)
+ACCEPTED_OCCUPANCY = {
+    ("_bwd_kernel", "ln+residual+affine"): "triton 3.6 (the GPU image) compiles the affine + gated-residual backward "
+                                           "at C = 1152 (one row per tile, 2 stages) to 158-168 registers: one block "
+                                           "of 8 warps per SM (triton 3.8: 127, two blocks). Not a DiT variant (DiT's "
+                                           "norms have no affine)",
+}
 
 
 def _short(kernel: str) -> str:
@@ -536,7 +552,7 @@ def _short(kernel: str) -> str:
 
 
 def _row(impl: str, kernel: str, variant: str, width: int, dtype: str, arch: int, code: FunctionCode,
-         threads: int, aligned: bool, **extra) -> dict:
+         threads: int, aligned: bool, tile_rows: int = 1, **extra) -> dict:
     """One result: the facts and what fails the codegen rules (``problems``; accepted deviations in ``note``)."""
     problems, notes = [], []
     accepted_bytes, why = ACCEPTED_STACK.get(kernel, (0, ""))
@@ -558,7 +574,7 @@ def _row(impl: str, kernel: str, variant: str, width: int, dtype: str, arch: int
         else:
             problems.append(f"{code.regs} registers x {threads} threads leave {blocks} block(s) per SM")
     if aligned:
-        scalars = SCALAR_ACCESSES[_short(kernel)]
+        scalars = allowed_scalars(_short(kernel), tile_rows)
         if scalars is None:  # no rows read: the stores only
             narrow = [f"stores of {w} bits" for w in code.stores if w != 128]
         else:
@@ -596,6 +612,7 @@ def _triton_task(task) -> list[dict]:
         if launch.name == "_finish_kernel":  # the second step of the backward's sums: which ones
             v = f"{variant} {'per-sample sums' if launch.grid[0] > 1 else 'weight/bias sums'}"
         rows.append(_row("triton", launch.name, v, width, dtype, arch, c.code, c.threads, aligned,
+                         tile_rows=int(launch.kwargs.get("ROWS", 1)),
                          grid=list(launch.grid), num_warps=launch.num_warps, divisible_by_16=c.divisible_by_16(),
                          config={k: launch.kwargs[k] for k in ("ROWS", "TILES", "NUM_STAGES", "K", "PARTS")
                                  if k in launch.kwargs}))
