@@ -20,10 +20,11 @@ rounded to x's dtype before it is normalised, exactly as the unfused reference d
 Backward, built for memory-level parallelism: each *group* of rows sharing a modulation row (a sample; all M
 rows for per-token modulation) is split into S *parts* of whole tiles (S a power of two from the config's
 programs per SM, so the grid fills the GPU at batch 8 as at 512: ``adaln_config.programs_per_group``). A
-program walks its part in tiles of ROWS rows (a constexpr trip count: a loop the compiler may pipeline with
-``num_stages``); each tile's x and dy (dx_out, h) loads are issued together, its two row reductions share the
-tile, and its column sums go into fp32 register accumulators of dshift/dscale/dgate and dweight/dbias
-(rows of a tile sit in the same threads: no barrier). At the end a program writes one row: the final
+program walks its part in tiles of ROWS rows (a constexpr trip count: a loop triton software-pipelines with
+``num_stages`` >= 2, its tile loads becoming cp.async into shared memory, so the next tile is in flight while
+this one reduces; read in the sm_90 code by bench/codegen.py); each tile's x and dy (dx_out, h) loads are
+issued together, its two row reductions cover all its rows at once, and its column sums (one reduction over
+the tile's rows) go into fp32 register accumulators of dshift/dscale/dgate and dweight/dbias. At the end a program writes one row: the final
 per-sample sums in the modulation's dtype when S == 1 (pid == sample), else an fp32 partial that one small
 launch of ``_finish_kernel`` sums over the S parts (per-sample) or over all programs (weight/bias). No atomics,
 no torch reductions. Per-token dshift/dscale/dgate are elementwise and written directly.
@@ -49,7 +50,8 @@ gated + LN bwd         read x_out, h, dy, dx_out; write      906      218 us    
 backward kept one row's loads in flight per program (~4.6 KB for x + dy at C = 1152, ~2 programs per SM:
 ~9 KB per SM, far under the ~20 KB an SM needs in flight at ~30 B/ns x ~0.7 us); it measured 23-24%. The tiled
 backward keeps ROWS rows of every input in flight per program (default 2 rows x 2 tensors x 2.3 KB = 9 KB,
-two resident 256-thread blocks per SM at 119-126 registers, plus the next tile when the loop is pipelined),
+plus the next tile through the 2-stage pipeline: ~18 KB per block, two resident 256-thread blocks per SM at
+117-127 registers on triton 3.8, so ~36 KB per SM),
 which is what the QuACK/apex designs need to reach 80-90% of bandwidth; the expectation is 75-90% of the copy
 ceiling (bwd 121-145 us for the plain op, 242-290 us for the gated one) once the tuner has picked rows, warps
 and stages on the device, and >= 1.5x torch.compile's 344 / 468 us backwards would need <= 229 / 312 us, which
