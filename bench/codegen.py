@@ -524,8 +524,11 @@ ACCEPTED_NARROW = {
 # The tiled Triton kernels: the forward stores a tile's mean and rstd and may load w and b once; the backward
 # loads a tile's mean and rstd, and once per program the modulation row, gate, w, b (spread over all threads, so
 # narrower than 128 bits where BLOCK_C < 8 x threads) and stores its partial rows (dshift, dscale, dgate, dw, db).
-SCALAR_ACCESSES = {"_fwd_kernel": 4, "_bwd_kernel": 11, "_finish_kernel": 0, "_timestep_embedding_kernel": None, "adaln_fwd_kernel": 2,
+SCALAR_ACCESSES = {"_fwd_kernel": 4, "_bwd_kernel": 11, "_finish_kernel": 0, "_timestep_embedding_kernel": None,
+                   "adaln_fwd_kernel": 2,
                    "adaln_bwd_kernel": 4, "timestep_embedding_kernel": None}
+
+
 def allowed_scalars(kernel: str, tile_rows: int = 1) -> Optional[int]:
     """32/64-bit accesses allowed beside the 128-bit rows: SCALAR_ACCESSES, plus in the backward up to one per row
     statistic of a tile (triton 3.6 moves a pipelined tile's mean and rstd as 2 x ROWS scalar cp.asyncs)."""
@@ -681,7 +684,7 @@ def run_in_subprocess(what: str = "triton", timeout: float = 1500) -> list[dict]
 def markdown(rows: list[dict]) -> str:
     """The rows as one markdown table."""
     head = ("| impl | kernel | variant | width | dtype | arch | launch | registers | threads | blocks/SM | global "
-            "accesses (bits x count) | stack / local B | verdict |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+            "accesses (bits x count) | stack / local B | verdict |\n" + "|---" * 13 + "|")
     lines = [head]
     for r in rows:
         verdict = "; ".join(r["problems"]) if r["problems"] else ("ok" + (f" ({r['note']})" if r["note"] else ""))
@@ -691,8 +694,8 @@ def markdown(rows: list[dict]) -> str:
         launch = ", ".join([f"grid {'x'.join(map(str, r['grid']))}" if r.get("grid") else "",
                             *(f"{k.lower()} {v}" for k, v in cfg.items())]).strip(", ") or "-"
         lines.append(f"| {r['impl']} | `{_short(r['kernel'])}` | {r['variant']} | {r['width']} | {r['dtype']} | "
-                     f"sm_{r['arch']} | {launch} | {r['regs']} | {r['threads']} | {r['blocks_per_sm']} | {r['access']} | "
-                     f"{r['stack']} / {r['local']} | {verdict} |")
+                     f"sm_{r['arch']} | {launch} | {r['regs']} | {r['threads']} | {r['blocks_per_sm']} | "
+                     f"{r['access']} | {r['stack']} / {r['local']} | {verdict} |")
     return "\n".join(lines)
 
 

@@ -3,14 +3,15 @@
     python bench/tune_adaln.py --out runs/adaln_configs.json [--time-box 240] [--widths 384,768,1152]
     python bench/tune_adaln.py --dry-run --out runs/tune-dry/adaln_configs.json     # CPU, interpreter
 
-For each op (modulated norm, gated residual + norm), direction and width, candidate configurations (rows per
-tile, warps, stages; then programs per SM for the backward) are timed at ``[batch x tokens, C]`` bf16 as
-CUDA-graph replays (``torch.cuda.CUDAGraph``: launch overhead out, the kernels' device time in), each first
-compiled for the codegen rules (``bench/codegen.py``'s ``config_problems``: no spills, two blocks per SM, 128-bit
-rows; so the written table passes tests/test_codegen.py) and checked against the default configuration's outputs. The fastest per (op, direction, width) goes into a JSON in
-the format of ``kernels/adaln_configs.json`` under this device's class (``sm_90``), with every timing beside it
-(``timings``): the lead commits the table a GPU run wrote. Time box: the whole run stops trying candidates
-when it is spent (each group gets an equal share; the default is always timed first).
+For each op (modulated norm, gated residual + norm), direction and width, candidate configurations (rows per tile,
+warps, stages; then programs per SM for the backward) are timed at ``[batch x tokens, C]`` bf16 as CUDA-graph
+replays (``torch.cuda.CUDAGraph``: launch overhead out, the kernels' device time in), each first compiled for the
+codegen rules (``bench/codegen.py``'s ``config_problems``: no spills, two blocks per SM, 128-bit rows; so the
+written table passes tests/test_codegen.py) and checked against the default configuration's outputs. The fastest per
+(op, direction, width) goes into a JSON in the format of ``kernels/adaln_configs.json`` under this device's class
+(``sm_90``), with every timing beside it (``timings``): the lead commits the table a GPU run wrote. Time box: the
+whole run stops trying candidates when it is spent (each group gets an equal share; the default is always timed
+first).
 
 ``--dry-run`` proves the plumbing only: tiny shapes under the Triton interpreter (``TRITON_INTERPRET=1``, set
 by this script), two candidates per group, timed with ``time.perf_counter``; its figures mean nothing.

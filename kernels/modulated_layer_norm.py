@@ -17,17 +17,17 @@ lanes with a mask, so any C works; row statistics are reductions along axis 1, o
 Statistics are fp32; ``mean`` and ``rstd`` (fp32 ``[M]``) are saved for the backward. The residual sum is
 rounded to x's dtype before it is normalised, exactly as the unfused reference does.
 
-Backward, built for memory-level parallelism: each *group* of rows sharing a modulation row (a sample; all M
-rows for per-token modulation) is split into S *parts* of whole tiles (S a power of two from the config's
-programs per SM, so the grid fills the GPU at batch 8 as at 512: ``adaln_config.programs_per_group``). A
-program walks its part in tiles of ROWS rows (a constexpr trip count: a loop triton software-pipelines with
-``num_stages`` >= 2, its tile loads becoming cp.async into shared memory, so the next tile is in flight while
-this one reduces; read in the sm_90 code by bench/codegen.py); each tile's x and dy (dx_out, h) loads are
-issued together, its two row reductions cover all its rows at once, and its column sums (one reduction over
-the tile's rows) go into fp32 register accumulators of dshift/dscale/dgate and dweight/dbias. At the end a program writes one row: the final
-per-sample sums in the modulation's dtype when S == 1 (pid == sample), else an fp32 partial that one small
-launch of ``_finish_kernel`` sums over the S parts (per-sample) or over all programs (weight/bias). No atomics,
-no torch reductions. Per-token dshift/dscale/dgate are elementwise and written directly.
+Backward, built for memory-level parallelism: each *group* of rows sharing a modulation row (a sample; all M rows
+for per-token modulation) is split into S *parts* of whole tiles (S a power of two from the config's programs per
+SM, so the grid fills the GPU at batch 8 as at 512: ``adaln_config.programs_per_group``). A program walks its part
+in tiles of ROWS rows (a constexpr trip count: a loop triton software-pipelines with ``num_stages`` >= 2, its tile
+loads becoming cp.async into shared memory, so the next tile is in flight while this one reduces; read in the sm_90
+code by bench/codegen.py); each tile's x and dy (dx_out, h) loads are issued together, its two row reductions cover
+all its rows at once, and its column sums (one reduction over the tile's rows) go into fp32 register accumulators of
+dshift/dscale/dgate and dweight/dbias. At the end a program writes one row: the final per-sample sums in the
+modulation's dtype when S == 1 (pid == sample), else an fp32 partial that one small launch of ``_finish_kernel``
+sums over the S parts (per-sample) or over all programs (weight/bias). No atomics, no torch reductions. Per-token
+dshift/dscale/dgate are elementwise and written directly.
 
 Launch settings (rows per tile, warps, stages, programs per SM) come from ``adaln_config.launch_config``: the
 tuned table for the device class, op, direction and width, or defaults.

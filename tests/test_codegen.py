@@ -5,8 +5,9 @@ specialisation of the real tensors), and every fastsemdiff._C kernel the dispatc
 
 * it compiles, with no stack frame or local memory (spills), except the accepted ones listed in
   bench/codegen.py's ACCEPTED_STACK with their reason;
-* rows that are 16-byte aligned with C % 8 == 0 are read and written with 128-bit accesses (only the per-row
-  statistics are 32-bit scalars);
+* rows that are 16-byte aligned with C % 8 == 0 are read and written with 128-bit accesses (only a tile's row
+  statistics and the vectors a backward program loads or stores once are 32/64-bit: ``allowed_scalars``);
+* every Triton norm launch is at the config the launch table (kernels/adaln_configs.json) or its defaults give;
 * its registers leave at least two resident blocks per SM.
 
 The compiling runs once per module in a subprocess without the Triton interpreter (bench/codegen.py explains
