@@ -5,8 +5,9 @@ specialisation of the real tensors), and every fastsemdiff._C kernel the dispatc
 
 * it compiles, with no stack frame or local memory (spills), except the accepted ones listed in
   bench/codegen.py's ACCEPTED_STACK with their reason;
-* rows that are 16-byte aligned with C % 8 == 0 are read and written with 128-bit accesses (only the per-row
-  statistics are 32-bit scalars);
+* rows that are 16-byte aligned with C % 8 == 0 are read and written with 128-bit accesses (only a tile's row
+  statistics and the vectors a backward program loads or stores once are 32/64-bit: ``allowed_scalars``);
+* every Triton norm launch is at the config the launch table (kernels/adaln_configs.json) or its defaults give;
 * its registers leave at least two resident blocks per SM.
 
 The compiling runs once per module in a subprocess without the Triton interpreter (bench/codegen.py explains
@@ -77,6 +78,9 @@ def test_every_triton_variant_compiles_at_every_width_dtype_and_arch(triton_rows
                 assert (kernel, variant, 1152, "bfloat16", arch) in got
         for dim in (codegen.FREQ_DIM, *codegen.WIDTHS):
             assert ("_timestep_embedding_kernel", "fp32 out", dim, "float32", arch) in got
+    # the backward's second step, where the split gives a sample several programs (132 SMs, batch 256: S = 2)
+    for variant in ("ln+plain per-sample sums", "ln+residual per-sample sums", "rms+plain+affine weight/bias sums"):
+        assert ("_finish_kernel", variant, 1152, "bfloat16", 90) in got, variant
 
 
 def test_triton_kernels_have_no_spills_and_two_blocks_per_sm_and_128_bit_rows(triton_rows):
@@ -90,12 +94,40 @@ def test_triton_kernels_have_no_spills_and_two_blocks_per_sm_and_128_bit_rows(tr
 
 
 def test_aligned_rows_use_128_bit_loads_and_stores(triton_rows):
-    """The rule the rows are checked by, stated directly for the norm kernels at the DiT widths."""
+    """The rule the rows are checked by, stated directly for the norm kernels at the DiT widths: row data moves in
+    128-bit accesses; the only narrower ones (32/64-bit) are a tile's row statistics and the vectors a backward
+    program loads or stores once (its modulation row, its partial sums), at most SCALAR_ACCESSES of them."""
     for r in triton_rows:
-        if r["kernel"] in ("_fwd_kernel", "_bwd_kernel") and r["width"] in codegen.DIT_WIDTHS:
+        if r["kernel"] in ("_fwd_kernel", "_bwd_kernel", "_finish_kernel") and r["width"] in codegen.DIT_WIDTHS:
+            if "weight/bias sums" in r["variant"]:  # a [C] vector once per backward: ACCEPTED_NARROW_VARIANT
+                continue
             loads, stores = r["access"].split(" / ")
             assert "128x" in loads and "128x" in stores, r
-            assert not any(f" {w}x" in f" {loads[3:]} {stores[3:]}" for w in (8, 16, 64)), r
+            assert not any(f" {w}x" in f" {loads[3:]} {stores[3:]}" for w in (8, 16)), r
+            narrow = sum(int(n) for w, n in (a.split("x") for a in f"{loads[3:]} {stores[3:]}".split()
+                                              if a not in ("-",)) if w in ("32", "64"))
+            assert narrow <= codegen.allowed_scalars(r["kernel"], r["config"].get("ROWS", 1)), r
+
+
+def test_launches_use_the_table_or_default_configs(triton_rows):
+    """Every norm launch compiled here is the one the launch table (or, where it has no entry, the default) gives
+    for its device class, op, direction and width: so the rows above hold for the configs the GPU will run."""
+    from fastsemdiff.kernels import adaln_config
+
+    checked = 0
+    for r in triton_rows:
+        if r["kernel"] not in ("_fwd_kernel", "_bwd_kernel") or r["width"] not in (384, 768, 1152):
+            continue
+        op = "gated_residual_norm" if "residual" in r["variant"] else "modulated_norm"
+        direction = "fwd" if r["kernel"] == "_fwd_kernel" else "bwd"
+        cfg, _ = adaln_config.launch_config(op, direction, r["width"], f"sm_{r['arch']}")
+        assert r["num_warps"] == cfg["warps"], r
+        affine = "affine" in r["variant"] and direction == "bwd"
+        assert r["config"]["ROWS"] == adaln_config.tile_rows(cfg, affine), r
+        if direction == "bwd":
+            assert r["config"]["NUM_STAGES"] == cfg["stages"], r
+        checked += 1
+    assert checked >= 2 * 2 * 3 * 3 * 2  # fwd/bwd x plain/residual x 3 widths x 3 dtypes x 2 archs
 
 
 def test_the_jit_specialisation_is_the_real_one(triton_rows):
@@ -110,10 +142,15 @@ def test_the_jit_specialisation_is_the_real_one(triton_rows):
     assert "C" not in odd["divisible_by_16"] and "SHIFT" not in odd["divisible_by_16"]
     assert "GATE" in odd["divisible_by_16"] and "SCALE" in odd["divisible_by_16"]
     assert "X" in odd["divisible_by_16"]  # the start of an allocation is aligned
-    # the launch itself: one program per row forward; the backward grid fills 8 programs per SM
-    assert aligned["grid"] == [256 * 256] and odd["num_warps"] >= 1
-    assert rows[("_bwd_kernel", "ln+residual", 1152, "bfloat16", 90)]["grid"][0] <= 8 * codegen.SMS[90].sm_count
-    assert rows[("_fwd_kernel", "ln+plain", 384, "bfloat16", 80)]["num_warps"] == 2  # 16 bytes per thread
+    # the launch itself: one tile of ROWS rows per program forward; the backward grid is S programs per sample,
+    # S a power of two with at most programs_per_sm programs per SM (batch 256 on 132 SMs: S = 2)
+    from fastsemdiff.kernels import adaln_config
+
+    assert aligned["grid"] == [256 * 256 // aligned["config"]["ROWS"]] and odd["num_warps"] >= 1
+    cfg, _ = adaln_config.launch_config("gated_residual_norm", "bwd", 1152, "sm_90")
+    bwd = rows[("_bwd_kernel", "ln+residual", 1152, "bfloat16", 90)]
+    S, _ = adaln_config.programs_per_group(256, 256, cfg["rows"], codegen.SMS[90].sm_count, cfg)
+    assert bwd["grid"] == [256 * S] and bwd["grid"][0] <= cfg["programs_per_sm"] * codegen.SMS[90].sm_count
 
 
 # --------------------------------------------------------------------------------------- fastsemdiff._C

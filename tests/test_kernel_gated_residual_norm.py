@@ -85,6 +85,40 @@ def test_backward_row_blocking(per_token, rows_per_program):
         torch.testing.assert_close(g, r.reshape(g.shape).float(), rtol=1e-5, atol=3e-5)
 
 
+@pytest.mark.parametrize("rms", [False, True], ids=["layer", "rms"])
+@pytest.mark.parametrize("per_token", [False, True], ids=["per_sample", "per_token"])
+@pytest.mark.parametrize("config", [
+    {"rows": 1}, {"rows": 8, "warps": 4},
+    {"rows": 2, "programs_per_sm": 64, "min_rows": 2},  # S = 16 parts per sample: dgate via _finish_kernel
+    {"rows": 4, "programs_per_sm": 8, "min_rows": 3, "stages": 2},  # ragged parts and tiles
+], ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+def test_backward_tiles_and_work_split(config, per_token, rms):
+    """dx, dh, dgate (per-sample sums across S parts, or per token) and the rest at tiles of several rows, an odd
+    width (200) and distinct per-sample modulation, against fp64."""
+    B, N, C = 2, 61, 200
+    (x, h, _, _, _, w, b), (dxo, dy) = make_inputs(B, N, C, "BC", True, torch.float32, seed=19, rms=rms)
+    rows = B * N if per_token else B
+    gate, shift, scale = (randn(rows, C, seed=190 + i, scale=0.5) for i in range(3))
+    t = 1 if per_token else N
+    flat = [a.reshape(-1, C) for a in (x, h, dxo, dy)]
+    x_out, y, mean, rstd = K.modulated_norm_fwd(flat[0], shift, scale, w, b, EPS, t, rms, flat[1], gate,
+                                                config=config)
+    got = K.modulated_norm_bwd(flat[3], x_out, mean, rstd, scale, w, b, t, rms, flat[2], flat[1], gate,
+                               config=config)
+    shape = x.shape if per_token else (B, 1, C)
+    ref = functools.partial(gated_residual_modulated_norm_ref, eps=EPS, rms=rms)
+    (rxo, ry), grads = grads_of(ref, [x, h, gate.view(shape), shift.view(shape), scale.view(shape), w, b],
+                                (dxo, dy), cast=torch.float64)
+    torch.testing.assert_close(x_out, rxo.reshape(x_out.shape).float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y, ry.reshape(y.shape).float(), rtol=1e-5, atol=1e-5)
+    for g, r in zip(got, grads):
+        if r is None:
+            assert g is None
+        else:
+            torch.testing.assert_close(g, r.reshape(g.shape).float(), rtol=1e-5,
+                                       atol=1e-5 * max(1.0, r.abs().max().item()))
+
+
 def test_only_one_output_used():
     """When only y (or only x_out) reaches the loss, the missing upstream gradient counts as zero."""
     B, N, C = 2, 5, 72

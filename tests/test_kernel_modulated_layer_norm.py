@@ -121,6 +121,65 @@ def test_backward_row_blocking(per_token, rows_per_program, rms):
             assert_close(got, want.reshape(got.shape).float(), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("rms", [False, True], ids=["layer", "rms"])
+@pytest.mark.parametrize("per_token", [False, True], ids=["per_sample", "per_token"])
+@pytest.mark.parametrize("config", [
+    {"rows": 1}, {"rows": 4, "warps": 2}, {"rows": 16, "warps": 4},
+    {"rows": 2, "programs_per_sm": 64, "min_rows": 2},  # S = 16 parts per sample: the _finish_kernel step
+    {"rows": 4, "programs_per_sm": 8, "min_rows": 3, "stages": 2},  # ragged parts (61 rows = 2 x 32 - 3)
+], ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+def test_backward_tiles_and_work_split(config, per_token, rms):
+    """Tiles of several rows (ragged last tile), S parts per sample with the finishing step, per-token rows:
+    fwd and bwd against fp64, at an odd width (200) with distinct per-sample modulation and an affine."""
+    B, N, C = 2, 61, 200
+    (x, _, _, w, b), dy = make_inputs(B, N, C, "BC", True, torch.float32, seed=17, rms=rms)
+    rows = B * N if per_token else B
+    shift, scale = randn(rows, C, seed=170, scale=0.5), randn(rows, C, seed=171, scale=0.5)
+    t = 1 if per_token else N
+    _, y, mean, rstd = K.modulated_norm_fwd(x.view(-1, C), shift, scale, w, b, EPS, t, rms, config=config)
+    got = K.modulated_norm_bwd(dy.view(-1, C), x.view(-1, C), mean, rstd, scale, w, b, t, rms, config=config)
+    shape = x.shape if per_token else (B, 1, C)
+    ref = functools.partial(modulated_layer_norm_ref, eps=EPS, rms=rms)
+    from kernel_helpers import grads_of
+    (y64,), (rx, rshift, rscale, rw, rb) = grads_of(ref, [x, shift.view(shape), scale.view(shape), w, b], dy,
+                                                    cast=torch.float64)
+    assert_close(y, y64.view(-1, C).float(), rtol=1e-5, atol=1e-5)
+    dx, dh, dgate, dshift, dscale, dw, db = got
+    assert dh is None and dgate is None
+    for got_, want in [(dx, rx), (dshift, rshift), (dscale, rscale), (dw, rw), (db, rb)]:
+        if want is None:
+            assert got_ is None
+        else:
+            scale_ = max(1.0, want.abs().max().item())
+            assert_close(got_, want.reshape(got_.shape).float(), rtol=1e-5, atol=1e-5 * scale_)
+
+
+def test_launch_config_table_and_defaults():
+    """The table's entry wins for its device class, op, direction and width (completed by the defaults) and says
+    so; anything else is the default; the work split fills a 132-SM GPU at batch 8 as at 512."""
+    from fastsemdiff.kernels import adaln_config as AC
+
+    table = {"sm_90": {"modulated_norm": {"bwd": {"1152": {"rows": 4, "warps": 4, "stages": 2}}}}}
+    cfg, source = AC.launch_config("modulated_norm", "bwd", 1152, "sm_90", table=table)
+    assert source == "table" and (cfg["rows"], cfg["warps"], cfg["stages"]) == (4, 4, 2)
+    assert cfg["programs_per_sm"] == AC.default_config("modulated_norm", "bwd", 1152)["programs_per_sm"]
+    for args in [("modulated_norm", "bwd", 768, "sm_90"), ("modulated_norm", "fwd", 1152, "sm_90"),
+                 ("gated_residual_norm", "bwd", 1152, "sm_90"), ("modulated_norm", "bwd", 1152, "sm_80")]:
+        cfg, source = AC.launch_config(*args, table=table)
+        assert source == "default" and cfg == AC.default_config(*args[:3])
+    with pytest.raises(ValueError, match="op must be"):
+        AC.launch_config("layer_norm", "bwd", 1152, "sm_90")
+    # the committed table is valid JSON in this format (empty or not)
+    for cls, ops in AC.load_table().items():
+        for op, dirs in ops.items():
+            assert op in AC.OPS and set(dirs) <= set(AC.DIRECTIONS), (cls, op)
+    base = AC.default_config("modulated_norm", "bwd", 1152)
+    split = {B: AC.programs_per_group(B, 256, base["rows"], 132, base) for B in (1, 8, 64, 256, 512)}
+    assert {B: S for B, (S, _) in split.items()} == {1: 32, 8: 32, 64: 8, 256: 2, 512: 1}
+    for B, (S, per_program) in split.items():
+        assert S * per_program >= 256 and per_program % base["rows"] == 0 and per_program >= base["min_rows"]
+
+
 def test_poisoned_buffers_are_nan():
     """The NaN pre-fill the other tests rely on is really active."""
     assert K.POISON_OUTPUTS and torch.isnan(K._new((4, 3), torch.bfloat16, DEVICE)).all()
