@@ -22,7 +22,7 @@ from gpucheck import runner  # noqa: E402
 from gpucheck.stages import train_curves  # noqa: E402
 
 STAGES = ["environment", "install", "build-cuda", "kernel-tests", "model-check", "train-curves", "csrc-tests",
-          "memcheck", "fuzz", "bench-adaln", "bench-train-tiny", "profile", "switch-matrix", "report"]
+          "memcheck", "fuzz", "bench-adaln", "tune-adaln", "bench-train-tiny", "profile", "switch-matrix", "report"]
 SKIPPED_IN_A_DRY_RUN = {"build-cuda", "memcheck"}  # no GPU: nothing to build for, nothing for the sanitizer to watch
 
 
@@ -78,8 +78,8 @@ def test_dry_run_passes_every_stage(dry_run):
 
 def test_dry_run_writes_the_benchmarks_tables_and_summary(dry_run):
     out, _, output, _ = dry_run
-    assert sorted(p.name for p in out.iterdir()) == ["bench.json", "gpu_check.json", "logs.txt", "profile.json",
-                                                    "profile.md", "summary.txt", "switch_matrix.json",
+    assert sorted(p.name for p in out.iterdir()) == ["adaln_configs.json", "bench.json", "gpu_check.json", "logs.txt",
+                                                    "profile.json", "profile.md", "summary.txt", "switch_matrix.json",
                                                     "switch_matrix.md", "tables.md"]
     bench = json.loads((out / "bench.json").read_text())
     groups = {b["group"] for b in bench["benchmarks"]}
@@ -178,7 +178,7 @@ def test_stages_are_discovered_in_their_order_and_keep_the_contract():
     assert [m.ORDER for m in mods] == sorted(m.ORDER for m in mods)
     expected = {"environment": 0, "install": 10, "build-cuda": 20, "kernel-tests": 30, "model-check": 31,
                 "train-curves": 32, "csrc-tests": 40, "memcheck": 42, "fuzz": 45, "bench-adaln": 50,
-                "bench-train": 60, "profile": 70, "switch-matrix": 75, "report": 99}
+                "tune-adaln": 55, "bench-train": 60, "profile": 70, "switch-matrix": 75, "report": 99}
     assert {k: orders[k] for k in expected} == expected
     assert mods[-1].NAME == "report"
     parallel = [m.NAME for m in mods if getattr(m, "PARALLEL", False)]
