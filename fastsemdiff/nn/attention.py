@@ -124,21 +124,22 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+def _set_on_every(model: nn.Module, kind: type, attr: str, value: str, choices, what: str) -> int:
+    """Set ``attr = value`` on every ``kind`` module of ``model`` (a switch the trainer applies once); returns how
+    many there are."""
+    if value not in choices:
+        raise ValueError(f"{what} {value!r} is unknown; choose one of {list(choices)}")
+    mods = [m for m in model.modules() if isinstance(m, kind)]
+    for m in mods:
+        setattr(m, attr, value)
+    return len(mods)
+
+
 def set_attention_backend(model: nn.Module, backend: str) -> int:
     """Set ``backend`` on every ``Attention`` in ``model``; returns how many there are."""
-    if backend not in ATTENTION_BACKENDS:
-        raise ValueError(f"attention backend {backend!r} is unknown; choose one of {list(ATTENTION_BACKENDS)}")
-    mods = [m for m in model.modules() if isinstance(m, Attention)]
-    for m in mods:
-        m.backend = backend
-    return len(mods)
+    return _set_on_every(model, Attention, "backend", backend, ATTENTION_BACKENDS, "attention backend")
 
 
 def set_mlp_epilogue(model: nn.Module, epilogue: str) -> int:
     """Set ``epilogue`` on every ``Mlp`` in ``model``; returns how many there are."""
-    if epilogue not in MLP_EPILOGUES:
-        raise ValueError(f"MLP epilogue {epilogue!r} is unknown; choose one of {list(MLP_EPILOGUES)}")
-    mods = [m for m in model.modules() if isinstance(m, Mlp)]
-    for m in mods:
-        m.epilogue = epilogue
-    return len(mods)
+    return _set_on_every(model, Mlp, "epilogue", epilogue, MLP_EPILOGUES, "MLP epilogue")
