@@ -25,7 +25,7 @@ import torch
 from torch.autograd import DeviceType
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from trainstep import CPU_SIZES, GPU_SIZES, build_step, main_job_step, time_steps  # noqa: E402
+from trainstep import CPU_SIZES, DRY_RUN_BANNER, GPU_SIZES, build_step, main_job_step, time_steps  # noqa: E402
 
 from fastsemdiff.config import ConfigError  # noqa: E402
 from fastsemdiff.flops import peak_tflops  # noqa: E402
@@ -196,8 +196,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[profile] {size_id} {label}: {shown}", flush=True)
     md = table(rows)
     if args.dry_run:
-        md = ("DRY RUN on a CPU (tiny shapes, 1 warm-up and 2 timed steps on a shared machine): the code paths ran; "
-              "the figures mean nothing.\n\n" + md)
+        md = DRY_RUN_BANNER + md
     print(md)
     if args.json:
         Path(args.json).write_text(json.dumps({"device": str(device), "torch": torch.__version__, "rows": rows},

@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from trainstep import CPU_SIZES, GPU_SIZES, build_step, count_host_syncs, main_job_step, time_steps  # noqa: E402
+from trainstep import (CPU_SIZES, DRY_RUN_BANNER, GPU_SIZES, build_step, count_host_syncs,  # noqa: E402
+                       main_job_step, time_steps)
 
 from fastsemdiff.config import ConfigError  # noqa: E402
 from fastsemdiff.flops import peak_tflops  # noqa: E402
@@ -165,8 +166,7 @@ def main(argv: list[str] | None = None) -> int:
                                                "wall_s": round(time.monotonic() - t0, 1), "rows": rows}, indent=1))
     md = table(rows)
     if args.dry_run:
-        md = ("DRY RUN on a CPU (tiny shapes, 1 warm-up and 2 timed steps on a shared machine): the code paths ran; "
-              "the figures mean nothing.\n\n" + md)
+        md = DRY_RUN_BANNER + md
     print(md)
     if args.md:
         Path(args.md).write_text(md + "\n")

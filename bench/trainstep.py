@@ -281,3 +281,8 @@ def count_host_syncs(fn: Callable[[], object]) -> int:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
     return sum("synchroniz" in str(w.message).lower() for w in caught)
+
+
+# What a dry run's tables say above their figures (bench/profile_step.py, bench/switch_matrix.py).
+DRY_RUN_BANNER = ("DRY RUN on a CPU (tiny shapes, 1 warm-up and 2 timed steps on a shared machine): the code paths ran; "
+                  "the figures mean nothing.\n\n")
