@@ -173,7 +173,7 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
     threads: int = 0  # torch intra-op threads on CPU; 0 keeps torch's default
     log_every: int = 20
-    ckpt_every: int = 500
+    ckpt_every: int = 500  # checkpoint every N steps; 0: only at the end
     keep_last: int = 2
     probe_every: int = 0  # quick kNN probe every N steps; 0 turns it off
     resume: bool = False
@@ -303,6 +303,13 @@ class Config:
                               "prediction=velocity set loss_weight=none")
         if self.train.steps < 1 or self.train.batch_size < 1:
             raise ConfigError("train.steps and train.batch_size must be positive")
+        if self.train.log_every < 1:
+            raise ConfigError(f"train.log_every={self.train.log_every}: it must be at least 1 (a log line every N steps)")
+        for key in ("ckpt_every", "probe_every"):
+            if getattr(self.train, key) < 0:
+                raise ConfigError(f"train.{key}={getattr(self.train, key)} is negative; use 0 to turn it off "
+                                  "(a checkpoint is still written at the last step)" if key == "ckpt_every" else
+                                  f"train.{key}={getattr(self.train, key)} is negative; use 0 to turn it off")
         if self.train.grad_accum < 1:
             raise ConfigError(f"train.grad_accum={self.train.grad_accum} must be at least 1 (1: no accumulation)")
         if self.train.compile_mode != "default" and self.train.compile == "off":

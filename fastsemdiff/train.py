@@ -39,6 +39,11 @@ def lr_at(step: int, cfg: Config) -> float:
     return tc.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
+def every(done: int, period: int) -> bool:
+    """Whether step ``done`` ends a period of ``period`` steps; a period of 0 never does (the switch is off)."""
+    return period > 0 and done % period == 0
+
+
 def ema_decay_at(step: int, cfg: Config) -> float:
     """EMA decay with a warm start, so short runs are not dominated by the initial weights."""
     return min(cfg.train.ema_decay, (1 + step) / (10 + step))
@@ -223,7 +228,7 @@ def train(cfg: Config, resume: bool = False) -> Path:
         n_log += 1
         done = step + 1
 
-        if done % tc.log_every == 0 or done == tc.steps or done % tc.ckpt_every == 0:
+        if done % tc.log_every == 0 or done == tc.steps or every(done, tc.ckpt_every):
             saving = saver is not None and saver.writing()  # a background save still writing on this rank
             if rt.world_size > 1 and dist.is_initialized():
                 # One collective gives the mean loss over ranks and makes every rank take the same branch: a
@@ -246,7 +251,7 @@ def train(cfg: Config, resume: bool = False) -> Path:
                    **{k: float(v) for k, v in parts.items()}}
             if data.skipped:
                 rec["skipped_images"] = data.skipped
-            if probe and done % tc.probe_every == 0:
+            if probe and every(done, tc.probe_every):
                 rec["knn_t0"] = probe(core)
             if metrics:
                 metrics.write(json.dumps(rec) + "\n")
@@ -254,7 +259,7 @@ def train(cfg: Config, resume: bool = False) -> Path:
             bar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{rec['img_per_s']:.0f}")
             t_log, n_log, loss_sum = time.perf_counter(), 0, torch.zeros((), device=rt.device)
         bar.update(1)
-        if done % tc.ckpt_every == 0 or done == tc.steps:
+        if every(done, tc.ckpt_every) or done == tc.steps:
             if saver:
                 saver.save(run_dir, done, model.module, optimizer, ema, cfg, tc.keep_last, data_state=data.state())
             else:

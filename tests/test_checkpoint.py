@@ -553,3 +553,23 @@ def test_save_load_round_trip(tmp_path, small):
     for i in s1:
         for name in ("exp_avg", "exp_avg_sq", "step"):
             assert torch.equal(torch.as_tensor(s1[i][name]), torch.as_tensor(s2[i][name])), (i, name)
+
+
+# ------------------------------------------------------------------------------ checkpoint period
+
+
+def test_ckpt_every_zero_writes_only_the_last_step(trained_run, tmp_path):
+    """train.ckpt_every=0 turns the periodic checkpoints off (it once divided by zero at the first log step);
+    the last step is still saved."""
+    run = tmp_path / "run"
+    train_mod.main(train_args(run, trained_run.data, "train.steps=4", "train.ckpt_every=0", "train.log_every=1"))
+    steps = sorted(p.name for p in (run / "checkpoints").glob("step_*"))
+    assert steps == ["step_0000004"], steps
+
+
+@pytest.mark.parametrize("override, words", [("train.ckpt_every=-1", "train.ckpt_every=-1 is negative"),
+                                             ("train.probe_every=-5", "train.probe_every=-5 is negative"),
+                                             ("train.log_every=0", "train.log_every=0")])
+def test_bad_periods_are_refused_before_training(trained_run, tmp_path, capfd, override, words):
+    line = _main_error(capfd, train_args(tmp_path / "run", trained_run.data, "train.steps=2", override))
+    assert words in line, line
