@@ -130,6 +130,9 @@ def _probe_grid(timer, train_z, test_z, train_y, test_y, ts, multi_ts, knn_k, cl
     for t, a, b in zip(ts, train_z, test_z):
         linear, knn = _probe(timer, a, train_y, b, test_y, knn_k, classes, part)
         per_t.append({"t": t, "linear": linear, "knn": knn})
+    k_best, val_scores = _select_best_t(timer, train_z, train_y, ts, classes)
+    best = {**per_t[k_best], "selected_on": "held-out train",
+            "selection_val_linear": [{"t": t, "linear": v} for t, v in zip(ts, val_scores)]}
     if len(multi_ts) > 1:
         linear, knn = _probe(timer, _concat(train_z, ts, multi_ts), train_y, _concat(test_z, ts, multi_ts), test_y,
                              knn_k, classes, f"{part}multi-t ")
@@ -138,7 +141,26 @@ def _probe_grid(timer, train_z, test_z, train_y, test_y, ts, multi_ts, knn_k, cl
         linear, knn = row["linear"], row["knn"]
     dim = sum(train_z[ts.index(t)].shape[1] for t in multi_ts)
     multi_t = {"ts": list(multi_ts), "linear": linear, "knn": knn, "dim": dim}
-    return per_t, dict(max(per_t, key=lambda r: r["linear"])), multi_t
+    return per_t, best, multi_t
+
+
+def _held_out_split(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fit, val) indices into the train split for choices made without the test split: val a sixth of it,
+    fit up to 10,000 of the rest, disjoint (seed 1)."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(1))
+    n_val = max(1, n // 6)
+    return perm[n_val:n_val + 10000], perm[:n_val]
+
+
+def _select_best_t(timer, train_z, train_y, ts, classes) -> tuple[int, list[float]]:
+    """Which t is "the best t": the linear probe's top-1 on held-out training images (``_held_out_split``), so
+    the test split only reads the chosen t's result. Returns (its index into ``ts``, each t's held-out %)."""
+    fit, val = _held_out_split(train_z[0].shape[0])
+    scores = []
+    for z in train_z:
+        with timer("best-t selection"):
+            scores.append(linear_probe(z[fit], train_y[fit], z[val], train_y[val], num_classes=classes)["top1"])
+    return max(range(len(ts)), key=lambda k: scores[k]), scores
 
 
 def _readout(name: str, train_z, test_z, ts, multi_t: dict) -> dict:
@@ -175,10 +197,7 @@ def _select_z_plus_denoiser(timer, multi_train: torch.Tensor, ddae_train: torch.
     block and t already chosen): at the multi-t width when the denoiser is as wide as z. Which t gives way is
     chosen on held-out training images (fit on up to 10,000, scored on a sixth of the split, disjoint; seed 1),
     never on the test split. Returns (the index into multi_ts dropped, each choice's held-out linear %)."""
-    n = multi_train.shape[0]
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(1))
-    n_val = max(1, n // 6)
-    val, fit = perm[:n_val], perm[n_val:n_val + 10000]
+    fit, val = _held_out_split(multi_train.shape[0])
     scores = {}
     for k, t in enumerate(multi_ts):
         feats = _z_plus_denoiser(multi_train, ddae_train, k, dim)

@@ -132,6 +132,20 @@ def run_dir(model, tmp_path_factory):
 
 
 @has_fmnist
+def test_best_t_is_chosen_without_the_test_labels(model):
+    """Scrambling the test labels changes every test accuracy but not which t is called best."""
+    train_x, train_y = load_split("fashion-mnist", DEFAULT_PATH, "train", 28, 1)
+    test_x, test_y = load_split("fashion-mnist", DEFAULT_PATH, "test", 28, 1)
+    kw = dict(batch_size=64, knn_k=5, progress=False, with_baselines=False, label_sizes=(20,))
+    a = run_probe(model, train_x[:240], train_y[:240], test_x[:120], test_y[:120], TS, **kw)
+    scrambled = test_y[:120][torch.randperm(120, generator=torch.Generator().manual_seed(3))]
+    b = run_probe(model, train_x[:240], train_y[:240], test_x[:120], scrambled, TS, **kw)
+    assert a["best_t"]["t"] == b["best_t"]["t"]
+    assert a["best_t"]["selection_val_linear"] == b["best_t"]["selection_val_linear"]
+    assert [r["linear"] for r in a["per_t"]] != [r["linear"] for r in b["per_t"]]
+
+
+@has_fmnist
 def test_run_probe_fields_and_ranges(model):
     train_x, train_y = load_split("fashion-mnist", DEFAULT_PATH, "train", 28, 1)
     test_x, test_y = load_split("fashion-mnist", DEFAULT_PATH, "test", 28, 1)
@@ -141,7 +155,11 @@ def test_run_probe_fields_and_ranges(model):
     accuracies = [v for r in result["per_t"] for k, v in r.items() if k != "t"]
     accuracies += [result[key][k] for key in ("best_t", "multi_t", "raw_pixels") for k in ("linear", "knn")]
     assert all(0.0 <= a <= 100.0 for a in accuracies)
-    assert result["best_t"]["linear"] == max(r["linear"] for r in result["per_t"])
+    best = result["best_t"]  # chosen on held-out training images: the test split only reads its result
+    val = [r["linear"] for r in best["selection_val_linear"]]
+    assert [r["t"] for r in best["selection_val_linear"]] == TS and best["selected_on"] == "held-out train"
+    assert best["t"] == TS[val.index(max(val))]
+    assert {k: best[k] for k in ("t", "linear", "knn")} == result["per_t"][TS.index(best["t"])]
     assert result["multi_t"]["ts"] == TS and result["multi_t"]["dim"] == len(TS) * 16
     assert result["embedding_dim"] == 16
     assert (result["n_train"], result["n_test"]) == (200, 100)
