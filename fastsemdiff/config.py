@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import types
 import typing
@@ -95,6 +96,9 @@ class EncoderConfig:
     # (RandomErasing's 2-33 % of the area, set to 0, mid-grey)
     view_crop_scale: list[float] = field(default_factory=list)
     view_erase: float = 0.0
+    # A SimSiam/BYOL-style term across views (0: off): a predictor MLP on z_t of the view above is pulled, by
+    # cosine, toward the stop-gradient z_t of a second view drawn the same way (one extra no-grad encoder pass)
+    invariance_weight: float = 0.0
     time_conditioned: bool = True  # false: a diffae-style static code E(x0)
     normalize: bool = False  # L2-normalise z (the "directional vector"); off probed better (docs/ABLATIONS.md)
     depth: Optional[int] = None  # None: half the denoiser's depth
@@ -282,6 +286,15 @@ class Config:
                               "0 < min <= max <= 1, e.g. [0.35, 1.0]")
         if not 0.0 <= e.view_erase <= 1.0:
             raise ConfigError(f"encoder.view_erase={e.view_erase} is a probability: 0 (off) to 1")
+        if e.invariance_weight < 0 or not math.isfinite(e.invariance_weight):
+            raise ConfigError(f"encoder.invariance_weight={e.invariance_weight} must be 0 (off) or a positive weight")
+        if e.invariance_weight > 0 and not (e.view_shift or e.view_flip or e.view_crop_scale or e.view_erase):
+            raise ConfigError("encoder.invariance_weight > 0 pulls together z of two views of an image, but no view "
+                              "is drawn: set encoder.view_crop_scale (e.g. [0.35,1.0]), encoder.view_flip, "
+                              "encoder.view_shift or encoder.view_erase")
+        if e.invariance_weight > 0 and e.objective == "supervised":
+            raise ConfigError("encoder.invariance_weight is a term of the self-conditional loss; the supervised "
+                              "baseline (encoder.objective=supervised) does not use it: set it to 0")
         if side and side % self.model.patch_size:
             raise ConfigError(
                 f"{what}={side} is not divisible by model.patch_size={self.model.patch_size}; choose a patch size "

@@ -162,3 +162,59 @@ def test_the_loss_feeds_the_soda_view_to_the_encoder_and_x0_to_the_denoiser():
 def test_bad_soda_views_are_refused(override, fragment):
     with pytest.raises(ConfigError, match=fragment):
         load_config(None, [override])
+
+
+# ------------------------------------------------------------------------------ the cross-view invariance term
+INV = [*SMALL, "encoder.view_crop_scale=[0.35,1.0]", "encoder.view_flip=true", "encoder.invariance_weight=0.5"]
+
+
+def test_the_invariance_term_is_the_predictor_against_the_second_view():
+    """loss = mse + w * (1 - cos(predictor(z), sg(z_b))), z of the first view and z_b of an independent second
+    draw of the same views; the gradient reaches the encoder through z only."""
+    torch.manual_seed(0)
+    model = SemanticDiffusion(load_config(None, INV))
+    x0 = torch.rand(6, 1, 28, 28, generator=gen(21)) * 2 - 1
+    noise = model.draw_noise(x0, gen(22))
+    assert noise.crop_b.shape == (6, 4) and noise.view_b.shape == (6, 3) and noise.erase_b is None
+    assert not torch.equal(noise.crop, noise.crop_b), "the second view repeated the first"
+    loss, parts = model.loss(x0, noise)
+
+    def code(view, crop):
+        return model.encoder(model.encoder_input(x0, noise.t, noise.eps, view, crop), noise.t)[0]
+
+    z, z_b = code(noise.view, noise.crop), code(noise.view_b, noise.crop_b).detach()
+    want = (1 - torch.nn.functional.cosine_similarity(model.predictor(z), z_b, dim=-1)).mean()
+    torch.testing.assert_close(parts["inv"], want.detach())
+    torch.testing.assert_close(loss, parts["mse"] + 0.5 * want, rtol=1e-6, atol=1e-6)
+
+    model.zero_grad()
+    model.invariance(x0, noise.t, noise.eps, z, noise).backward(retain_graph=True)
+    got = [p.grad.clone() for p in model.encoder.parameters() if p.grad is not None]
+    model.zero_grad()
+    want.backward()  # the same expression, its target detached by hand
+    ref = [p.grad for p in model.encoder.parameters() if p.grad is not None]
+    assert len(got) == len(ref) > 0 and any(g.abs().sum() > 0 for g in got)
+    for g, r in zip(got, ref):
+        torch.testing.assert_close(g, r)
+    assert all(p.grad is not None for p in model.predictor.parameters())
+
+
+def test_the_invariance_switch_off_draws_what_it_drew_before():
+    x0 = torch.rand(5, 1, 28, 28, generator=gen(23)) * 2 - 1
+    views = [*SMALL, "encoder.view_crop_scale=[0.35,1.0]", "encoder.view_flip=true"]
+    off = SemanticDiffusion(load_config(None, views)).draw_noise(x0, gen(24))
+    on = SemanticDiffusion(load_config(None, [*views, "encoder.invariance_weight=0.1"])).draw_noise(x0, gen(24))
+    assert off.view_b is None and off.crop_b is None and not hasattr(SemanticDiffusion(load_config(None, views)),
+                                                                     "predictor")
+    for a, b in zip(off[:9], on[:9]):  # every draw of the first view is the same; the second comes after
+        assert (a is None and b is None) or torch.equal(a, b)
+
+
+@pytest.mark.parametrize("override, fragment", [
+    (["encoder.invariance_weight=0.1"], "no view is drawn"),
+    (["encoder.invariance_weight=-1", "encoder.view_flip=true"], "invariance_weight=-1"),
+    (["encoder.invariance_weight=0.1", "encoder.view_flip=true", "encoder.objective=supervised"], "supervised"),
+])
+def test_bad_invariance_settings_are_refused(override, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        load_config(None, override)

@@ -40,6 +40,10 @@ class StepNoise(NamedTuple):
     view: Optional[torch.Tensor] = None  # [B, 3] int: the encoder view's (dy, dx) shift and flip (0 | 1)
     crop: Optional[torch.Tensor] = None  # [B, 4] the encoder view's resized crop: (w, h, cx, cy), see cropped_view
     erase: Optional[torch.Tensor] = None  # [B, 5] the encoder view's erased box: (on, top, left, h, w), see erased_view
+    # the second view of the invariance term (encoder.invariance_weight), drawn like view / crop / erase
+    view_b: Optional[torch.Tensor] = None
+    crop_b: Optional[torch.Tensor] = None
+    erase_b: Optional[torch.Tensor] = None
 
     def slice(self, start: int, stop: int) -> "StepNoise":
         return StepNoise(*(None if v is None else v[start:stop] for v in self))
@@ -157,6 +161,9 @@ class SemanticDiffusion(nn.Module):
             fused_check=m.fused_check, pos_layout=m.pos_layout,
         )
         self.schedule = get_schedule(cfg.diffusion.schedule)
+        if e.invariance_weight > 0:  # the cross-view term's predictor, used in training only
+            self.predictor = nn.Sequential(nn.Linear(e.dim, e.dim), nn.LayerNorm(e.dim), nn.GELU(),
+                                           nn.Linear(e.dim, e.dim))
         if e.objective == "supervised":  # the ceiling baseline: the same encoder trained with labels
             self.classifier = nn.Linear(e.dim, e.num_classes)
             self.denoiser.requires_grad_(False)  # kept for a uniform model, but not trained
@@ -192,15 +199,20 @@ class SemanticDiffusion(nn.Module):
             z_noise = torch.randn(B, cfg.encoder.dim, device=dev, generator=generator)
             if cons is not None:
                 z_noise2 = torch.randn(B, cfg.encoder.dim, device=dev, generator=generator)
-        view = None
-        e = cfg.encoder
+        view, crop, erase = self._draw_view(B, dev, generator)
+        second = self._draw_view(B, dev, generator) if cfg.encoder.invariance_weight > 0 else (None, None, None)
+        return StepNoise(t, eps, drop, cons, z_noise, z_noise2, view, crop, erase, *second)
+
+    def _draw_view(self, B: int, dev, generator: Optional[torch.Generator]) -> tuple[Optional[torch.Tensor], ...]:
+        """(view, crop, erase): one draw of the encoder's view switches, None for each switch that is off."""
+        e, view = self.cfg.encoder, None
         if e.view_shift or e.view_flip:
             shift = torch.randint(-e.view_shift, e.view_shift + 1, (B, 2), device=dev, generator=generator)
             flip = torch.randint(0, 2 if e.view_flip else 1, (B, 1), device=dev, generator=generator)
             view = torch.cat([shift, flip], 1)
         crop = draw_crops(B, e.view_crop_scale, dev, generator) if e.view_crop_scale else None
         erase = draw_erasures(B, e.view_erase, dev, generator) if e.view_erase > 0 else None
-        return StepNoise(t, eps, drop, cons, z_noise, z_noise2, view, crop, erase)
+        return view, crop, erase
 
     def _uses_consistency(self) -> bool:
         e = self.cfg.encoder
@@ -261,6 +273,11 @@ class SemanticDiffusion(nn.Module):
             loss = loss + cfg.diffusion.lambda_cons * cons
             parts["cons"] = cons.detach()
 
+        if cfg.encoder.invariance_weight > 0:
+            inv = self.invariance(x0, t, eps, z, n)
+            loss = loss + cfg.encoder.invariance_weight * inv
+            parts["inv"] = inv.detach()
+
         reg = cfg.encoder.regularizer
         if reg == "l1":
             r = z.float().abs().sum(-1).mean()
@@ -271,6 +288,19 @@ class SemanticDiffusion(nn.Module):
             loss = loss + cfg.encoder.reg_weight * r
             parts["reg"] = r.detach()
         return loss, parts
+
+    def invariance(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, z: torch.Tensor,
+                   n: StepNoise) -> torch.Tensor:
+        """1 - cos(predictor(z), sg(z_b)), z_b the code of the step's second view at the same t (its mean, for a
+        variational encoder): one direction of SimSiam, without an EMA target (the denoising loss already keeps
+        z from collapsing to a constant). The gradient reaches the encoder only through z."""
+        if n.view_b is None and n.crop_b is None and n.erase_b is None:
+            raise ValueError("encoder.invariance_weight > 0 needs the second view in StepNoise (view_b, crop_b, "
+                             "erase_b): draw the noise with draw_noise")
+        with torch.no_grad():
+            z_b, _ = self.encoder(self.encoder_input(x0, t, eps, n.view_b, n.crop_b, n.erase_b), t, sample=False)
+        p = self.predictor(z.to(self.predictor[0].weight.dtype))
+        return (1 - F.cosine_similarity(p.float(), z_b.float(), dim=-1)).mean()
 
     # --------------------------------------------------------------------------------------- embeddings
     def _prepare(self, images: torch.Tensor) -> torch.Tensor:
