@@ -19,10 +19,10 @@ from conftest import REPO, child_env, kill_tree
 sys.path.insert(0, str(REPO / "scripts"))  # the gpucheck package (scripts/gpu_check.py does the same)
 
 from gpucheck import runner  # noqa: E402
-from gpucheck.stages import train_curves  # noqa: E402
+from gpucheck.stages import fp8_curve, train_curves  # noqa: E402
 
 STAGES = ["environment", "install", "build-cuda", "kernel-tests", "model-check", "train-curves", "csrc-tests",
-          "memcheck", "fuzz", "bench-adaln", "tune-adaln", "bench-train-tiny", "profile", "switch-matrix", "report"]
+          "memcheck", "fuzz", "bench-adaln", "tune-adaln", "bench-train-tiny", "profile", "switch-matrix", "fp8-curve", "report"]
 SKIPPED_IN_A_DRY_RUN = {"build-cuda", "memcheck"}  # no GPU: nothing to build for, nothing for the sanitizer to watch
 
 
@@ -74,6 +74,11 @@ def test_dry_run_passes_every_stage(dry_run):
     assert matrix["mlp_epilogue=addmm"]["ratio_to_reference"] > 0 and matrix["update=loop"]["finite"]
     for refused in ("attention=cudnn", "fp8=rowwise", "reduce-overhead"):  # the CPU's refusals, with reasons
         assert "skipped" in matrix[refused], matrix[refused]
+    fp8 = stages["fp8-curve"]["details"]
+    assert fp8["passed"] and fp8["rule"] == fp8_curve.RULE and record["fp8_curve_rule"] == fp8_curve.RULE
+    assert fp8["runs"]["bf16-seed1"].endswith("train.seed=1") and "plumbing only" in fp8["note"]
+    assert fp8["loss_bf16"] != fp8["loss_bf16_seed1"]  # the calibration run really drew other numbers
+    assert fp8["cpu_refusal"]["clear"] and fp8["cpu_refusal"]["exit_code"] == 2, fp8["cpu_refusal"]
 
 
 def test_dry_run_writes_the_benchmarks_tables_and_summary(dry_run):
@@ -114,6 +119,20 @@ def test_curve_comparison_calibrates_its_tolerance_on_the_rounding_drift():
     assert not train_curves.compare_curves(a, a, [])["passed"]
     assert not train_curves.compare_curves(a, a, [{"step": 10, "loss": float("nan")}])["passed"]
     assert "3x rounding drift" in train_curves.verdict(late)
+
+
+def test_the_fp8_rule_allows_a_seeds_drift_and_no_more():
+    """MULTIPLE = 1: an FP8 curve as far from bf16 as another seed is passes; twice as far fails."""
+    steps = range(25, 525, 25)
+    a = [{"step": s, "loss": 1.0 / (1 + s / 100)} for s in steps]
+    seed = [{"step": r["step"], "loss": r["loss"] * (1.02 if r["step"] % 50 else 0.98)} for r in a]  # +-2%
+
+    def off(f):
+        return [{"step": r["step"], "loss": r["loss"] * f} for r in a]
+
+    assert fp8_curve.MULTIPLE == 1.0
+    assert train_curves.compare_curves(a, seed, off(1.019), multiple=fp8_curve.MULTIPLE)["passed"]
+    assert not train_curves.compare_curves(a, seed, off(1.045), multiple=fp8_curve.MULTIPLE)["passed"]
 
 
 def test_a_failing_or_overrunning_stage_is_reported_and_the_next_runs(tmp_path):

@@ -115,7 +115,8 @@ def verdict(d: dict) -> str:
 
 def train_runs(check: Check, stage: Stage, runs: dict[str, tuple[Sequence[str], Sequence[str]]],
                common: Sequence[str], cap_s: float, concurrent: bool) -> dict[str, Optional[list[dict]]]:
-    """Each run ``name: (fastsemdiff.train overrides, planted faults)`` in its own process (``gpucheck.train_run``),
+    """Each run ``name: (fastsemdiff.train overrides, planted faults)`` in its own process (seed 0 unless its
+    overrides set ``train.seed``; ``gpucheck.train_run``),
     writing ``check.work/train-<name>``; its metrics records, or None (the reason is in ``stage``)."""
     curves: dict[str, Optional[list[dict]]] = {}
     lock = threading.Lock()
@@ -124,8 +125,8 @@ def train_runs(check: Check, stage: Stage, runs: dict[str, tuple[Sequence[str], 
         overrides, faults = runs[name]
         run_dir = check.work / f"train-{name}"
         shutil.rmtree(run_dir, ignore_errors=True)
-        cmd = [PY, "-m", "gpucheck.train_run", *(f"--fault={x}" for x in faults), "--", *common, *overrides,
-               f"train.run_dir={run_dir}", "train.ckpt_every=100000", "train.progress=false", "train.seed=0"]
+        cmd = [PY, "-m", "gpucheck.train_run", *(f"--fault={x}" for x in faults), "--", *common, "train.seed=0",
+               *overrides, f"train.run_dir={run_dir}", "train.ckpt_every=100000", "train.progress=false"]
         sub = Stage(stage.name)
         rc, _ = check.run(sub, cmd, cap_s, check.helper_env(), min_s=20)
         metrics = run_dir / "metrics.jsonl"
