@@ -288,6 +288,16 @@ def _finish_kernel(
 
 
 # ------------------------------------------------------------------------------------------ helpers
+def _cdiv(a: int, b: int) -> int:
+    """ceil(a / b) in plain integers: ``triton.cdiv`` is a ConstexprFunction in triton 3.8, ~2 us per host call."""
+    return -(-a // b)
+
+
+def _pow2(n: int) -> int:
+    """The smallest power of two >= n (n >= 1), in plain integers (``triton.next_power_of_2`` costs ~3 us)."""
+    return 1 << (n - 1).bit_length()
+
+
 def _new(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """An output buffer: uninitialised, or NaN-filled when POISON_OUTPUTS is set (tests)."""
     if POISON_OUTPUTS:
@@ -308,7 +318,7 @@ def num_warps_for(block: int, element_bytes: int, most: int) -> int:
 
 
 def _block_c(C: int) -> int:
-    block = triton.next_power_of_2(C)
+    block = _pow2(C)
     if block > MAX_FUSED_SIZE:
         raise ValueError(f"modulated norm: C={C} exceeds the fused row limit of {MAX_FUSED_SIZE}")
     return block
@@ -407,7 +417,7 @@ def modulated_norm_fwd(
     h, gate = (_rows(h), _rows(gate)) if residual else (x, shift)
     cfg = config_for("gated_residual_norm" if residual else "modulated_norm", "fwd", C, x.device, config)
     ROWS = cfg["rows"]
-    _fwd_kernel[(triton.cdiv(M, ROWS),)](
+    _fwd_kernel[(_cdiv(M, ROWS),)](
         x, h, gate, x_out if residual else y, y, shift, scale,
         weight if weight is not None else x, bias if bias is not None else x, mean, rstd,
         x.stride(0), h.stride(0), y.stride(0), _mod_stride(shift, scale, gate),
@@ -487,8 +497,8 @@ def modulated_norm_bwd(
         S, rpp = programs_per_group(num_groups, rows_per_group, ROWS, _sm_count(x.device), cfg)
     else:
         rpp = max(1, min(int(rpp), rows_per_group))
-        S = triton.cdiv(rows_per_group, rpp)
-    ROWS = min(ROWS, triton.next_power_of_2(rpp))
+        S = _cdiv(rows_per_group, rpp)
+    ROWS = min(ROWS, _pow2(rpp))
     num_programs = num_groups * S
 
     f32 = torch.float32
@@ -519,7 +529,7 @@ def modulated_norm_bwd(
         C, rows_per_group, S, rpp,
         PER_TOKEN=per_token, HAS_RESIDUAL=residual, IS_RMS=rms,
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, BLOCK_C=_block_c(C), ROWS=ROWS,
-        TILES=triton.cdiv(rpp, ROWS), NUM_STAGES=cfg["stages"], RNE=INTERPRETED, num_warps=cfg["warps"],
+        TILES=_cdiv(rpp, ROWS), NUM_STAGES=cfg["stages"], RNE=INTERPRETED, num_warps=cfg["warps"],
     )
     if mod_part is not None:
         mods_out = [_new((num_groups, C), scale.dtype, x.device) for _ in range(n_mod)]
@@ -541,11 +551,11 @@ def _finish(part: torch.Tensor, outs: list, groups: int, parts: int, C: int) -> 
     Per-sample sums (many groups, few parts): one warp per 256 columns, so each thread stores 8 contiguous
     values (128-bit in bf16) and reads 128-bit fp32. Weight/bias sums (one group, a part per backward program):
     4 warps over [16, 256] tiles, the columns split across programs."""
-    BLOCK_C = min(256, triton.next_power_of_2(C))
+    BLOCK_C = min(256, _pow2(C))
     many = groups > 1
-    PART_BLOCK = min(8 if many else 16, triton.next_power_of_2(parts))
+    PART_BLOCK = min(8 if many else 16, _pow2(parts))
     o = outs + [outs[0]] * (3 - len(outs))
-    _finish_kernel[(groups, triton.cdiv(C, BLOCK_C))](
+    _finish_kernel[(groups, _cdiv(C, BLOCK_C))](
         part, o[0], o[1], o[2], C, part.stride(0),
         K=len(outs), PARTS=parts, PART_BLOCK=PART_BLOCK, BLOCK_C=BLOCK_C, RNE=INTERPRETED,
         num_warps=1 if many else 4,

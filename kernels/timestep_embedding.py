@@ -58,7 +58,7 @@ def timestep_embedding_fwd(t: torch.Tensor, dim: int, max_period: float = 10000.
         raise ValueError(f"timestep_embedding: dim must be positive, got {dim}")
     out = _mln._new((t.shape[0], dim), torch.float32, t.device)
     half = dim // 2
-    block = triton.next_power_of_2(dim)
+    block = _mln._pow2(dim)
     if t.shape[0] == 0:
         return out
     freqs = frequencies(half, max_period, t.device) if half else out  # dim 1: no frequency is read
