@@ -191,6 +191,11 @@ def _none_if_absent(grad: Tensor, given: Optional[Tensor]) -> Optional[Tensor]:
 def modulated_norm_fwd(x: Tensor, shift: Tensor, scale: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                        eps: float, tokens_per_mod_row: int, rms: bool, backend: str, check: str = "warn"
                        ) -> tuple[Tensor, Tensor, Tensor]:
+    return _mn_fwd(x, shift, scale, weight, bias, eps, tokens_per_mod_row, rms, backend, check)
+
+
+def _mn_fwd(x, shift, scale, weight, bias, eps, tokens_per_mod_row, rms, backend, check):
+    """The modulated norm's forward (the custom op's body, and the eager Function's)."""
     validation.norm_fwd("fastsemdiff::modulated_norm_fwd", x, shift, scale, weight, bias, eps, tokens_per_mod_row)
     launchers = _launchers(backend, check, x, (shift, scale), scale, weight, bias, tokens_per_mod_row, rms, False)
     _, y, mean, rstd = launchers.modulated_norm_fwd(x, shift, scale, weight, bias, eps, tokens_per_mod_row, rms)
@@ -208,11 +213,18 @@ def _(x, shift, scale, weight, bias, eps, tokens_per_mod_row, rms, backend, chec
 def modulated_norm_bwd(dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, scale: Tensor, weight: Optional[Tensor],
                        bias: Optional[Tensor], tokens_per_mod_row: int, rms: bool, backend: str, check: str = "warn"
                        ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    dx, dshift, dscale, dw, db = _mn_bwd(dy, x, mean, rstd, scale, weight, bias, tokens_per_mod_row, rms, backend,
+                                         check)
+    return dx, dshift, dscale, _or_empty(dw, x), _or_empty(db, x)
+
+
+def _mn_bwd(dy, x, mean, rstd, scale, weight, bias, tokens_per_mod_row, rms, backend, check):
+    """The modulated norm's backward; None for the gradient of an absent weight or bias."""
     validation.norm_bwd("fastsemdiff::modulated_norm_bwd", dy, x, mean, rstd, scale, weight, bias, tokens_per_mod_row)
     launchers = _launchers(backend, check, x, (dy, scale), scale, weight, bias, tokens_per_mod_row, rms, False)
     dx, _, _, dshift, dscale, dw, db = launchers.modulated_norm_bwd(
         dy, x, mean, rstd, scale, weight, bias, tokens_per_mod_row, rms)
-    return dx, dshift, dscale, _or_empty(dw, x), _or_empty(db, x)
+    return dx, dshift, dscale, _none_if_absent(dw, weight), _none_if_absent(db, bias)
 
 
 @modulated_norm_bwd.register_fake
@@ -245,6 +257,11 @@ def gated_residual_modulated_norm_fwd(x: Tensor, h: Tensor, gate: Tensor, shift:
                                       weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
                                       tokens_per_mod_row: int, rms: bool, backend: str, check: str = "warn"
                                       ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _gr_fwd(x, h, gate, shift, scale, weight, bias, eps, tokens_per_mod_row, rms, backend, check)
+
+
+def _gr_fwd(x, h, gate, shift, scale, weight, bias, eps, tokens_per_mod_row, rms, backend, check):
+    """The gated residual + modulated norm's forward (the custom op's body, and the eager Function's)."""
     validation.norm_fwd("fastsemdiff::gated_residual_modulated_norm_fwd", x, shift, scale, weight, bias, eps,
                         tokens_per_mod_row, h, gate)
     launchers = _launchers(backend, check, x, (h, gate, shift, scale), scale, weight, bias, tokens_per_mod_row, rms,
@@ -267,13 +284,20 @@ def gated_residual_modulated_norm_bwd(dx_out: Tensor, dy: Tensor, x_out: Tensor,
                                       bias: Optional[Tensor], tokens_per_mod_row: int, rms: bool, backend: str,
                                       check: str = "warn"
                                       ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    dx, dh, dgate, dshift, dscale, dw, db = _gr_bwd(dx_out, dy, x_out, h, gate, mean, rstd, scale, weight, bias,
+                                                    tokens_per_mod_row, rms, backend, check)
+    return dx, dh, dgate, dshift, dscale, _or_empty(dw, x_out), _or_empty(db, x_out)
+
+
+def _gr_bwd(dx_out, dy, x_out, h, gate, mean, rstd, scale, weight, bias, tokens_per_mod_row, rms, backend, check):
+    """The gated residual + modulated norm's backward; None for the gradient of an absent weight or bias."""
     validation.norm_bwd("fastsemdiff::gated_residual_modulated_norm_bwd", dy, x_out, mean, rstd, scale, weight, bias,
                         tokens_per_mod_row, dx_out, h, gate)
     launchers = _launchers(backend, check, x_out, (dx_out, dy, h, gate, scale), scale, weight, bias,
                            tokens_per_mod_row, rms, True)
     dx, dh, dgate, dshift, dscale, dw, db = launchers.modulated_norm_bwd(
         dy, x_out, mean, rstd, scale, weight, bias, tokens_per_mod_row, rms, dx_out, h, gate)
-    return dx, dh, dgate, dshift, dscale, _or_empty(dw, x_out), _or_empty(db, x_out)
+    return dx, dh, dgate, dshift, dscale, _none_if_absent(dw, weight), _none_if_absent(db, bias)
 
 
 @gated_residual_modulated_norm_bwd.register_fake
@@ -303,6 +327,61 @@ def _gr_backward(ctx, dx_out, dy, _dmean, _drstd):
 
 
 gated_residual_modulated_norm_fwd.register_autograd(_gr_backward, setup_context=_gr_setup)
+
+
+# ------------------------------------------------------------------------ the eager path
+# Outside torch.compile the same forward and backward run through plain ``autograd.Function``s: the custom op's
+# dispatch, its default filling and the autograd wrapper around it cost more host time per call than the
+# launcher itself (bench/test_bench_call_overhead.py, the ``floor`` rows against ``floor_function``), and in
+# eager mode nothing needs the op's schema. Under torch.compile (and any dispatch mode, e.g. FakeTensorMode, or a
+# tensor subclass such as DTensor) the custom ops run, with their fake implementations.
+def _plain(*tensors: Optional[Tensor]) -> bool:
+    """Whether a call may take the eager Functions: not traced, no dispatch mode or functorch transform active,
+    plain tensors only. (The Functions take ``ctx`` in ``forward``: the ``setup_context`` form that functorch
+    needs makes ``apply`` bind its arguments through ``inspect.signature``, ~25 us a call.)"""
+    if torch._C._len_torch_dispatch_stack() or torch._C._are_functorch_transforms_active():
+        return False
+    for t in tensors:
+        if t is not None and type(t) is not Tensor:
+            return False
+    return True
+
+
+class _ModulatedNormFunction(torch.autograd.Function):
+    """``modulated_norm_fwd`` with its backward, as a plain Function (the eager path)."""
+
+    @staticmethod
+    def forward(ctx, x, shift, scale, weight, bias, eps, tokens_per_mod_row, rms, backend, check):
+        inputs = (x, shift, scale, weight, bias, eps, tokens_per_mod_row, rms, backend, check)
+        output = _mn_fwd(*inputs)
+        _mn_setup(ctx, inputs, output)
+        return output
+
+    @staticmethod
+    def backward(ctx, dy, _dmean, _drstd):
+        x, scale, weight, bias, mean, rstd = ctx.saved_tensors
+        dx, dshift, dscale, dw, db = _mn_bwd(dy.contiguous(), x, mean, rstd, scale, weight, bias, *ctx.args)
+        return dx, dshift, dscale, dw, db, None, None, None, None, None
+
+
+class _GatedResidualNormFunction(torch.autograd.Function):
+    """``gated_residual_modulated_norm_fwd`` with its backward, as a plain Function (the eager path)."""
+
+    @staticmethod
+    def forward(ctx, x, h, gate, shift, scale, weight, bias, eps, tokens_per_mod_row, rms, backend, check):
+        inputs = (x, h, gate, shift, scale, weight, bias, eps, tokens_per_mod_row, rms, backend, check)
+        output = _gr_fwd(*inputs)
+        _gr_setup(ctx, inputs, output)
+        return output
+
+    @staticmethod
+    def backward(ctx, dx_out, dy, _dmean, _drstd):
+        x_out, h, gate, scale, weight, bias, mean, rstd = ctx.saved_tensors
+        dx_out = torch.zeros_like(x_out) if dx_out is None else dx_out.contiguous()
+        dy = torch.zeros_like(x_out) if dy is None else dy.contiguous()
+        dx, dh, dgate, dshift, dscale, dw, db = _gr_bwd(dx_out, dy, x_out, h, gate, mean, rstd, scale, weight, bias,
+                                                        *ctx.args)
+        return dx, dh, dgate, dshift, dscale, dw, db, None, None, None, None, None
 
 
 # ------------------------------------------------------------------------ user-facing functions
@@ -371,7 +450,11 @@ def modulated_layer_norm(x: Tensor, shift: Tensor, scale: Tensor, weight: Option
     B, N, C = x.shape
     (shift, scale), t = _mod_rows({"shift": shift, "scale": scale}, B, N, C, x.shape)
     weight, bias = _affine(weight, bias)
-    y, _, _ = modulated_norm_fwd(x2d, shift, scale, weight, bias, float(eps), t, rms, backend, check)
+    args = (x2d, shift, scale, weight, bias, float(eps), t, rms, backend, check)
+    if torch.compiler.is_compiling() or not _plain(x2d, shift, scale, weight, bias):
+        y, _, _ = modulated_norm_fwd(*args)
+    else:
+        y, _, _ = _ModulatedNormFunction.apply(*args)
     return y.view(B, N, C)
 
 
@@ -387,6 +470,9 @@ def gated_residual_modulated_norm(x: Tensor, h: Tensor, gate: Tensor, shift: Ten
         raise ValueError(f"h must be shaped like x {tuple(x.shape)}, got {tuple(h.shape)}")
     (gate, shift, scale), t = _mod_rows({"gate": gate, "shift": shift, "scale": scale}, B, N, C, x.shape)
     weight, bias = _affine(weight, bias)
-    x_out, y, _, _ = gated_residual_modulated_norm_fwd(x2d, h2d.to(x.dtype), gate, shift, scale, weight, bias,
-                                                       float(eps), t, rms, backend, check)
+    args = (x2d, h2d.to(x.dtype), gate, shift, scale, weight, bias, float(eps), t, rms, backend, check)
+    if torch.compiler.is_compiling() or not _plain(x2d, h2d, gate, shift, scale, weight, bias):
+        x_out, y, _, _ = gated_residual_modulated_norm_fwd(*args)
+    else:
+        x_out, y, _, _ = _GatedResidualNormFunction.apply(*args)
     return x_out.view(B, N, C), y.view(B, N, C)
