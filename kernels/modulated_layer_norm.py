@@ -324,11 +324,15 @@ def _block_c(C: int) -> int:
     return block
 
 
-def _check(x: torch.Tensor, tokens_per_mod_row: int, mods: dict[str, torch.Tensor]) -> None:
+def _launchable(x: torch.Tensor) -> None:
     if x.device.type == "cpu" and not INTERPRETED:
         raise RuntimeError("the Triton modulated-norm kernels got a CPU tensor but were not defined under the "
                            "Triton interpreter: set TRITON_INTERPRET=1 before fastsemdiff.kernels is imported, "
                            "or use backend='torch'")
+
+
+def _check(x: torch.Tensor, tokens_per_mod_row: int, mods: dict[str, torch.Tensor]) -> None:
+    """The launchers' own argument checks (``Prevalidated`` skips them: ``fastsemdiff.ops`` checks more first)."""
     if x.dim() != 2:
         raise ValueError(f"modulated norm: x must be [M, C], got {tuple(x.shape)}")
     M, C = x.shape
@@ -406,6 +410,13 @@ def modulated_norm_fwd(
     _check(x, tokens_per_mod_row, mods)
     if residual and tuple(h.shape) != tuple(x.shape):
         raise ValueError(f"modulated norm: h must be {tuple(x.shape)} like x, got {tuple(h.shape)}")
+    return _fwd(x, shift, scale, weight, bias, eps, tokens_per_mod_row, rms, h, gate, config)
+
+
+def _fwd(x, shift, scale, weight, bias, eps, tokens_per_mod_row, rms, h=None, gate=None, config=None):
+    """``modulated_norm_fwd`` after its checks."""
+    _launchable(x)
+    residual = h is not None
     M, C = x.shape
     x_out = _new((M, C), x.dtype, x.device) if residual else None
     y = _new((M, C), x.dtype, x.device)
@@ -475,6 +486,16 @@ def modulated_norm_bwd(
     for name, t in (("dy", dy), ("dx_out", dx_out), ("h", h)):
         if t is not None and tuple(t.shape) != (M, C):
             raise ValueError(f"modulated norm backward: {name} must be [{M}, {C}], got {tuple(t.shape)}")
+    return _bwd(dy, x, mean, rstd, scale, weight, bias, tokens_per_mod_row, rms, dx_out, h, gate, rows_per_program,
+                config)
+
+
+def _bwd(dy, x, mean, rstd, scale, weight, bias, tokens_per_mod_row, rms, dx_out=None, h=None, gate=None,
+         rows_per_program=None, config=None):
+    """``modulated_norm_bwd`` after its checks."""
+    _launchable(x)
+    residual = h is not None
+    M, C = x.shape
     t = tokens_per_mod_row
     per_token = t == 1  # each token has its own modulation row: dshift/dscale/dgate are elementwise
     dx = _new((M, C), x.dtype, x.device)
@@ -543,6 +564,15 @@ def modulated_norm_bwd(
         dweight = outs[0].view(C) if weight is not None else None
         dbias = outs[-1].view(C) if bias is not None else None
     return dx, dh, dgate, dshift, dscale, dweight, dbias
+
+
+class Prevalidated:
+    """The two launchers without their argument checks, for ``fastsemdiff.ops``: each of its ops runs
+    ``fastsemdiff.ops.validation`` (everything ``_check`` asks, and more) before it launches, and asking twice
+    cost host time on every call (bench/test_bench_call_overhead.py). Direct callers use the checked ones."""
+
+    modulated_norm_fwd = staticmethod(_fwd)
+    modulated_norm_bwd = staticmethod(_bwd)
 
 
 def _finish(part: torch.Tensor, outs: list, groups: int, parts: int, C: int) -> None:

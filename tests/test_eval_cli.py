@@ -141,7 +141,7 @@ def test_best_t_is_chosen_without_the_test_labels(model):
     scrambled = test_y[:120][torch.randperm(120, generator=torch.Generator().manual_seed(3))]
     b = run_probe(model, train_x[:240], train_y[:240], test_x[:120], scrambled, TS, **kw)
     assert a["best_t"]["t"] == b["best_t"]["t"]
-    assert a["best_t"]["selection_val_linear"] == b["best_t"]["selection_val_linear"]
+    assert a["best_t"]["selection_val"] == b["best_t"]["selection_val"]
     assert [r["linear"] for r in a["per_t"]] != [r["linear"] for r in b["per_t"]]
 
 
@@ -156,8 +156,9 @@ def test_run_probe_fields_and_ranges(model):
     accuracies += [result[key][k] for key in ("best_t", "multi_t", "raw_pixels") for k in ("linear", "knn")]
     assert all(0.0 <= a <= 100.0 for a in accuracies)
     best = result["best_t"]  # chosen on held-out training images: the test split only reads its result
-    val = [r["linear"] for r in best["selection_val_linear"]]
-    assert [r["t"] for r in best["selection_val_linear"]] == TS and best["selected_on"] == "held-out train"
+    val = [r["score"] for r in best["selection_val"]]
+    assert [r["t"] for r in best["selection_val"]] == TS and best["selected_on"] == "held-out train"
+    assert all(r["score"] == pytest.approx((r["linear"] + r["knn"]) / 2) for r in best["selection_val"])
     assert best["t"] == TS[val.index(max(val))]
     assert {k: best[k] for k in ("t", "linear", "knn")} == result["per_t"][TS.index(best["t"])]
     assert result["multi_t"]["ts"] == TS and result["multi_t"]["dim"] == len(TS) * 16
@@ -165,6 +166,7 @@ def test_run_probe_fields_and_ranges(model):
     assert (result["n_train"], result["n_test"]) == (200, 100)
     assert result["seconds"] > 0
     assert result["raw_pixels"]["linear"] > 50  # pixels already separate Fashion-MNIST well
+    assert "z_plus_denoiser" not in result  # the readout that lost (docs/ABLATIONS.md) is asked for by name
     json.dumps(result)  # probe.json must be writable as is
     assert "multi-t" in format_table(result) and "pixels" in format_table(result)
 
@@ -205,7 +207,7 @@ def test_missing_data_is_a_clear_error(model, tmp_path):
 def test_eval_probe_cli(run_dir, tmp_path, capsys):
     eval_main(["probe", "--run", str(run_dir), "--ts", "0", "0.5", "--device", "cpu", "--batch-size", "64",
                "--out", str(tmp_path), "--limit-train", "200", "--limit-test", "100", "--recon-steps", "2",
-               "--baseline-run", f"static={run_dir}"])
+               "--baseline-run", f"static={run_dir}", "--z-plus-denoiser"])
     result = json.loads((tmp_path / "probe.json").read_text())
     assert {"per_t", "best_t", "multi_t", "raw_pixels", "embedding_dim", "n_train", "n_test", "seconds"} <= set(result)
     assert (result["n_train"], result["n_test"]) == (200, 100)

@@ -115,9 +115,10 @@ def checked_on_cpu(monkeypatch):
 
 @pytest.fixture
 def kernels():
+    """The Triton launchers the ops call (they validate first, so they run the unchecked entries)."""
     from fastsemdiff.kernels import modulated_layer_norm as K
 
-    return K
+    return K.Prevalidated
 
 
 def perturb_forward(monkeypatch, K, how="shift"):
@@ -130,7 +131,7 @@ def perturb_forward(monkeypatch, K, how="shift"):
         x_out, y, mean, rstd = real(*args, **kwargs)
         return x_out, y + 0.5, mean, rstd
 
-    monkeypatch.setattr(K, "modulated_norm_fwd", faulty)
+    monkeypatch.setattr(K, "modulated_norm_fwd", staticmethod(faulty))
 
 
 def test_correct_kernels_pass_without_a_warning(checked_on_cpu):
@@ -188,7 +189,7 @@ def test_a_faulty_backward_is_caught(checked_on_cpu, kernels, monkeypatch):
         dx, dh, dgate, dshift, dscale, dw, db = real(*args, **kwargs)
         return dx, dh * 1.5, dgate, dshift, dscale, dw, db
 
-    monkeypatch.setattr(kernels, "modulated_norm_bwd", faulty)
+    monkeypatch.setattr(kernels, "modulated_norm_bwd", staticmethod(faulty))
     inputs, dys = grmln_inputs("BNC", True, False, f32)
     layer = GatedResidualModulatedNorm(C, elementwise_affine=True, backend="triton").to(DEVICE)
     with torch.no_grad():
@@ -286,9 +287,11 @@ def test_config_key_reaches_every_fused_layer():
 
 
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="on a CPU the kernels run under the interpreter by design")
-def test_a_gpu_runs_the_compiled_kernels(kernels):
+def test_a_gpu_runs_the_compiled_kernels():
     """With a GPU the kernel tests use CUDA tensors and compiled kernels (scripts/gpu_check.py relies on it)."""
-    assert not kernels.INTERPRETED, "TRITON_INTERPRET is set on a GPU machine: unset it to test compiled kernels"
+    from fastsemdiff.kernels import modulated_layer_norm as K
+
+    assert not K.INTERPRETED, "TRITON_INTERPRET is set on a GPU machine: unset it to test compiled kernels"
     x = torch.randn(4, 3, 64, device=DEVICE)
     shift, scale = torch.randn(4, 64, device=DEVICE), torch.randn(4, 64, device=DEVICE)
     torch.testing.assert_close(ops.modulated_layer_norm(x, shift, scale, backend="triton", check="error"),

@@ -71,7 +71,7 @@ class _CudaLaunchers:
 
 def _module(backend: str):
     if backend == "triton":
-        return _triton()
+        return _triton().Prevalidated  # every op below validates its operands before it gets here
     if backend == "cuda":
         return _CudaLaunchers
     from . import torch_launchers
