@@ -27,7 +27,7 @@ from .data import DatasetError, load_split
 from .errors import CheckpointError
 from .export import resolve_model_path, write_readout
 from .plots import plot_embedding_2d, plot_reconstructions
-from .probe import knn_accuracy, linear_probe, linear_probes, plot_accuracy_vs_t
+from .probe import choose_weight_decays, knn_accuracy, linear_probe, linear_probes, plot_accuracy_vs_t
 
 MODEL_FILE = "model.safetensors"
 
@@ -321,19 +321,23 @@ def run_probe(model, train_images: torch.Tensor, train_labels: torch.Tensor, tes
 
     label_eff: dict = {}
     label_each: dict = {}
+    label_decay: dict = {}
     draws = [baselines.label_subsets(train_labels, tuple(label_sizes), seed=s) for s in range(LABEL_DRAWS)]
     joint = dev.type == "cuda" if joint_labels is None else joint_labels
     for n in draws[0]:
         names = list(features)
         trains = [(features[k][0][d[n].to(features[k][0].device)], train_labels[d[n]]) for k in names for d in draws]
+        with timer("label efficiency, weight decay"):  # by cross-validation on each draw's own labels
+            decays = choose_weight_decays(trains, classes, joint=joint)
         with timer("label efficiency"):
             if joint:  # every readout and draw of this size as one L-BFGS problem
                 accs = linear_probes(trains, [(features[k][1], test_labels) for k in names for _ in draws], classes,
-                                     max_iter=LABEL_MAX_ITER)
+                                     weight_decay=decays, max_iter=LABEL_MAX_ITER)
             else:
-                accs = [linear_probe(x, y, features[k][1], test_labels, num_classes=classes)["top1"]
-                        for (x, y), k in zip(trains, [k for k in names for _ in draws])]
+                accs = [linear_probe(x, y, features[k][1], test_labels, num_classes=classes, weight_decay=wd)["top1"]
+                        for (x, y), k, wd in zip(trains, [k for k in names for _ in draws], decays)]
         label_each[str(n)] = {k: accs[i * len(draws):(i + 1) * len(draws)] for i, k in enumerate(names)}
+        label_decay[str(n)] = {k: decays[i * len(draws):(i + 1) * len(draws)] for i, k in enumerate(names)}
         label_eff[str(n)] = {k: sum(a) / len(a) for k, a in label_each[str(n)].items()}
 
     if features_out is not None:
@@ -346,6 +350,7 @@ def run_probe(model, train_images: torch.Tensor, train_labels: torch.Tensor, tes
         "baselines": result_baselines,
         "label_efficiency": label_eff,  # the mean over LABEL_DRAWS class-balanced draws of the labelled images
         "label_efficiency_draws": label_each,
+        "label_efficiency_weight_decay": label_decay,  # each draw's, chosen by cross-validation on its labels
         "embedding_dim": dim,
         "n_train": int(train_images.shape[0]),
         "n_test": int(test_images.shape[0]),

@@ -6,7 +6,7 @@ code, and a baseline differs from the method only in its features.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -138,7 +138,8 @@ def plot_accuracy_vs_t(rows: list[dict], path: Union[str, Path], baselines: Opti
 
 
 def linear_probes(train_sets: list[tuple[torch.Tensor, torch.Tensor]], test_sets: list[tuple[torch.Tensor, torch.Tensor]],
-                  num_classes: int, weight_decay: float = 1e-4, max_iter: int = 300) -> list[float]:
+                  num_classes: int, weight_decay: Union[float, Sequence[float]] = 1e-4,
+                  max_iter: int = 300) -> list[float]:
     """Top-1 (%) of many independent linear probes solved as one problem: ``linear_probe`` for each
     (train_sets[i], test_sets[i]), with the same loss, standardisation (each by its own train rows) and
     zero init, but every problem's weights in one tensor and one L-BFGS run over the sum of their losses.
@@ -149,6 +150,7 @@ def linear_probes(train_sets: list[tuple[torch.Tensor, torch.Tensor]], test_sets
     differ: features are zero-padded to the widest (a zero column stays zero after standardisation and its
     weight only decays) and rows to the longest, padded rows weighing nothing, so each problem's loss is its
     own mean. ``max_iter`` is higher than ``linear_probe``'s because one step size serves every problem.
+    ``weight_decay``: one for all problems, or one per problem.
     """
     if len(train_sets) != len(test_sets) or not train_sets:
         raise ValueError("linear_probes needs one test set per train set, and at least one of each")
@@ -172,6 +174,7 @@ def linear_probes(train_sets: list[tuple[torch.Tensor, torch.Tensor]], test_sets
             xs[p, :n, :d] = (x.float().to(dev) - mean) / stds[p, :d]
             ys[p, :n] = y.long().to(dev)
             weights[p, :n] = 1.0 / n
+        decay = torch.as_tensor(weight_decay, dtype=torch.float32, device=dev).expand(P).reshape(P, 1, 1)
         W = torch.zeros(P, width, num_classes, device=dev, requires_grad=True)
         b = torch.zeros(P, 1, num_classes, device=dev, requires_grad=True)
         opt = torch.optim.LBFGS([W, b], lr=1.0, max_iter=max_iter, tolerance_grad=1e-6, tolerance_change=1e-9,
@@ -180,7 +183,7 @@ def linear_probes(train_sets: list[tuple[torch.Tensor, torch.Tensor]], test_sets
         def closure() -> torch.Tensor:
             opt.zero_grad(set_to_none=False)
             ce = F.cross_entropy((torch.baddbmm(b, xs, W)).flatten(0, 1), ys.flatten(), reduction="none")
-            loss = (ce * weights.flatten()).sum() + 0.5 * weight_decay * W.pow(2).sum()
+            loss = (ce * weights.flatten()).sum() + 0.5 * (decay * W.pow(2)).sum()
             loss.backward()
             return loss
 
@@ -192,3 +195,41 @@ def linear_probes(train_sets: list[tuple[torch.Tensor, torch.Tensor]], test_sets
                 logits = ((xt.float().to(dev) - means[p, :d]) / stds[p, :d]) @ W[p, :d] + b[p]
                 accs.append(_top1(logits, yt.long().to(dev)))
     return accs
+
+
+# The few-label probes' weight decays, and how they are chosen: a probe of 1,000 labelled images in 128 or more
+# dimensions overfits at a small fixed decay, and by how much depends on the features, so one fixed value
+# favours some features over others; a user with only those labels would cross-validate on them.
+LABEL_WEIGHT_DECAYS = (1e-4, 1e-3, 1e-2, 1e-1)
+LABEL_CV_FOLDS = 3
+LABEL_CV_ITER = 100  # within 0.04 point of 150 iterations on these problems (docs/ABLATIONS.md, label efficiency)
+
+
+def _folds(n: int, folds: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(fit, held-out) row indices of ``folds``-fold cross-validation over ``n`` rows, shuffled by ``seed``."""
+    parts = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).chunk(folds)
+    return [(torch.cat([q for j, q in enumerate(parts) if j != k]), parts[k]) for k in range(len(parts))]
+
+
+def choose_weight_decays(train_sets: list[tuple[torch.Tensor, torch.Tensor]], num_classes: int,
+                         grid: Sequence[float] = LABEL_WEIGHT_DECAYS, folds: int = LABEL_CV_FOLDS,
+                         max_iter: int = LABEL_CV_ITER, joint: bool = False) -> list[float]:
+    """For each (features, labels) problem, the weight decay of ``grid`` whose probe scores the best mean top-1
+    over ``folds``-fold cross-validation on that problem's own rows (the first of equals, so the smallest
+    decay wins ties). No other labels are read. ``joint``: every problem and fold of one decay as one
+    ``linear_probes`` solve (a GPU's way); otherwise one ``linear_probe`` each (a CPU's)."""
+    splits = [_folds(x.shape[0], folds) for x, _ in train_sets]
+    scores = [[0.0] * len(grid) for _ in train_sets]
+    for g, wd in enumerate(grid):
+        fits = [((x[f], y[f]), (x[v], y[v])) for (x, y), split in zip(train_sets, splits) for f, v in split]
+        if joint:
+            accs = linear_probes([a for a, _ in fits], [b for _, b in fits], num_classes, weight_decay=wd,
+                                 max_iter=2 * max_iter)
+        else:
+            accs = [linear_probe(*a, *b, num_classes=num_classes, weight_decay=wd, max_iter=max_iter)["top1"]
+                    for a, b in fits]
+        k = 0
+        for p, split in enumerate(splits):
+            scores[p][g] = sum(accs[k:k + len(split)]) / len(split)
+            k += len(split)
+    return [grid[max(range(len(grid)), key=lambda g: row[g])] for row in scores]

@@ -254,6 +254,14 @@ def test_eval_probe_cli(run_dir, tmp_path, capsys):
     for name, mean in result["label_efficiency"]["100"].items():  # the mean of LABEL_DRAWS draws of labels
         assert len(each[name]) == eval_mod.LABEL_DRAWS and mean == pytest.approx(sum(each[name]) / len(each[name]))
     assert len(set(each["raw pixels"])) > 1, "every draw of the labelled images gave the same accuracy"
+    decays = result["label_efficiency_weight_decay"]["100"]  # each draw's, by cross-validation on its labels
+    assert set(decays) == set(each) and all(len(d) == eval_mod.LABEL_DRAWS for d in decays.values())
+    from fastsemdiff.probe import LABEL_WEIGHT_DECAYS
+    assert {wd for d in decays.values() for wd in d} <= set(LABEL_WEIGHT_DECAYS)
+    pick = baselines_mod.label_subsets(ytr[:200], (100,), seed=0)[100]  # draw 0 of raw pixels, by hand
+    px_tr, px_te = baselines_mod.pixel_features(tr[:200], "cpu"), baselines_mod.pixel_features(te[:100], "cpu")
+    assert each["raw pixels"][0] == linear_probe(px_tr[pick], ytr[:200][pick], px_te, yte[:100], num_classes=10,
+                                                 weight_decay=decays["raw pixels"][0])["top1"]
     assert b["untrained_encoder"]["multi_t"]["t_blind"] and b["untrained_encoder"]["multi_t"]["dim"] == 16
     assert not b["static"]["multi_t"].get("t_blind")  # this "static" run is the t-dependent test model
     out = capsys.readouterr().out
@@ -355,7 +363,12 @@ def test_joint_label_probes_map_back_to_each_readout_and_draw(monkeypatch):
     feats = {"a": (torch.randn(n_train, 4, generator=gen), torch.randn(n_test, 4, generator=gen))}
     calls = []
 
-    def fake_probes(trains, tests, classes, max_iter):
+    def fake_decays(trains, classes, joint):  # the i-th problem's decay, so the mapping back shows
+        assert joint
+        return [0.5 * i for i in range(len(trains))]
+
+    def fake_probes(trains, tests, classes, weight_decay, max_iter):
+        assert weight_decay == fake_decays(trains, classes, True)  # each problem's own decay, in order
         calls.append((len(trains), [x.shape[1] for x, _ in trains], max_iter))
         assert all(xt.shape == (n_test, x.shape[1]) and torch.equal(yt, test_y) for (x, _), (xt, yt) in zip(trains, tests))
         assert all(x.shape[0] == 100 for x, _ in trains)  # 10 labelled images a class
@@ -369,6 +382,7 @@ def test_joint_label_probes_map_back_to_each_readout_and_draw(monkeypatch):
             return feats["a"][0] if images.shape[0] == n_train else feats["a"][1]
 
     monkeypatch.setattr(eval_mod, "linear_probes", fake_probes)
+    monkeypatch.setattr(eval_mod, "choose_weight_decays", fake_decays)
     images = torch.zeros(n_train, 1, 28, 28, dtype=torch.uint8)
     result = run_probe(Model(), images, train_y, images[:n_test], test_y, [0.0], 64, 5, progress=False,
                        with_baselines=False, label_sizes=(100,), joint_labels=True)
@@ -377,4 +391,5 @@ def test_joint_label_probes_map_back_to_each_readout_and_draw(monkeypatch):
     assert calls == [(len(names) * D, [4] * 2 * D + [784] * D, eval_mod.LABEL_MAX_ITER)]
     for i, name in enumerate(names):
         assert result["label_efficiency_draws"]["100"][name] == [float(i * D + d) for d in range(D)]
+        assert result["label_efficiency_weight_decay"]["100"][name] == [0.5 * (i * D + d) for d in range(D)]
         assert result["label_efficiency"]["100"][name] == pytest.approx(i * D + (D - 1) / 2)

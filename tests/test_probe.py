@@ -143,3 +143,49 @@ def test_linear_probes_work_in_inference_mode_and_refuse_mismatches():
         linear_probes([trains[0]], [(tests[0][0][:, :5], tests[0][1])], 10)
     with pytest.raises(ValueError, match="same rows"):
         linear_probes([(trains[0][0], trains[0][1][:-1])], [tests[0]], 10)
+
+
+# ----------------------------------------------------------- the few-label probes' weight decay
+from fastsemdiff.probe import LABEL_WEIGHT_DECAYS, _folds, choose_weight_decays  # noqa: E402
+
+
+def test_linear_probes_take_one_weight_decay_per_problem():
+    problems = [_overlapping(4, 40, 6), _overlapping(4, 40, 7)]
+    trains, tests = [a for a, _ in problems], [b for _, b in problems]
+    want = [linear_probe(*a, *b, num_classes=10, weight_decay=wd, max_iter=2000)["top1"]
+            for (a, b), wd in zip(problems, (1e-2, 3.0))]
+    assert linear_probes(trains, tests, 10, weight_decay=[1e-2, 3.0], max_iter=2000) == pytest.approx(want, abs=1e-6)
+    assert linear_probes(trains, tests, 10, weight_decay=3.0, max_iter=2000)[0] != pytest.approx(want[0], abs=1e-6)
+
+
+def test_folds_cover_every_row_once():
+    folds = _folds(10, 3)
+    held = torch.cat([v for _, v in folds])
+    assert sorted(held.tolist()) == list(range(10)) and len(folds) == 3
+    for fit, val in folds:
+        assert set(fit.tolist()).isdisjoint(val.tolist()) and len(fit) + len(val) == 10
+
+
+def _noisy_problem(seed: int, d: int = 60, n: int = 60, signal: float = 1.0, flip: float = 0.25):
+    """Two classes barely apart in d dimensions, a quarter of the labels flipped: how much decay is best
+    differs from draw to draw, and a weak decay fits the flipped labels."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(2).repeat(n // 2)
+    u = torch.randn(d, generator=g)
+    x = torch.randn(n, d, generator=g) + signal * (2 * y - 1)[:, None] * u / u.norm()
+    return x, torch.where(torch.rand(n, generator=g) < flip, 1 - y, y)
+
+
+@pytest.mark.parametrize("joint", [False, True])
+def test_the_chosen_decay_is_the_best_mean_over_the_folds_of_the_problems_own_rows(joint):
+    grid = (1e-4, 1e-2, 1.0, 10.0)
+    problems = [_noisy_problem(s) for s in range(3)]
+    chosen = choose_weight_decays(problems, 2, grid=grid, joint=joint)
+    by_hand = []
+    for x, y in problems:  # 3-fold cross-validation written out with the per-problem probe
+        means = [sum(linear_probe(x[f], y[f], x[v], y[v], num_classes=2, weight_decay=wd, max_iter=100)["top1"]
+                     for f, v in _folds(len(y), 3)) / 3 for wd in grid]
+        by_hand.append(grid[means.index(max(means))])
+    assert chosen == by_hand
+    assert len(set(chosen)) > 1 and max(chosen) > grid[0], f"{chosen}: the problems must not all pick one decay"
+    assert LABEL_WEIGHT_DECAYS == tuple(sorted(LABEL_WEIGHT_DECAYS))  # ascending: ties go to the weakest decay
