@@ -393,3 +393,18 @@ def test_joint_label_probes_map_back_to_each_readout_and_draw(monkeypatch):
         assert result["label_efficiency_draws"]["100"][name] == [float(i * D + d) for d in range(D)]
         assert result["label_efficiency_weight_decay"]["100"][name] == [0.5 * (i * D + d) for d in range(D)]
         assert result["label_efficiency"]["100"][name] == pytest.approx(i * D + (D - 1) / 2)
+
+
+@has_export
+@pytest.mark.parametrize("check, lines", [("best-t", 5), ("grids", 10)])
+def test_readout_checks_script_reads_the_held_out_split(run_dir, check, lines):
+    """scripts/readout_checks.py (docs/ABLATIONS.md's figures for the best t and the multi-t grids) on a small
+    slice: one line per t or per 3-t grid, each with a held-out figure."""
+    import subprocess
+    import sys as _sys
+
+    out = subprocess.run([_sys.executable, str(Path(__file__).resolve().parents[1] / "scripts" / "readout_checks.py"),
+                          check, str(run_dir), "--limit", "2400"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [r for r in out.stdout.splitlines() if "held-out" in r]
+    assert len(rows) == lines, out.stdout

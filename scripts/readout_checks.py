@@ -1,0 +1,105 @@
+"""Checks of the probe's own choices on a trained run (docs/ABLATIONS.md, "Issue 22 at 7,000 steps").
+
+    python scripts/readout_checks.py best-t RUN        # per t: held-out linear / kNN / 1,000-label top-1
+    python scripts/readout_checks.py label-decay RUN   # few-label probes: fixed decay 1e-4 against 5-fold CV
+    python scripts/readout_checks.py full-decay RUN    # full linear probe at several decays, held-out and test
+    python scripts/readout_checks.py grids RUN         # every 3-t multi-t grid: held-out and test linear
+
+"Held-out" is the probe's own split of the training images (``eval._held_out_split``: fit on 10,000, scored on
+a sixth of the split), so nothing here chooses on the test split; the test figures are printed beside the
+held-out ones to show whether a choice carries over. ``--t`` is the best t of the run (label-decay); the
+random-conv controls are the report's, at 128 and 384 dimensions.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from fastsemdiff import baselines  # noqa: E402
+from fastsemdiff import eval as ev  # noqa: E402
+from fastsemdiff.probe import class_balanced_subset, knn_accuracy, linear_probe  # noqa: E402
+
+TS = (0.0, 0.25, 0.5, 0.75, 1.0)
+MULTI_TS = (0.0, 0.5, 1.0)
+
+
+def _cv_decay(x, y, grid, folds: int = 5) -> float:
+    """The decay of ``grid`` with the best mean top-1 over ``folds``-fold CV on (x, y) alone."""
+    parts = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0)).chunk(folds)
+    def score(wd):
+        return sum(linear_probe(x[torch.cat([q for j, q in enumerate(parts) if j != k])],
+                                y[torch.cat([q for j, q in enumerate(parts) if j != k])], x[v], y[v],
+                                num_classes=10, weight_decay=wd)["top1"] for k, v in enumerate(parts))
+    return max(grid, key=score)
+
+
+def best_t(z, ytr, fit, val, **_) -> None:
+    for t in TS:
+        zf, zv, yf, yv = z[t][0][fit], z[t][0][val], ytr[fit], ytr[val]
+        few = [linear_probe(zf[i], yf[i], zv, yv, num_classes=10)["top1"]
+               for i in (class_balanced_subset(yf, 100, seed=s) for s in range(3))]
+        print(f"t={t}: held-out linear {linear_probe(zf, yf, zv, yv, num_classes=10)['top1']:.2f} "
+              f"kNN {knn_accuracy(zf, yf, zv, yv, k=20):.2f} 1,000 labels {sum(few) / 3:.2f}", flush=True)
+
+
+def label_decay(feats, ytr, yte, **_) -> None:
+    grid = (1e-4, 1e-3, 1e-2, 3e-2, 1e-1)
+    for n in (100, 1000):
+        draws = [baselines.label_subsets(ytr, (n,), seed=s).get(n) for s in range(ev.LABEL_DRAWS)]
+        if draws[0] is None:
+            print(f"{n} labels: the split holds too few images a class", flush=True)
+            continue
+        for name, (a, b) in feats.items():
+            fixed = [linear_probe(a[d], ytr[d], b, yte, num_classes=10)["top1"] for d in draws]
+            wds = [_cv_decay(a[d], ytr[d], grid) for d in draws]
+            cv = [linear_probe(a[d], ytr[d], b, yte, num_classes=10, weight_decay=w)["top1"] for d, w in zip(draws, wds)]
+            print(f"{n} labels, {name}: decay 1e-4 {sum(fixed) / len(fixed):.2f}, CV {sum(cv) / len(cv):.2f} "
+                  f"(decays {wds})", flush=True)
+
+
+def full_decay(feats, ytr, yte, fit, val, **_) -> None:
+    for name, (a, b) in feats.items():
+        for wd in (1e-5, 1e-4, 1e-3, 1e-2):
+            held = linear_probe(a[fit], ytr[fit], a[val], ytr[val], num_classes=10, weight_decay=wd)["top1"]
+            test = linear_probe(a, ytr, b, yte, num_classes=10, weight_decay=wd)["top1"]
+            print(f"{name}, decay {wd:g}: held-out {held:.2f}, test {test:.2f}", flush=True)
+
+
+def grids(z, ytr, yte, fit, val, **_) -> None:
+    for grid in itertools.combinations(TS, 3):
+        a, b = (torch.cat([z[t][i] for t in grid], 1) for i in (0, 1))
+        held = linear_probe(a[fit], ytr[fit], a[val], ytr[val], num_classes=10)["top1"]
+        print(f"{grid}: held-out linear {held:.2f}, test {linear_probe(a, ytr, b, yte, num_classes=10)['top1']:.2f}",
+              flush=True)
+
+
+def main() -> None:
+    checks = {"best-t": best_t, "label-decay": label_decay, "full-decay": full_decay, "grids": grids}
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("check", choices=list(checks))
+    parser.add_argument("run", help="a run directory holding model.safetensors")
+    parser.add_argument("--t", type=float, default=0.25, help="the run's best t (label-decay)")
+    parser.add_argument("--limit", type=int, default=None, help="only the first N train / test images (tests)")
+    args = parser.parse_args()
+    model = ev.load_run(args.run)
+    tr, ytr = ev.load_data(model.cfg, "train", args.limit)
+    te, yte = ev.load_data(model.cfg, "test", args.limit)
+    with torch.inference_mode():
+        z = {t: (model.embed(tr, t, 256), model.embed(te, t, 256)) for t in TS}
+    feats = {f"z at t = {args.t}": z[args.t],
+             "multi-t": tuple(torch.cat([z[t][i] for t in MULTI_TS], 1) for i in (0, 1))}
+    for width in (128, 384):
+        feats[f"random conv {width}-d"] = (baselines.random_conv_features(tr, width, model.device),
+                                           baselines.random_conv_features(te, width, model.device))
+    fit, val = ev._held_out_split(tr.shape[0])
+    checks[args.check](z=z, feats=feats, ytr=ytr, yte=yte, fit=fit, val=val)
+
+
+if __name__ == "__main__":
+    main()
