@@ -310,8 +310,8 @@ def run_probe(model, train_images: torch.Tensor, train_labels: torch.Tensor, tes
             linear, knn = _probe(timer, zd_train, train_labels, zd_test, test_labels, knn_k, classes, "z + denoiser ")
             features["embedding + denoiser"] = (zd_train, zd_test)
             zd_result = {"ts": [t for k, t in enumerate(multi_ts) if k != drop], "ddae_block": block,
-                               "ddae_t": t_ddae, "linear": linear, "knn": knn, "dim": zd_train.shape[1],
-                               "selection_val_linear": [{"dropped_t": t, "linear": v} for t, v in zd_scores.items()]}
+                         "ddae_t": t_ddae, "linear": linear, "knn": knn, "dim": zd_train.shape[1],
+                         "selection_val_linear": [{"dropped_t": t, "linear": v} for t, v in zd_scores.items()]}
         for name, other in (baseline_runs or {}).items():
             oz_train, oz_test = _embed_grid(timer, other, train_images, test_images, ts, batch_size, progress, name)
             o_per_t, o_best, o_multi = _probe_grid(timer, oz_train, oz_test, train_labels, test_labels, ts,
@@ -336,8 +336,9 @@ def run_probe(model, train_images: torch.Tensor, train_labels: torch.Tensor, tes
             else:
                 accs = [linear_probe(x, y, features[k][1], test_labels, num_classes=classes, weight_decay=wd)["top1"]
                         for (x, y), k, wd in zip(trains, [k for k in names for _ in draws], decays)]
-        label_each[str(n)] = {k: accs[i * len(draws):(i + 1) * len(draws)] for i, k in enumerate(names)}
-        label_decay[str(n)] = {k: decays[i * len(draws):(i + 1) * len(draws)] for i, k in enumerate(names)}
+        per_readout = lambda values: {k: values[i * len(draws):(i + 1) * len(draws)]  # noqa: E731
+                                      for i, k in enumerate(names)}
+        label_each[str(n)], label_decay[str(n)] = per_readout(accs), per_readout(decays)
         label_eff[str(n)] = {k: sum(a) / len(a) for k, a in label_each[str(n)].items()}
 
     if features_out is not None:

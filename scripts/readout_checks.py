@@ -23,20 +23,10 @@ import torch  # noqa: E402
 
 from fastsemdiff import baselines  # noqa: E402
 from fastsemdiff import eval as ev  # noqa: E402
-from fastsemdiff.probe import class_balanced_subset, knn_accuracy, linear_probe  # noqa: E402
+from fastsemdiff.probe import class_balanced_subset, choose_weight_decays, knn_accuracy, linear_probe  # noqa: E402
 
 TS = (0.0, 0.25, 0.5, 0.75, 1.0)
 MULTI_TS = (0.0, 0.5, 1.0)
-
-
-def _cv_decay(x, y, grid, folds: int = 5) -> float:
-    """The decay of ``grid`` with the best mean top-1 over ``folds``-fold CV on (x, y) alone."""
-    parts = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0)).chunk(folds)
-    def score(wd):
-        return sum(linear_probe(x[torch.cat([q for j, q in enumerate(parts) if j != k])],
-                                y[torch.cat([q for j, q in enumerate(parts) if j != k])], x[v], y[v],
-                                num_classes=10, weight_decay=wd)["top1"] for k, v in enumerate(parts))
-    return max(grid, key=score)
 
 
 def best_t(z, ytr, fit, val, **_) -> None:
@@ -57,8 +47,10 @@ def label_decay(feats, ytr, yte, **_) -> None:
             continue
         for name, (a, b) in feats.items():
             fixed = [linear_probe(a[d], ytr[d], b, yte, num_classes=10)["top1"] for d in draws]
-            wds = [_cv_decay(a[d], ytr[d], grid) for d in draws]
-            cv = [linear_probe(a[d], ytr[d], b, yte, num_classes=10, weight_decay=w)["top1"] for d, w in zip(draws, wds)]
+            # 5 folds, five decays, the probe's 150 iterations: the protocol of the table's CV column
+            wds = choose_weight_decays([(a[d], ytr[d]) for d in draws], 10, grid=grid, folds=5, max_iter=150)
+            cv = [linear_probe(a[d], ytr[d], b, yte, num_classes=10, weight_decay=w)["top1"]
+                  for d, w in zip(draws, wds)]
             print(f"{n} labels, {name}: decay 1e-4 {sum(fixed) / len(fixed):.2f}, CV {sum(cv) / len(cv):.2f} "
                   f"(decays {wds})", flush=True)
 

@@ -396,10 +396,10 @@ def test_joint_label_probes_map_back_to_each_readout_and_draw(monkeypatch):
 
 
 @has_export
-@pytest.mark.parametrize("check, lines", [("best-t", 5), ("grids", 10)])
+@pytest.mark.parametrize("check, lines", [("best-t", 5), ("grids", 10), ("full-decay", 16)])
 def test_readout_checks_script_reads_the_held_out_split(run_dir, check, lines):
     """scripts/readout_checks.py (docs/ABLATIONS.md's figures for the best t and the multi-t grids) on a small
-    slice: one line per t or per 3-t grid, each with a held-out figure."""
+    slice: one line per t, per 3-t grid or per readout and decay, each with a held-out figure."""
     import subprocess
     import sys as _sys
 
