@@ -8,6 +8,7 @@ measures each on/off in one run):
 * ``model.mlp_epilogue`` (off): bias + tanh-GELU in fc1's matmul epilogue;
 * ``train.update`` (auto): AdamW and the EMA as fused (CUDA) or foreach (elsewhere) multi-tensor ops;
 * ``train.compile_mode`` (default): torch.compile's mode; ``reduce-overhead`` (CUDA graphs) is CUDA only;
+  ``train.compile=on`` on a CPU needs a working C++ compiler (``check_compile_toolchain``);
 * ``train.fp8`` (off): torchao float8 training of the blocks' token matmuls (``fp8_filter``).
 """
 from __future__ import annotations
@@ -101,6 +102,28 @@ def check_compile_mode(cfg: Config, device: torch.device, compiling: bool) -> No
                           f"(train.compile={cfg.train.compile} on {device.type}); set train.compile=on")
 
 
+_CPU_COMPILE_ERROR: list = []  # the CPU toolchain's smoke test, run once per process: [None] or [the error]
+
+
+def check_compile_toolchain(device: torch.device, compiling: bool) -> None:
+    """torch.compile on a CPU generates C++ and builds it with the machine's compiler (inductor's cpp
+    backend): without one the first step would fail deep inside inductor, after the data and the model were
+    built. A two-op function compiled here (a few seconds, once per process) says so up front, with the fix."""
+    if not compiling or device.type != "cpu":
+        return
+    if not _CPU_COMPILE_ERROR:
+        try:
+            x = torch.arange(4.0)
+            torch.compile(lambda a: a * 2 + 1, dynamic=False)(x)
+            _CPU_COMPILE_ERROR.append(None)
+        except Exception as e:  # noqa: BLE001 - inductor raises many kinds; each means the same to the user
+            _CPU_COMPILE_ERROR.append(f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}")
+    if _CPU_COMPILE_ERROR[0] is not None:
+        raise ConfigError(f"train.compile=on on a CPU builds the compiled step with a C++ compiler, and torch.compile "
+                          f"could not ({_CPU_COMPILE_ERROR[0][:300]}); install one (Debian/Ubuntu: apt-get install "
+                          "g++, which scripts/setup.sh does when run as root) or set train.compile=off")
+
+
 def check_fp8(choice: str, device: torch.device) -> None:
     """Raise ConfigError unless float8 training can run: torchao importable, a CUDA GPU of capability 8.9+."""
     if choice == "off":
@@ -124,6 +147,7 @@ def check_levers(cfg: Config, device: torch.device, compute_dtype: torch.dtype, 
     check_attention(cfg.model.attention, device, hidden // heads, compute_dtype)
     check_update(cfg.train.update, device)
     check_compile_mode(cfg, device, compiling)
+    check_compile_toolchain(device, compiling)
     check_fp8(cfg.train.fp8, device)
 
 

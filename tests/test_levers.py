@@ -323,6 +323,31 @@ def test_reduce_overhead_refused_off_cuda():
         levers.check_compile_mode(auto, CPU, compiling=False)
 
 
+def test_cpu_compile_without_a_toolchain_is_a_clear_error(monkeypatch):
+    """No C++ compiler: refused before any data is read, naming the fix; the smoke test runs once per process."""
+    calls = []
+
+    def broken_compile(fn, **kwargs):
+        calls.append(fn)
+        raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found in torch._inductor.config.cpp.cxx")
+
+    monkeypatch.setattr(levers, "_CPU_COMPILE_ERROR", [])
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    for _ in range(2):
+        with pytest.raises(ConfigError, match="train.compile=on on a CPU.*InvalidCxxCompiler.*apt-get install g\\+\\+.*"
+                                              "train.compile=off"):
+            levers.check_compile_toolchain(CPU, compiling=True)
+    assert len(calls) == 1
+    levers.check_compile_toolchain(CPU, compiling=False)  # nothing compiled: nothing to check
+    levers.check_compile_toolchain(torch.device("meta"), compiling=True)  # not a CPU: inductor's GPU path
+
+
+def test_cpu_compile_with_a_toolchain_passes(monkeypatch):
+    monkeypatch.setattr(levers, "_CPU_COMPILE_ERROR", [])
+    levers.check_compile_toolchain(CPU, compiling=True)  # this machine builds the tests' compiled steps
+    assert levers._CPU_COMPILE_ERROR == [None]
+
+
 # ------------------------------------------------------------------------------------------------- FP8
 
 def _meta_dit(preset: str) -> DiT:

@@ -90,7 +90,9 @@ class ConvTimeEncoder(nn.Module):
         h = x
         for stage in self.blocks:
             h = stage(h, c)
-        return self.norm(F.adaptive_avg_pool2d(h, self.grid).flatten(1))
+        if h.shape[-2:] != (self.grid, self.grid):  # the main job's grid is the map itself: no pooling to run
+            h = F.adaptive_avg_pool2d(h, self.grid)
+        return self.norm(h.flatten(1))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, generator: Optional[torch.Generator] = None,
                 sample: Optional[bool] = None, noise: Optional[torch.Tensor] = None
