@@ -73,4 +73,16 @@ if [ ! -f "$data/train-images-idx3-ubyte.gz" ]; then
         echo "       or put its four idx.gz files in a folder and pass data.path=THAT_FOLDER to the trainer." >&2
     fi
 fi
+# The main job compiles its CPU step (train.compile=on: ~1.2x the images/s of eager, bench/RESULTS.md), and
+# torch.compile builds C++ for a CPU: a compiler is part of the set-up (the trainer refuses up front without one).
+if ! command -v g++ >/dev/null && ! command -v c++ >/dev/null; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        echo "setup: installing a C++ compiler (g++) for torch.compile's CPU code"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++ >/dev/null
+    else
+        echo "setup: no C++ compiler: the main job compiles its CPU step. Run 'sudo apt-get install g++', or pass" >&2
+        echo "       train.compile=off to the trainer (the same model, ~1.2x slower)." >&2
+    fi
+fi
 echo "setup: done ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"
