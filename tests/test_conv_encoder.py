@@ -124,15 +124,15 @@ def test_grid_of_the_map_size_skips_the_pool_with_the_same_features(monkeypatch)
     enc = ConvTimeEncoder(1, 6, 16, channels=[4, 8], strides=[2, 2], grid=7).eval()
     wake_films_(enc)
     x, t = torch.randn(3, 1, 28, 28, generator=gen(10)), torch.tensor([0.2, 0.6, 0.9])
-    c = enc.t_embedder(t)
-    h = x
-    for stage in enc.blocks:
-        h = stage(h, c)
-    expected = enc.norm(F.adaptive_avg_pool2d(h, 7).flatten(1))
+    maps = []
+    enc.blocks[-1].register_forward_hook(lambda mod, args, out: maps.append(out))
+    features = enc.features(x, t)
+    assert maps[0].shape == (3, 8, 7, 7)
+    expected = enc.norm(F.adaptive_avg_pool2d(maps[0], 7).flatten(1))
     pooled = []
     real_pool = F.adaptive_avg_pool2d
     monkeypatch.setattr(F, "adaptive_avg_pool2d", lambda *a, **k: pooled.append(1) or real_pool(*a, **k))
-    assert_close(enc.features(x, t), expected)
-    assert pooled == []
+    assert_close(features, expected)
+    assert pooled == [] and torch.equal(enc.features(x, t), features)
     coarse = ConvTimeEncoder(1, 6, 16, channels=[4, 8], strides=[2, 2], grid=3).eval()  # a coarser grid pools
     assert coarse.features(x, t).shape == (3, 8 * 9) and pooled == [1]
