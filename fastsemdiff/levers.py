@@ -13,9 +13,10 @@ measures each on/off in one run):
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import warnings
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -102,25 +103,27 @@ def check_compile_mode(cfg: Config, device: torch.device, compiling: bool) -> No
                           f"(train.compile={cfg.train.compile} on {device.type}); set train.compile=on")
 
 
-_CPU_COMPILE_ERROR: list = []  # the CPU toolchain's smoke test, run once per process: [None] or [the error]
+@functools.lru_cache(maxsize=None)
+def cpu_compile_error() -> Optional[str]:
+    """Why torch.compile cannot build CPU code here (its first line), or None: a two-op function compiled once
+    per process (a few seconds)."""
+    try:
+        torch.compile(lambda a: a * 2 + 1, dynamic=False)(torch.arange(4.0))
+    except Exception as e:  # noqa: BLE001 - inductor raises many kinds; each means the same to the user
+        return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+    return None
 
 
 def check_compile_toolchain(device: torch.device, compiling: bool) -> None:
     """torch.compile on a CPU generates C++ and builds it with the machine's compiler (inductor's cpp
     backend): without one the first step would fail deep inside inductor, after the data and the model were
-    built. A two-op function compiled here (a few seconds, once per process) says so up front, with the fix."""
+    built. ``cpu_compile_error`` says so up front, and this names the fix."""
     if not compiling or device.type != "cpu":
         return
-    if not _CPU_COMPILE_ERROR:
-        try:
-            x = torch.arange(4.0)
-            torch.compile(lambda a: a * 2 + 1, dynamic=False)(x)
-            _CPU_COMPILE_ERROR.append(None)
-        except Exception as e:  # noqa: BLE001 - inductor raises many kinds; each means the same to the user
-            _CPU_COMPILE_ERROR.append(f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}")
-    if _CPU_COMPILE_ERROR[0] is not None:
+    error = cpu_compile_error()
+    if error is not None:
         raise ConfigError(f"train.compile=on on a CPU builds the compiled step with a C++ compiler, and torch.compile "
-                          f"could not ({_CPU_COMPILE_ERROR[0][:300]}); install one (Debian/Ubuntu: apt-get install "
+                          f"could not ({error[:300]}); install one (Debian/Ubuntu: apt-get install "
                           "g++, which scripts/setup.sh does when run as root) or set train.compile=off")
 
 

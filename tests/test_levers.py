@@ -331,7 +331,7 @@ def test_cpu_compile_without_a_toolchain_is_a_clear_error(monkeypatch):
         calls.append(fn)
         raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found in torch._inductor.config.cpp.cxx")
 
-    monkeypatch.setattr(levers, "_CPU_COMPILE_ERROR", [])
+    levers.cpu_compile_error.cache_clear()
     monkeypatch.setattr(torch, "compile", broken_compile)
     for _ in range(2):
         with pytest.raises(ConfigError, match="train.compile=on on a CPU.*InvalidCxxCompiler.*apt-get install g\\+\\+.*"
@@ -340,12 +340,13 @@ def test_cpu_compile_without_a_toolchain_is_a_clear_error(monkeypatch):
     assert len(calls) == 1
     levers.check_compile_toolchain(CPU, compiling=False)  # nothing compiled: nothing to check
     levers.check_compile_toolchain(torch.device("meta"), compiling=True)  # not a CPU: inductor's GPU path
+    levers.cpu_compile_error.cache_clear()  # the broken compiler's answer is not left for later tests
 
 
-def test_cpu_compile_with_a_toolchain_passes(monkeypatch):
-    monkeypatch.setattr(levers, "_CPU_COMPILE_ERROR", [])
+def test_cpu_compile_with_a_toolchain_passes():
+    levers.cpu_compile_error.cache_clear()
     levers.check_compile_toolchain(CPU, compiling=True)  # this machine builds the tests' compiled steps
-    assert levers._CPU_COMPILE_ERROR == [None]
+    assert levers.cpu_compile_error() is None
 
 
 # ------------------------------------------------------------------------------------------------- FP8
