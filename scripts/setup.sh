@@ -62,27 +62,29 @@ if [ -n "$extras" ] && [ "${GPU_IMAGE_STACK:-1}" != 0 ]; then
     echo "setup: $gpu ready ($("$gpu/bin/python" -P -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'))"
 fi
 
+# System packages the main job needs: the data, and a C++ compiler because the main job compiles its CPU step
+# (train.compile=on: ~1.2x the images/s of eager, bench/RESULTS.md; the trainer refuses up front without one).
+# Both are installed with one apt-get update when this runs as root; otherwise the commands are printed.
 data=/usr/share/datasets/fashion-mnist
-if [ ! -f "$data/train-images-idx3-ubyte.gz" ]; then
+missing=()
+[ -f "$data/train-images-idx3-ubyte.gz" ] || missing+=(dataset-fashion-mnist)
+command -v g++ >/dev/null || command -v c++ >/dev/null || missing+=(g++)
+if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-        echo "setup: installing Fashion-MNIST (Debian package dataset-fashion-mnist)"
+        echo "setup: installing ${missing[*]} (Debian packages)"
         apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
     else
-        echo "setup: Fashion-MNIST is not installed. Run 'sudo apt-get install dataset-fashion-mnist'," >&2
-        echo "       or put its four idx.gz files in a folder and pass data.path=THAT_FOLDER to the trainer." >&2
-    fi
-fi
-# The main job compiles its CPU step (train.compile=on: ~1.2x the images/s of eager, bench/RESULTS.md), and
-# torch.compile builds C++ for a CPU: a compiler is part of the set-up (the trainer refuses up front without one).
-if ! command -v g++ >/dev/null && ! command -v c++ >/dev/null; then
-    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-        echo "setup: installing a C++ compiler (g++) for torch.compile's CPU code"
-        apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++ >/dev/null
-    else
-        echo "setup: no C++ compiler: the main job compiles its CPU step. Run 'sudo apt-get install g++', or pass" >&2
-        echo "       train.compile=off to the trainer (the same model, ~1.2x slower)." >&2
+        for pkg in "${missing[@]}"; do
+            case $pkg in
+            dataset-fashion-mnist)
+                echo "setup: Fashion-MNIST is not installed. Run 'sudo apt-get install dataset-fashion-mnist'," >&2
+                echo "       or put its four idx.gz files in a folder and pass data.path=THAT_FOLDER to the trainer." >&2 ;;
+            g++)
+                echo "setup: no C++ compiler: the main job compiles its CPU step. Run 'sudo apt-get install g++', or pass" >&2
+                echo "       train.compile=off to the trainer (the same model, ~1.2x slower)." >&2 ;;
+            esac
+        done
     fi
 fi
 echo "setup: done ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"
