@@ -199,6 +199,25 @@ def skip_unless_fused_timeable(impl: str, what: str) -> None:
             pytest.skip(f"{what}, CUDA C++: {_cuda.unavailable_reason()}")
 
 
+def interleaved_medians(benchmark, calls: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+    """Median seconds per call of each variant, timed one call of each in turn per round (the order rotating,
+    so none always runs first): on a shared CPU, load from other work hits every variant alike, so their
+    ratios hold even when the absolute times drift. The first (warm-up) round is dropped; the benchmark's own
+    time is one round of all variants."""
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    order = list(calls)
+
+    def one_round():
+        order.append(order.pop(0))
+        for name in order:
+            start = time.perf_counter()
+            calls[name]()
+            times[name].append(time.perf_counter() - start)
+
+    benchmark.pedantic(one_round, rounds=rounds, iterations=1, warmup_rounds=1)
+    return {name: statistics.median(ts[1:]) for name, ts in times.items()}
+
+
 def oom_skip(exc: BaseException, what: str) -> None:
     """Turn a CUDA out-of-memory error into a skip that says which case did not fit."""
     torch.cuda.empty_cache()

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchutil import HAS_CUDA, TIMINGS
+from benchutil import HAS_CUDA, TIMINGS, interleaved_medians
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "fmnist-tiny.yaml"
 pytestmark = pytest.mark.skipif(HAS_CUDA, reason="CPU case: the main job's recipe for 2 CPU cores")
@@ -66,21 +66,10 @@ def test_main_job_train_step(benchmark):
         start = time.perf_counter()
         call(), call()
         warm[name] = time.perf_counter() - start  # the compiled step's includes its compilation
-    times = {k: [] for k in calls}
-    order = list(calls)
-
-    def one_round():
-        order.append(order.pop(0))
-        for k in order:
-            start = time.perf_counter()
-            calls[k]()
-            times[k].append(time.perf_counter() - start)
-
     benchmark.group = f"main-job-train-step-b{batch}"
-    benchmark.pedantic(one_round, rounds=20, iterations=1, warmup_rounds=1)
+    medians = interleaved_medians(benchmark, calls, rounds=20)
     out = {}
-    for k, ts in times.items():
-        s = sorted(ts[1:])[len(ts[1:]) // 2]
+    for k, s in medians.items():
         out[k] = {"ms": round(s * 1e3, 2), "images_per_s": round(batch / s, 1), "first_two_steps_s": round(warm[k], 1)}
         TIMINGS.setdefault(benchmark.group, {})[k] = {"s": s, "images_per_s": out[k]["images_per_s"]}
     ratio = out["eager"]["ms"] / out["compiled"]["ms"]

@@ -82,9 +82,7 @@ def test_train_step_cpu_interleaved(benchmark, matmul_ceiling_tflops, kind):
     """The tiny preset's step for every implementation (diffusers' DiT for the DiT alone), one step of each in
     turn per round, so load from other work on a shared CPU hits all of them alike; the ratios come from the
     per-implementation medians. The benchmark's own time is one round (all implementations)."""
-    import time
-
-    from benchutil import TIMINGS
+    from benchutil import TIMINGS, interleaved_medians
 
     size = CPU_SIZES["tiny"]
     batch = size.batch_for(kind)
@@ -95,24 +93,13 @@ def test_train_step_cpu_interleaved(benchmark, matmul_ceiling_tflops, kind):
     steps = {impl: build_step(kind, size, impl, DEVICE) for impl in impls}  # built first: build_step resets dynamo
     for step in steps.values():
         step(), step()  # compilation, AdamW state
-    times: dict[str, list[float]] = {impl: [] for impl in impls}
-    order = list(impls)
-
-    def one_round():
-        order.append(order.pop(0))  # rotate, so no implementation always runs first
-        for impl in order:
-            start = time.perf_counter()
-            steps[impl]()
-            times[impl].append(time.perf_counter() - start)
-
     benchmark.group = f"train-{kind}-{size.label}-b{batch}-interleaved"
-    benchmark.pedantic(one_round, rounds=rounds, iterations=1, warmup_rounds=1)
+    medians = interleaved_medians(benchmark, steps, rounds)
     flops = steps[impls[0]].flops
     per_impl = {}
     for impl in impls:
         assert bool(steps[impl].finite), f"{impl}: the loss or the gradient norm is not finite"
-        timed = sorted(times[impl][1:])  # the warm-up round dropped
-        s = timed[len(timed) // 2]
+        s = medians[impl]
         per_impl[impl] = {"ms": round(s * 1e3, 2), "images_per_s": round(batch / s, 1),
                           "tflop_per_s": round(flops / s / 1e12, 4)}
         TIMINGS.setdefault(benchmark.group, {})[impl] = {"s": s, "images_per_s": per_impl[impl]["images_per_s"],
