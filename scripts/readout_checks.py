@@ -4,6 +4,7 @@
     python scripts/readout_checks.py label-decay RUN   # few-label probes: fixed decay 1e-4 against 5-fold CV
     python scripts/readout_checks.py full-decay RUN    # full linear probe at several decays, held-out and test
     python scripts/readout_checks.py grids RUN         # every 3-t multi-t grid: held-out and test linear
+    python scripts/readout_checks.py iterations RUN    # full linear probe at more L-BFGS iterations: converged?
 
 "Held-out" is the probe's own split of the training images (``eval._held_out_split``: fit on 10,000, scored on
 a sixth of the split), so nothing here chooses on the test split; the test figures are printed beside the
@@ -71,8 +72,17 @@ def grids(z, ytr, yte, fit, val, **_) -> None:
               flush=True)
 
 
+def iterations(feats, ytr, yte, **_) -> None:
+    """The full linear probe stops at 150 L-BFGS iterations: does the figure move when it runs longer?"""
+    for name, (a, b) in feats.items():
+        for n in (150, 300, 1000):
+            r = linear_probe(a, ytr, b, yte, num_classes=10, max_iter=n)
+            print(f"{name}, {n} iterations: train {r['train_top1']:.2f}, test {r['top1']:.2f}", flush=True)
+
+
 def main() -> None:
-    checks = {"best-t": best_t, "label-decay": label_decay, "full-decay": full_decay, "grids": grids}
+    checks = {"best-t": best_t, "label-decay": label_decay, "full-decay": full_decay, "grids": grids,
+              "iterations": iterations}
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("check", choices=list(checks))
     parser.add_argument("run", help="a run directory holding model.safetensors")
