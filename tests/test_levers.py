@@ -323,7 +323,16 @@ def test_reduce_overhead_refused_off_cuda():
         levers.check_compile_mode(auto, CPU, compiling=False)
 
 
-def test_cpu_compile_without_a_toolchain_is_a_clear_error(monkeypatch):
+@pytest.fixture
+def fresh_compile_check():
+    """The toolchain check's cached answer cleared before and after, so a planted broken compiler's answer is
+    never left for later tests, even when the test fails halfway."""
+    levers.cpu_compile_error.cache_clear()
+    yield
+    levers.cpu_compile_error.cache_clear()
+
+
+def test_cpu_compile_without_a_toolchain_is_a_clear_error(monkeypatch, fresh_compile_check):
     """No C++ compiler: refused before any data is read, naming the fix; the smoke test runs once per process."""
     calls = []
 
@@ -331,7 +340,6 @@ def test_cpu_compile_without_a_toolchain_is_a_clear_error(monkeypatch):
         calls.append(fn)
         raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found in torch._inductor.config.cpp.cxx")
 
-    levers.cpu_compile_error.cache_clear()
     monkeypatch.setattr(torch, "compile", broken_compile)
     for _ in range(2):
         with pytest.raises(ConfigError, match="train.compile=on on a CPU.*InvalidCxxCompiler.*apt-get install g\\+\\+.*"
@@ -340,11 +348,9 @@ def test_cpu_compile_without_a_toolchain_is_a_clear_error(monkeypatch):
     assert len(calls) == 1
     levers.check_compile_toolchain(CPU, compiling=False)  # nothing compiled: nothing to check
     levers.check_compile_toolchain(torch.device("meta"), compiling=True)  # not a CPU: inductor's GPU path
-    levers.cpu_compile_error.cache_clear()  # the broken compiler's answer is not left for later tests
 
 
-def test_cpu_compile_with_a_toolchain_passes():
-    levers.cpu_compile_error.cache_clear()
+def test_cpu_compile_with_a_toolchain_passes(fresh_compile_check):
     levers.check_compile_toolchain(CPU, compiling=True)  # this machine builds the tests' compiled steps
     assert levers.cpu_compile_error() is None
 
