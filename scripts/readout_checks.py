@@ -5,6 +5,7 @@
     python scripts/readout_checks.py full-decay RUN    # full linear probe at several decays, held-out and test
     python scripts/readout_checks.py grids RUN         # every 3-t multi-t grid: held-out and test linear
     python scripts/readout_checks.py iterations RUN    # full linear probe at more L-BFGS iterations: converged?
+    python scripts/readout_checks.py weights RUN       # multi-t linear from the EMA, the raw weights, two EMAs' mean
 
 "Held-out" is the probe's own split of the training images (``eval._held_out_split``: fit on 10,000, scored on
 a sixth of the split), so nothing here chooses on the test split; the test figures are printed beside the
@@ -80,9 +81,47 @@ def iterations(feats, ytr, yte, **_) -> None:
             print(f"{name}, {n} iterations: train {r['train_top1']:.2f}, test {r['top1']:.2f}", flush=True)
 
 
+def _checkpoint_weights(run: Path, model) -> list[tuple[int, dict, dict]]:
+    """(step, raw weights, EMA weights) of each of the run's checkpoints, oldest first."""
+    from fastsemdiff import checkpoint as ck
+    from fastsemdiff.models import SemanticDiffusion
+    from fastsemdiff.train import make_optimizer
+
+    out = []
+    for path in ck.list_checkpoints(run):
+        core = SemanticDiffusion(model.cfg)
+        named = [(n, q) for n, q in core.named_parameters() if q.requires_grad]
+        ema = {n: q.detach().clone() for n, q in named}
+        step = ck.load_checkpoint(path, core, make_optimizer([q for _, q in named], model.cfg, torch.device("cpu")),
+                                  ema, model.cfg)
+        out.append((step, {n: q.detach().clone() for n, q in named}, ema))
+    return out
+
+
+def weights(model, run, tr, ytr, te, yte, fit, val, **_) -> None:
+    """Which weights to read z from: the exported EMA, the raw weights at the last checkpoint, or the mean of
+    the EMA at the last two (a longer average); multi-t linear, held-out and test."""
+    saved = _checkpoint_weights(Path(run), model)
+    if len(saved) < 2:
+        raise SystemExit(f"error: {run} keeps {len(saved)} checkpoint(s); the weights check needs two")
+    (step0, _, ema0), (step1, raw1, ema1) = saved[-2:]
+    variants = {f"EMA at {step1} (exported)": ema1, f"raw at {step1}": raw1,
+                f"mean of the EMA at {step0} and {step1}": {n: (ema0[n] + ema1[n]) / 2 for n in ema1}}
+    for name, state in variants.items():
+        with torch.no_grad():
+            for n, q in model.named_parameters():
+                if n in state:
+                    q.copy_(state[n].to(q.device))
+        with torch.inference_mode():
+            a, b = (torch.cat([model.embed(x, t, 256) for t in MULTI_TS], 1) for x in (tr, te))
+        held = linear_probe(a[fit], ytr[fit], a[val], ytr[val], num_classes=10)["top1"]
+        test = linear_probe(a, ytr, b, yte, num_classes=10)["top1"]
+        print(f"{name}: multi-t held-out linear {held:.2f}, test {test:.2f}", flush=True)
+
+
 def main() -> None:
     checks = {"best-t": best_t, "label-decay": label_decay, "full-decay": full_decay, "grids": grids,
-              "iterations": iterations}
+              "iterations": iterations, "weights": weights}
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("check", choices=list(checks))
     parser.add_argument("run", help="a run directory holding model.safetensors")
@@ -92,6 +131,9 @@ def main() -> None:
     model = ev.load_run(args.run)
     tr, ytr = ev.load_data(model.cfg, "train", args.limit)
     te, yte = ev.load_data(model.cfg, "test", args.limit)
+    fit, val = ev._held_out_split(tr.shape[0])
+    if args.check == "weights":  # embeds with each set of weights itself
+        return weights(model=model, run=args.run, tr=tr, ytr=ytr, te=te, yte=yte, fit=fit, val=val)
     with torch.inference_mode():
         z = {t: (model.embed(tr, t, 256), model.embed(te, t, 256)) for t in TS}
     feats = {f"z at t = {args.t}": z[args.t],
@@ -99,7 +141,6 @@ def main() -> None:
     for width in (128, 384):
         feats[f"random conv {width}-d"] = (baselines.random_conv_features(tr, width, model.device),
                                            baselines.random_conv_features(te, width, model.device))
-    fit, val = ev._held_out_split(tr.shape[0])
     checks[args.check](z=z, feats=feats, ytr=ytr, yte=yte, fit=fit, val=val)
 
 

@@ -412,3 +412,31 @@ def test_readout_checks_script_reads_the_held_out_split(run_dir, check, lines, l
     assert out.returncode == 0, out.stderr[-2000:]
     rows = [r for r in out.stdout.splitlines() if "held-out" in r]
     assert len(rows) == lines, out.stdout
+
+
+def test_readout_checks_weights_reads_the_checkpoints_ema_and_raw_weights(trained_run):
+    """The weights check (EMA against raw weights, docs/ABLATIONS.md) reads each checkpoint's EMA and raw
+    weights: the last EMA is what training exported, the raw weights differ from it, and it prints one line
+    per variant."""
+    import subprocess
+    import sys as _sys
+
+    scripts = Path(__file__).resolve().parents[1] / "scripts"
+    _sys.path.insert(0, str(scripts))
+    try:
+        import readout_checks
+    finally:
+        _sys.path.remove(str(scripts))
+    model = eval_mod.load_run(str(trained_run.run_dir))
+    saved = readout_checks._checkpoint_weights(trained_run.run_dir, model)
+    assert [step for step, _, _ in saved] == [5, 10]
+    _, raw, ema = saved[-1]
+    assert set(ema) <= set(trained_run.exported) and len(ema) > 10  # the trained parameters (no fixed buffers)
+    for name, value in ema.items():
+        assert torch.equal(value, trained_run.exported[name]), name
+    assert any(not torch.equal(raw[n], ema[n]) for n in ema)
+    out = subprocess.run([_sys.executable, str(scripts / "readout_checks.py"), "weights", str(trained_run.run_dir)],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [r for r in out.stdout.splitlines() if "held-out" in r]
+    assert [r.split(":")[0] for r in rows] == ["EMA at 10 (exported)", "raw at 10", "mean of the EMA at 5 and 10"]
