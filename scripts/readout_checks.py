@@ -31,6 +31,13 @@ TS = (0.0, 0.25, 0.5, 0.75, 1.0)
 MULTI_TS = (0.0, 0.5, 1.0)
 
 
+def held_out_and_test(a, b, ytr, yte, fit, val, **probe) -> tuple[float, float]:
+    """The linear probe of train features ``a``: fitted on ``fit`` and scored on ``val`` (both of the train
+    split), then fitted on the whole train split and scored on the test features ``b``."""
+    held = linear_probe(a[fit], ytr[fit], a[val], ytr[val], num_classes=10, **probe)["top1"]
+    return held, linear_probe(a, ytr, b, yte, num_classes=10, **probe)["top1"]
+
+
 def best_t(z, ytr, fit, val, **_) -> None:
     for t in TS:
         zf, zv, yf, yv = z[t][0][fit], z[t][0][val], ytr[fit], ytr[val]
@@ -60,17 +67,15 @@ def label_decay(feats, ytr, yte, **_) -> None:
 def full_decay(feats, ytr, yte, fit, val, **_) -> None:
     for name, (a, b) in feats.items():
         for wd in (1e-5, 1e-4, 1e-3, 1e-2):
-            held = linear_probe(a[fit], ytr[fit], a[val], ytr[val], num_classes=10, weight_decay=wd)["top1"]
-            test = linear_probe(a, ytr, b, yte, num_classes=10, weight_decay=wd)["top1"]
+            held, test = held_out_and_test(a, b, ytr, yte, fit, val, weight_decay=wd)
             print(f"{name}, decay {wd:g}: held-out {held:.2f}, test {test:.2f}", flush=True)
 
 
 def grids(z, ytr, yte, fit, val, **_) -> None:
     for grid in itertools.combinations(TS, 3):
         a, b = (torch.cat([z[t][i] for t in grid], 1) for i in (0, 1))
-        held = linear_probe(a[fit], ytr[fit], a[val], ytr[val], num_classes=10)["top1"]
-        print(f"{grid}: held-out linear {held:.2f}, test {linear_probe(a, ytr, b, yte, num_classes=10)['top1']:.2f}",
-              flush=True)
+        held, test = held_out_and_test(a, b, ytr, yte, fit, val)
+        print(f"{grid}: held-out linear {held:.2f}, test {test:.2f}", flush=True)
 
 
 def iterations(feats, ytr, yte, **_) -> None:
@@ -81,14 +86,14 @@ def iterations(feats, ytr, yte, **_) -> None:
             print(f"{name}, {n} iterations: train {r['train_top1']:.2f}, test {r['top1']:.2f}", flush=True)
 
 
-def _checkpoint_weights(run: Path, model) -> list[tuple[int, dict, dict]]:
-    """(step, raw weights, EMA weights) of each of the run's checkpoints, oldest first."""
+def _checkpoint_weights(run: Path, model, last: int) -> list[tuple[int, dict, dict]]:
+    """(step, raw weights, EMA weights) of the run's ``last`` checkpoints, oldest first."""
     from fastsemdiff import checkpoint as ck
     from fastsemdiff.models import SemanticDiffusion
     from fastsemdiff.train import make_optimizer
 
     out = []
-    for path in ck.list_checkpoints(run):
+    for path in ck.list_checkpoints(run)[-last:]:
         core = SemanticDiffusion(model.cfg)
         named = [(n, q) for n, q in core.named_parameters() if q.requires_grad]
         ema = {n: q.detach().clone() for n, q in named}
@@ -101,7 +106,7 @@ def _checkpoint_weights(run: Path, model) -> list[tuple[int, dict, dict]]:
 def weights(model, run, tr, ytr, te, yte, fit, val, **_) -> None:
     """Which weights to read z from: the exported EMA, the raw weights at the last checkpoint, or the mean of
     the EMA at the last two (a longer average); multi-t linear, held-out and test."""
-    saved = _checkpoint_weights(Path(run), model)
+    saved = _checkpoint_weights(Path(run), model, last=2)
     if len(saved) < 2:
         raise SystemExit(f"error: {run} keeps {len(saved)} checkpoint(s); the weights check needs two")
     (step0, _, ema0), (step1, raw1, ema1) = saved[-2:]
@@ -114,8 +119,7 @@ def weights(model, run, tr, ytr, te, yte, fit, val, **_) -> None:
                     q.copy_(state[n].to(q.device))
         with torch.inference_mode():
             a, b = (torch.cat([model.embed(x, t, 256) for t in MULTI_TS], 1) for x in (tr, te))
-        held = linear_probe(a[fit], ytr[fit], a[val], ytr[val], num_classes=10)["top1"]
-        test = linear_probe(a, ytr, b, yte, num_classes=10)["top1"]
+        held, test = held_out_and_test(a, b, ytr, yte, fit, val)
         print(f"{name}: multi-t held-out linear {held:.2f}, test {test:.2f}", flush=True)
 
 

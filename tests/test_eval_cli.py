@@ -428,7 +428,7 @@ def test_readout_checks_weights_reads_the_checkpoints_ema_and_raw_weights(traine
     finally:
         _sys.path.remove(str(scripts))
     model = eval_mod.load_run(str(trained_run.run_dir))
-    saved = readout_checks._checkpoint_weights(trained_run.run_dir, model)
+    saved = readout_checks._checkpoint_weights(trained_run.run_dir, model, last=2)
     assert [step for step, _, _ in saved] == [5, 10]
     _, raw, ema = saved[-1]
     assert set(ema) <= set(trained_run.exported) and len(ema) > 10  # the trained parameters (no fixed buffers)
