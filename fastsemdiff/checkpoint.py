@@ -45,7 +45,8 @@ METADATA_FILE = ".metadata"  # DCP's global metadata file, written by the coordi
 FIXED_ON_RESUME = (
     "model.hidden_size", "model.depth", "model.num_heads", "model.patch_size", "model.mlp_ratio", "model.qk_norm",
     "model.cond_merge", "model.z_dropout", "model.rms_norm", "model.pos_layout",
-    "encoder.arch", "encoder.conv_channels", "encoder.conv_strides", "encoder.pool_grid",
+    "encoder.arch", "encoder.conv_channels", "encoder.conv_strides", "encoder.conv_residual_blocks",
+    "encoder.pool_grid",
     "encoder.input", "encoder.view_shift", "encoder.view_flip",
     "encoder.view_crop_scale", "encoder.view_erase", "encoder.invariance_weight", "encoder.time_conditioned",
     "encoder.normalize",

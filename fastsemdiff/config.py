@@ -84,6 +84,9 @@ class EncoderConfig:
     arch: str = "vit"  # vit: patch tokens through adaLN blocks | cnn: FiLM conv stages pooled to a grid
     conv_channels: list[int] = field(default_factory=lambda: [32, 64, 64, 128])  # arch=cnn: one per stage
     conv_strides: list[int] = field(default_factory=lambda: [1, 2, 1, 2])  # arch=cnn: 28x28 -> 7x7
+    # arch=cnn: residual FiLM convs after each stage's conv (h + f(h), one count per stage; []: none), each
+    # branch starting at zero so the deeper encoder starts as the plain one
+    conv_residual_blocks: list[int] = field(default_factory=list)
     pool_grid: int = 2  # arch=cnn: the last map is average-pooled to pool_grid x pool_grid before the head
     input: str = "clean"  # clean: E(x0, t) | noisy: E(x_t, t)
     # The encoder's own view of x0 (the denoiser still reconstructs x0 itself): translated by up to
@@ -268,6 +271,10 @@ class Config:
         if not e.conv_channels or len(e.conv_channels) != len(e.conv_strides) or min(e.conv_channels + e.conv_strides) < 1:
             raise ConfigError(f"encoder.conv_channels={e.conv_channels} and encoder.conv_strides={e.conv_strides} "
                               "must be lists of positive integers of the same length (one entry per conv stage)")
+        if e.conv_residual_blocks and (len(e.conv_residual_blocks) != len(e.conv_channels)
+                                       or min(e.conv_residual_blocks) < 0):
+            raise ConfigError(f"encoder.conv_residual_blocks={e.conv_residual_blocks} must hold one count >= 0 per conv "
+                              f"stage ({len(e.conv_channels)}, as encoder.conv_channels), or be [] for none")
         positive["encoder.pool_grid"] = e.pool_grid
         for key, value in positive.items():
             if value < 1:

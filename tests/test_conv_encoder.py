@@ -65,7 +65,7 @@ def test_static_code_ignores_t_even_with_film_weights():
 
 @pytest.mark.parametrize("overrides", [[], ["encoder.time_conditioned=false"], ["encoder.regularizer=kl"],
                                        ["encoder.normalize=true"], ["encoder.pool_grid=1"],
-                                       ["encoder.objective=supervised"]])
+                                       ["encoder.objective=supervised"], ["encoder.conv_residual_blocks=[1,1]"]])
 def test_model_with_cnn_encoder_trains(overrides):
     model = cnn_model(*overrides)
     x0 = torch.rand(8, 1, 28, 28, generator=gen(4)) * 2 - 1
@@ -95,10 +95,59 @@ def test_trained_film_makes_the_model_t_dependent():
 
 
 @pytest.mark.parametrize("bad", [["encoder.conv_channels=[8]"], ["encoder.conv_channels=[]", "encoder.conv_strides=[]"],
-                                 ["encoder.conv_strides=[0,2]"], ["encoder.pool_grid=0"], ["encoder.arch=resnet"]])
+                                 ["encoder.conv_strides=[0,2]"], ["encoder.pool_grid=0"], ["encoder.arch=resnet"],
+                                 ["encoder.conv_residual_blocks=[1]"], ["encoder.conv_residual_blocks=[1,-1]"]])
 def test_bad_cnn_config_is_a_clear_error(bad):
     with pytest.raises(ConfigError, match="encoder"):
         load_config(None, [*CNN, *bad]).validate()
+
+
+def test_residual_stage_by_hand_and_starting_as_the_plain_stage():
+    """encoder.conv_residual_blocks: each branch is a FiLM conv added to its input. At initialisation the branches
+    add exactly 0 (their GroupNorm weights start at zero), so the encoder computes what the plain one with the
+    same first convs does; with the branches trained, the stage is h + f(h) recomputed here by hand."""
+    torch.manual_seed(0)
+    plain = ConvTimeEncoder(1, 6, 16, channels=[4, 8], strides=[1, 2], grid=2).eval()
+    torch.manual_seed(0)
+    deep = ConvTimeEncoder(1, 6, 16, channels=[4, 8], strides=[1, 2], grid=2, residual_blocks=[0, 2]).eval()
+    assert [len(s.residual) for s in deep.blocks] == [0, 2]
+    missing = deep.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert missing and all(".residual." in k for k in missing)
+    wake_films_(plain)
+    wake_films_(deep)
+    x, t = torch.randn(3, 1, 12, 12, generator=gen(11)), torch.tensor([0.1, 0.5, 0.9])
+    assert torch.equal(deep(x, t)[0], plain(x, t)[0])
+
+    g = gen(12)
+    with torch.no_grad():
+        for branch in deep.blocks[1].residual:
+            for p in (branch.norm.weight, branch.film.weight, branch.conv.weight):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    assert deep.depends_on_t()
+    c = deep.t_embedder(t)
+
+    def film_conv(layer, h):
+        scale, shift = layer.film(F.silu(c)).chunk(2, dim=-1)
+        return F.gelu(layer.norm(layer.conv(h)) * (1 + scale[..., None, None]) + shift[..., None, None])
+
+    h = film_conv(deep.blocks[0], x)
+    h = film_conv(deep.blocks[1], h)
+    for branch in deep.blocks[1].residual:
+        h = h + film_conv(branch, h)
+    assert_close(deep.features(x, t), deep.norm(F.adaptive_avg_pool2d(h, 2).flatten(1)))
+    assert not torch.allclose(deep(x, t)[0], plain(x, t)[0])
+
+
+def test_t_reaches_a_residual_encoder_through_the_branch_films_alone():
+    enc = ConvTimeEncoder(1, 6, 16, channels=[4, 8], strides=[1, 2], residual_blocks=[1, 0]).eval()
+    assert not enc.depends_on_t()
+    with torch.no_grad():
+        enc.blocks[0].residual[0].norm.weight.fill_(1.0)
+        enc.blocks[0].residual[0].film.weight.copy_(torch.randn(enc.blocks[0].residual[0].film.weight.shape,
+                                                                generator=gen(13)))
+    x = torch.randn(2, 1, 12, 12, generator=gen(14))
+    assert enc.depends_on_t()
+    assert not torch.allclose(enc(x, torch.full((2,), 0.1))[0], enc(x, torch.full((2,), 0.8))[0])
 
 
 def test_trainer_trains_resumes_and_exports_a_cnn_encoder(tmp_path, fake_fmnist):

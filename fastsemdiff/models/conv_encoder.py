@@ -17,12 +17,9 @@ from .code_head import code_from_head
 from ..nn import TimestepEmbedder
 
 
-class FiLMConvStage(nn.Module):
+class FiLMConv(nn.Module):
     """Conv 3x3 -> GroupNorm -> (1 + scale(c)) * . + shift(c) -> GELU. The FiLM map starts at zero, so at
-    initialisation the stage ignores t and the encoder is a plain CNN. ``checkpoint_activations``
-    (train.activation_checkpointing sets it) recomputes the stage in the backward, as the DiT blocks do."""
-
-    checkpoint_activations: bool = False
+    initialisation t does not reach the output."""
 
     def __init__(self, in_channels: int, out_channels: int, stride: int, cond_dim: int, groups: int = 8):
         super().__init__()
@@ -33,6 +30,28 @@ class FiLMConvStage(nn.Module):
         nn.init.zeros_(self.film.bias)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        scale, shift = self.film(F.silu(c)).chunk(2, dim=-1)
+        h = self.norm(self.conv(x))
+        return F.gelu(h * (1 + scale[:, :, None, None]) + shift[:, :, None, None])
+
+
+class FiLMConvStage(FiLMConv):
+    """One FiLM conv (``FiLMConv``), then ``residual_blocks`` FiLM convs each added to its input (h + f(h)).
+    The residual branches' GroupNorm weights start at zero, so at initialisation every branch adds 0 and the
+    stage is the single conv: a deeper encoder that starts as the plain one. ``checkpoint_activations``
+    (train.activation_checkpointing sets it) recomputes the stage in the backward, as the DiT blocks do."""
+
+    checkpoint_activations: bool = False
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int, cond_dim: int, groups: int = 8,
+                 residual_blocks: int = 0):
+        super().__init__(in_channels, out_channels, stride, cond_dim, groups)
+        self.residual = nn.ModuleList(FiLMConv(out_channels, out_channels, 1, cond_dim, groups)
+                                      for _ in range(residual_blocks))
+        for branch in self.residual:
+            nn.init.zeros_(branch.norm.weight)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         if self.checkpoint_activations and torch.is_grad_enabled():
             from torch.utils.checkpoint import checkpoint
 
@@ -40,13 +59,17 @@ class FiLMConvStage(nn.Module):
         return self._forward(x, c)
 
     def _forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        scale, shift = self.film(F.silu(c)).chunk(2, dim=-1)
-        h = self.norm(self.conv(x))
-        return F.gelu(h * (1 + scale[:, :, None, None]) + shift[:, :, None, None])
+        h = super().forward(x, c)
+        for branch in self.residual:
+            h = h + branch(h, c)
+        return h
+
+    def films(self) -> list[nn.Linear]:
+        return [self.film, *(b.film for b in self.residual)]
 
 
 class ConvTimeEncoder(nn.Module):
-    """E(x, t): FiLM conv stages, average pooling to ``grid`` x ``grid``, LayerNorm, Linear to ``out_dim``.
+    """E(x, t): FiLM conv stages (each optionally followed by residual FiLM convs), average pooling to ``grid`` x ``grid``, LayerNorm, Linear to ``out_dim``.
 
     Same interface as the ViT ``TimeEncoder``: ``forward`` returns (z, stats), ``features`` the pooled,
     normalised map before the head, ``time_conditioned=False`` a static code (one learned vector instead
@@ -55,12 +78,17 @@ class ConvTimeEncoder(nn.Module):
 
     def __init__(self, in_channels: int, out_dim: int, cond_dim: int, channels: Sequence[int] = (32, 64, 64, 128),
                  strides: Sequence[int] = (1, 2, 1, 2), grid: int = 2, time_conditioned: bool = True,
+                 residual_blocks: Sequence[int] = (),
                  normalize: bool = False, variational: bool = False, backend: str = "auto",
                  fused_check: str = "warn"):
         super().__init__()
         if len(channels) != len(strides) or not channels:
             raise ValueError(f"encoder.conv_channels {list(channels)} and encoder.conv_strides {list(strides)} "
                              "must be non-empty lists of the same length")
+        residual_blocks = list(residual_blocks) or [0] * len(channels)
+        if len(residual_blocks) != len(channels) or min(residual_blocks) < 0:
+            raise ValueError(f"encoder.conv_residual_blocks {residual_blocks} must hold one count >= 0 per stage "
+                             f"({len(channels)}), or be empty for none")
         self.out_dim, self.time_conditioned = out_dim, time_conditioned
         self.normalize, self.variational, self.grid = normalize, variational, grid
         if time_conditioned:
@@ -70,7 +98,8 @@ class ConvTimeEncoder(nn.Module):
         else:
             self.static_cond = nn.Parameter(torch.randn(cond_dim) * 0.02)
         dims = [in_channels, *channels]
-        self.blocks = nn.ModuleList(FiLMConvStage(i, o, s, cond_dim) for i, o, s in zip(dims, dims[1:], strides))
+        self.blocks = nn.ModuleList(FiLMConvStage(i, o, s, cond_dim, residual_blocks=r)
+                                    for i, o, s, r in zip(dims, dims[1:], strides, residual_blocks))
         width = channels[-1] * grid * grid
         self.norm = nn.LayerNorm(width, eps=1e-6)
         self.head = nn.Linear(width, out_dim * (2 if variational else 1))
@@ -82,7 +111,8 @@ class ConvTimeEncoder(nn.Module):
 
     def depends_on_t(self) -> bool:
         """Whether z can change with t: only through the FiLM weights (their biases are t-free)."""
-        return self.time_conditioned and any(bool(s.film.weight.detach().ne(0).any()) for s in self.blocks)
+        return self.time_conditioned and any(
+            bool(f.weight.detach().ne(0).any()) for s in self.blocks for f in s.films())
 
     def features(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The pooled grid [B, channels[-1] * grid^2], LayerNorm-ed, before the head."""

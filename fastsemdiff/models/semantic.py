@@ -145,8 +145,8 @@ class SemanticDiffusion(nn.Module):
         if e.arch == "cnn":
             self.encoder = ConvTimeEncoder(
                 channels, e.dim, hidden, e.conv_channels, e.conv_strides, e.pool_grid,
-                time_conditioned=e.time_conditioned, normalize=e.normalize, variational=e.regularizer == "kl",
-                backend=m.backend, fused_check=m.fused_check,
+                time_conditioned=e.time_conditioned, residual_blocks=e.conv_residual_blocks, normalize=e.normalize,
+                variational=e.regularizer == "kl", backend=m.backend, fused_check=m.fused_check,
             )
         else:
             self.encoder = TimeEncoder(
