@@ -15,21 +15,20 @@ extras=""
 # disk used to end setup with a bare exit status from pip; say so first, where the fix is obvious.
 # FASTSEMDIFF_SETUP_MIN_GB (default 6: less than what an environment takes, so only a certain failure is refused)
 # sets the free space asked for per environment (0: no check).
-need_space() {  # need_space ENV_DIR: refuse to start an environment on a disk without room for it
-    local need_gb=${FASTSEMDIFF_SETUP_MIN_GB:-6} free_kb
+new_env() {  # new_env DIR: make the virtual environment DIR unless it exists, on a disk with room for it
+    local need_gb=${FASTSEMDIFF_SETUP_MIN_GB:-6} free_kb mount
     [ -x "$1/bin/python" ] && return 0  # an existing environment is only updated
-    [ "$need_gb" = 0 ] && return 0
-    free_kb=$(df -Pk . | awk 'NR == 2 {print $4}')
-    if [ -n "$free_kb" ] && [ "$free_kb" -lt $((need_gb * 1024 * 1024)) ]; then
-        echo "setup: only $((free_kb / 1024 / 1024)) GB free on $(df -P . | awk 'NR == 2 {print $6}'), and $1 (torch with its" \
-             "CUDA libraries) needs more than $need_gb GB. Free some space (old clones, ~/.cache/pip) and run setup again," \
-             "or set FASTSEMDIFF_SETUP_MIN_GB to ask for less." >&2
+    read -r free_kb mount < <(df -Pk . | awk 'NR == 2 {print $4, $6}')
+    if [ "$need_gb" != 0 ] && [ -n "$free_kb" ] && [ "$free_kb" -lt $((need_gb * 1024 * 1024)) ]; then
+        echo "setup: only $((free_kb / 1024 / 1024)) GB free on $mount, and $1 (torch with its CUDA libraries) needs" \
+             "more than $need_gb GB. Free some space (old clones, ~/.cache/pip) and run setup again, or set" \
+             "FASTSEMDIFF_SETUP_MIN_GB to ask for less." >&2
         exit 1
     fi
+    "$python" -m venv "$1"
 }
 
-need_space .venv
-[ -x .venv/bin/python ] || "$python" -m venv .venv
+new_env .venv
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".${extras}"
 
 # The CUDA C++ extension (csrc/ -> fastsemdiff._C) builds against the installed torch, so the package is
@@ -63,8 +62,7 @@ rm -f "$build_log"
 # both architectures is read from .venv's build. GPU_IMAGE_STACK=0 skips this environment.
 if [ -n "$extras" ] && [ "${GPU_IMAGE_STACK:-1}" != 0 ]; then
     gpu=.venv-gpu-image
-    need_space "$gpu"
-    [ -x "$gpu/bin/python" ] || "$python" -m venv "$gpu"
+    new_env "$gpu"
     "$gpu/bin/python" -m pip install --quiet --disable-pip-version-check torch==2.11.0 triton==3.6.0 \
         "setuptools>=64" wheel ninja
     gpu_log=$(mktemp)

@@ -20,10 +20,9 @@ def test_setup_refuses_a_full_disk_before_making_an_environment(tmp_path):
     assert not (tmp_path / ".venv").exists()  # refused before the environment was started
 
 
-def test_setup_checks_space_before_each_environment():
-    """Both environments ask for room before they are made (the GPU-image one is the second ~6.5 GB)."""
+def test_every_environment_is_made_by_the_space_checking_helper():
+    """Both environments (the GPU-image one is the second ~6.5 GB) are made by new_env, the one place that runs
+    ``python -m venv``, so neither can start without the check."""
     text = (REPO / "scripts" / "setup.sh").read_text()
-    for env in (".venv", '"$gpu"'):
-        check, make = text.index(f"need_space {env}"), text.index(f"[ -x {env}/bin/python ] ||" if env == ".venv"
-                                                                   else '[ -x "$gpu/bin/python" ] ||')
-        assert check < make
+    assert text.count("-m venv") == 1 and '"$python" -m venv "$1"' in text
+    assert "\nnew_env .venv\n" in text and '\n    new_env "$gpu"\n' in text

@@ -69,7 +69,8 @@ class FiLMConvStage(FiLMConv):
 
 
 class ConvTimeEncoder(nn.Module):
-    """E(x, t): FiLM conv stages (each optionally followed by residual FiLM convs), average pooling to ``grid`` x ``grid``, LayerNorm, Linear to ``out_dim``.
+    """E(x, t): FiLM conv stages (each optionally followed by residual FiLM convs), average pooling to ``grid`` x
+    ``grid``, LayerNorm, Linear to ``out_dim``.
 
     Same interface as the ViT ``TimeEncoder``: ``forward`` returns (z, stats), ``features`` the pooled,
     normalised map before the head, ``time_conditioned=False`` a static code (one learned vector instead
