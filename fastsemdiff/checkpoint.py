@@ -49,7 +49,7 @@ FIXED_ON_RESUME = (
     "encoder.pool_grid",
     "encoder.input", "encoder.view_shift", "encoder.view_flip",
     "encoder.view_crop_scale", "encoder.view_erase", "encoder.invariance_weight", "encoder.time_conditioned",
-    "encoder.normalize",
+    "encoder.t_bins", "encoder.normalize",
     "encoder.depth", "encoder.dim",
     "encoder.regularizer", "encoder.reg_weight", "encoder.objective", "encoder.num_classes",
     "diffusion.schedule", "diffusion.prediction", "diffusion.lambda_cons", "diffusion.cons_step",

@@ -103,6 +103,9 @@ class EncoderConfig:
     # cosine, toward the stop-gradient z_t of a second view drawn the same way (one extra no-grad encoder pass)
     invariance_weight: float = 0.0
     time_conditioned: bool = True  # false: a diffae-style static code E(x0)
+    # The encoder's t snapped to the nearest of these, in training and readout alike ([]: continuous t): a few
+    # codes, each trained over the range of t it serves (e.g. [0, 0.5, 1], the multi-t readout's points)
+    t_bins: list[float] = field(default_factory=list)
     normalize: bool = False  # L2-normalise z (the "directional vector"); off probed better (docs/ABLATIONS.md)
     depth: Optional[int] = None  # None: half the denoiser's depth
     dim: int = 128
@@ -275,6 +278,10 @@ class Config:
                                        or min(e.conv_residual_blocks) < 0):
             raise ConfigError(f"encoder.conv_residual_blocks={e.conv_residual_blocks} must hold one count >= 0 per conv "
                               f"stage ({len(e.conv_channels)}, as encoder.conv_channels), or be [] for none")
+        if e.t_bins and (not e.time_conditioned or min(e.t_bins) < 0 or max(e.t_bins) > 1
+                         or len(set(e.t_bins)) != len(e.t_bins)):
+            raise ConfigError(f"encoder.t_bins={e.t_bins} must be distinct times in [0, 1] of a time-conditioned "
+                              "encoder (encoder.time_conditioned=true), or [] for continuous t")
         positive["encoder.pool_grid"] = e.pool_grid
         for key, value in positive.items():
             if value < 1:

@@ -62,6 +62,8 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
     "z-96": (["encoder.dim=96"], "a 96-d z"),
     "res-0011": (["encoder.conv_residual_blocks=[0,0,1,1]"],
                  "a residual FiLM conv after each of the CNN's last two stages (0.8x the step rate on 2 cores)"),
+    "t-bins-3": (["encoder.t_bins=[0,0.5,1]"],
+                 "E's t snapped to 0, 0.5 or 1: three codes, each trained over the third of t it serves"),
     "inv-crop": (["encoder.view_crop_scale=[0.35,1.0]", "encoder.view_flip=true", "encoder.invariance_weight=0.5"],
                  "E sees a crop (35-100 %) and flip; its predictor pulled toward a second view's z (weight 0.5)"),
     "inv-crop-w2": (["encoder.view_crop_scale=[0.35,1.0]", "encoder.view_flip=true", "encoder.invariance_weight=2"],

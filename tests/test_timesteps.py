@@ -8,7 +8,7 @@ import torch
 
 from fastsemdiff.config import ConfigError, load_config
 from fastsemdiff.diffusion import get_schedule, loss_weights, target, train_times
-from fastsemdiff.diffusion.timesteps import shift_toward_noise, snr
+from fastsemdiff.diffusion.timesteps import shift_toward_noise, snap_times, snr
 from fastsemdiff.models import SemanticDiffusion
 
 from helpers import gen
@@ -105,3 +105,43 @@ def test_bad_values_are_refused(override, fragment):
 def test_min_snr_with_velocity_prediction_is_refused():
     with pytest.raises(ConfigError, match="prediction=velocity"):
         load_config(None, ["diffusion.schedule=flow", "diffusion.prediction=velocity", "diffusion.loss_weight=min_snr"])
+
+
+def test_snap_times_picks_the_nearest_bin_and_the_first_on_a_tie():
+    t = torch.tensor([0.0, 0.1, 0.25, 0.26, 0.6, 0.74, 0.76, 0.9946])
+    assert snap_times(t, [0.0, 0.5, 1.0]).tolist() == [0.0, 0.0, 0.0, 0.5, 0.5, 0.5, 1.0, 1.0]
+    assert snap_times(t, []) is t
+    by_hand = torch.tensor([min((0.2, 0.7), key=lambda b: abs(v - b)) for v in t.tolist()])
+    torch.testing.assert_close(snap_times(t, (0.2, 0.7)), by_hand)
+
+
+@pytest.mark.parametrize("arch", [["encoder.arch=cnn", "encoder.conv_channels=[8,16]", "encoder.conv_strides=[2,2]"],
+                                  ["encoder.arch=vit", "encoder.depth=1"]])
+def test_t_bins_make_the_encoder_a_few_codes(arch):
+    """With encoder.t_bins the code at any t is the code at its bin, in both encoders; without them, t between
+    the bins gives codes of its own. FiLM / adaLN weights woken from their zero start so that t reaches z."""
+    cfg = [o for o in SMALL if not o.startswith("encoder.")] + ["encoder.dim=16", *arch]
+    torch.manual_seed(0)
+    model = SemanticDiffusion(load_config(None, [*cfg, "encoder.t_bins=[0,0.5,1]"])).eval()
+    plain = SemanticDiffusion(load_config(None, cfg)).eval()
+    plain.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for name, p in model.encoder.named_parameters():
+            if ("film" in name or "adaLN" in name) and name.endswith("weight"):
+                p.copy_(torch.randn(p.shape, generator=gen(4)) * 0.2)
+        plain.load_state_dict(model.state_dict())
+    x = torch.randn(3, 1, 28, 28, generator=gen(5))
+    code = {t: model.encoder(x, torch.full((3,), t))[0] for t in (0.0, 0.2, 0.5, 0.7, 0.8, 1.0)}
+    assert torch.equal(code[0.2], code[0.0]) and torch.equal(code[0.7], code[0.5]) and torch.equal(code[0.8], code[1.0])
+    assert not torch.allclose(code[0.0], code[0.5]) and not torch.allclose(code[0.5], code[1.0])
+    for t in (0.0, 0.5, 1.0):  # at the bins themselves the snapped encoder is the plain one
+        torch.testing.assert_close(code[t], plain.encoder(x, torch.full((3,), t))[0], rtol=0, atol=0)
+    assert not torch.allclose(plain.encoder(x, torch.full((3,), 0.2))[0], code[0.0])
+
+
+@pytest.mark.parametrize("bins", ["[0,1.5]", "[-0.1,0.5]", "[0.5,0.5]"])
+def test_bad_t_bins_are_a_clear_error(bins):
+    with pytest.raises(ConfigError, match="encoder.t_bins"):
+        load_config(None, [*SMALL, f"encoder.t_bins={bins}"])
+    with pytest.raises(ConfigError, match="encoder.t_bins"):
+        load_config(None, [*SMALL, "encoder.t_bins=[0,1]", "encoder.time_conditioned=false"])

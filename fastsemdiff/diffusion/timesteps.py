@@ -37,6 +37,16 @@ def train_times(schedule: Schedule, n: int, device, generator: Optional[torch.Ge
     return schedule.t_min + (schedule.t_max - schedule.t_min) * u
 
 
+def snap_times(t: torch.Tensor, bins) -> torch.Tensor:
+    """Each t replaced by the nearest of ``bins`` (the first on a tie); no bins: t unchanged. The encoder's
+    t-input snapped this way (encoder.t_bins) makes it a few codes, each trained on the whole range of t it
+    serves, rather than a continuum whose readout points are trained only by the draws near them."""
+    if not bins:
+        return t
+    b = torch.tensor(list(bins), device=t.device, dtype=t.dtype)
+    return b[(t[..., None] - b).abs().argmin(-1)]
+
+
 def snr(schedule: Schedule, t: torch.Tensor) -> torch.Tensor:
     """alpha^2 / sigma^2 (sigma clamped away from 0 so t = 0 gives a large finite number)."""
     a, s = schedule.alpha_sigma(t)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .code_head import code_from_head
+from ..diffusion import snap_times
 from ..nn import TimestepEmbedder
 
 
@@ -74,12 +75,12 @@ class ConvTimeEncoder(nn.Module):
 
     Same interface as the ViT ``TimeEncoder``: ``forward`` returns (z, stats), ``features`` the pooled,
     normalised map before the head, ``time_conditioned=False`` a static code (one learned vector instead
-    of the timestep embedding), and ``blocks`` (the stages) as the unit the trainer compiles and shards.
+    of the timestep embedding), ``t_bins`` the values its t is snapped to (none: continuous t), and ``blocks`` (the stages) as the unit the trainer compiles and shards.
     """
 
     def __init__(self, in_channels: int, out_dim: int, cond_dim: int, channels: Sequence[int] = (32, 64, 64, 128),
                  strides: Sequence[int] = (1, 2, 1, 2), grid: int = 2, time_conditioned: bool = True,
-                 residual_blocks: Sequence[int] = (),
+                 residual_blocks: Sequence[int] = (), t_bins: Sequence[float] = (),
                  normalize: bool = False, variational: bool = False, backend: str = "auto",
                  fused_check: str = "warn"):
         super().__init__()
@@ -92,6 +93,7 @@ class ConvTimeEncoder(nn.Module):
                              f"({len(channels)}), or be empty for none")
         self.out_dim, self.time_conditioned = out_dim, time_conditioned
         self.normalize, self.variational, self.grid = normalize, variational, grid
+        self.t_bins = tuple(float(b) for b in t_bins)
         if time_conditioned:
             self.t_embedder = TimestepEmbedder(cond_dim, backend=backend, fused_check=fused_check)
             nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
@@ -107,7 +109,7 @@ class ConvTimeEncoder(nn.Module):
 
     def _cond(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if self.time_conditioned:
-            return self.t_embedder(t)
+            return self.t_embedder(snap_times(t, self.t_bins))
         return self.static_cond.to(x.dtype).expand(x.shape[0], -1)
 
     def depends_on_t(self) -> bool:

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn import BlockStack, DiTBlock, PatchEmbed, TimestepEmbedder, fixed_pos_embed
+from ..diffusion import snap_times
 from .code_head import code_from_head
 from .dit import init_dit_weights
 
@@ -16,7 +17,7 @@ class TimeEncoder(BlockStack, nn.Module):
     """Patch tokens pass adaLN blocks conditioned on t only, are mean-pooled, LayerNorm-ed and mapped to d.
 
     ``time_conditioned=False`` replaces the timestep embedding by one learned vector (a static,
-    diffae-style code). With ``open_gates`` the residual gates start at 1 rather than adaLN-Zero's 0: mean
+    diffae-style code); ``t_bins`` the values its t is snapped to (none: continuous t). With ``open_gates`` the residual gates start at 1 rather than adaLN-Zero's 0: mean
     pooling of identity blocks would only see the average patch, so a closed-gate encoder starts blind. With ``variational`` the head emits mean and log-variance (VDRL's KL form).
     """
 
@@ -24,9 +25,10 @@ class TimeEncoder(BlockStack, nn.Module):
                  num_heads: int, out_dim: int, mlp_ratio: float = 4.0, time_conditioned: bool = True,
                  normalize: bool = True, variational: bool = False, qk_norm: bool = False, open_gates: bool = True,
                  backend: str = "auto", adaln: str = "stacked", rms_norm: bool = False, fused_check: str = "warn",
-                 pos_layout: str = "dit"):
+                 pos_layout: str = "dit", t_bins=()):
         super().__init__()
         self.out_dim, self.time_conditioned = out_dim, time_conditioned
+        self.t_bins = tuple(float(b) for b in t_bins)
         self.normalize, self.variational = normalize, variational
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
         self.pos_embed = fixed_pos_embed(hidden_size, self.x_embedder.grid, pos_layout)
@@ -49,7 +51,7 @@ class TimeEncoder(BlockStack, nn.Module):
 
     def _cond(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if self.time_conditioned:
-            return self.t_embedder(t)
+            return self.t_embedder(snap_times(t, self.t_bins))
         return self.static_cond.to(x.dtype).expand(x.shape[0], -1)
 
     def depends_on_t(self) -> bool:

@@ -145,7 +145,8 @@ class SemanticDiffusion(nn.Module):
         if e.arch == "cnn":
             self.encoder = ConvTimeEncoder(
                 channels, e.dim, hidden, e.conv_channels, e.conv_strides, e.pool_grid,
-                time_conditioned=e.time_conditioned, residual_blocks=e.conv_residual_blocks, normalize=e.normalize,
+                time_conditioned=e.time_conditioned, residual_blocks=e.conv_residual_blocks, t_bins=e.t_bins,
+                normalize=e.normalize,
                 variational=e.regularizer == "kl", backend=m.backend, fused_check=m.fused_check,
             )
         else:
@@ -153,7 +154,7 @@ class SemanticDiffusion(nn.Module):
                 side, m.patch_size, channels, hidden, e.depth or max(1, depth // 2), heads, e.dim,
                 mlp_ratio=m.mlp_ratio, time_conditioned=e.time_conditioned, normalize=e.normalize,
                 variational=e.regularizer == "kl", qk_norm=m.qk_norm, backend=m.backend, adaln=layout,
-                rms_norm=m.rms_norm, fused_check=m.fused_check, pos_layout=m.pos_layout,
+                rms_norm=m.rms_norm, fused_check=m.fused_check, pos_layout=m.pos_layout, t_bins=e.t_bins,
             )
         self.denoiser = DiT(
             side, m.patch_size, channels, hidden, depth, heads, mlp_ratio=m.mlp_ratio, z_dim=e.dim,
