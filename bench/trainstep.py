@@ -1,7 +1,7 @@
 """Training steps to benchmark, built from the project's own pieces.
 
 One step = forward, loss, backward, then the trainer's own ``apply_update`` (gradient clipping, AdamW
-fused on CUDA, zero_grad, foreach EMA) and its finite/loss bookkeeping; random draws come from a
+fused on CUDA and CPU, zero_grad, foreach EMA) and its finite/loss bookkeeping; random draws come from a
 generator seeded per step on the device, as in ``fastsemdiff.train``. Implementations:
 
 * ``torch_eager``: the plain-PyTorch reference (``model.backend=torch``, ``model.adaln=per_block``, DiT's layout);

@@ -189,7 +189,7 @@ class TrainConfig:
     resume: bool = False
     progress: bool = True
     # ---- the training step's speed switches (fastsemdiff/levers.py checks them against the device at start)
-    # auto (fused on CUDA, foreach elsewhere) | fused | foreach | loop: how AdamW and the EMA run: fused (one
+    # auto (fused on CUDA and CPU, foreach elsewhere) | fused | foreach | loop: how AdamW and the EMA run: fused (one
     # multi-tensor kernel per group, AdamW(fused=True)), foreach (multi-tensor ops), loop (one op per tensor)
     update: str = "auto"
     # torch.compile's mode: default | reduce-overhead (CUDA graphs; CUDA only) | max-autotune-no-cudagraphs

@@ -51,7 +51,7 @@ def ema_decay_at(step: int, cfg: Config) -> float:
 
 def make_optimizer(params: list[torch.Tensor], cfg: Config, device: torch.device) -> torch.optim.AdamW:
     """AdamW over ``params`` as ``train.update`` says (``levers.update_impl``): fused (one sync-free kernel per
-    group; auto on CUDA), foreach (multi-tensor ops; auto elsewhere) or loop (one op per tensor)."""
+    group; auto on CUDA and CPU), foreach (multi-tensor ops; auto elsewhere) or loop (one op per tensor)."""
     tc = cfg.train
     impl = levers.update_impl(tc.update, device)
     kind = {"fused": {"fused": True}, "foreach": {"foreach": True}, "loop": {"foreach": False}}[impl]

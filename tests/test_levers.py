@@ -214,9 +214,10 @@ def test_update_implementations_agree():
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_update_auto_is_fused_on_cuda_and_foreach_elsewhere():
+def test_update_auto_is_fused_on_cuda_and_cpu_and_foreach_elsewhere():
     assert levers.update_impl("auto", torch.device("cuda")) == "fused"
-    assert levers.update_impl("auto", CPU) == "foreach"
+    assert levers.update_impl("auto", CPU) == "fused"
+    assert levers.update_impl("auto", torch.device("mps")) == "foreach"
     assert levers.update_impl("loop", torch.device("cuda")) == "loop"
 
 
