@@ -82,9 +82,9 @@ def test_main_job_train_step(benchmark):
 
 
 def test_main_job_update_impl(benchmark):
-    """The compiled step with AdamW as foreach multi-tensor ops (``train.update=auto`` until 2026-12-05) against torch's
-    fused CPU AdamW (auto since) (one vectorised kernel per parameter group): AdamW, clipping and the EMA are ~15 % of the
-    eager step here (torch.profiler)."""
+    """The compiled step with AdamW as foreach multi-tensor ops (``train.update=auto`` until 2026-12-05) against
+    torch's fused CPU AdamW (auto since; one vectorised kernel per parameter group): AdamW, clipping and the EMA
+    are ~15 % of the eager step here (torch.profiler)."""
     (foreach, batch), (fused, _) = _step(True, "foreach"), _step(True, "fused")
     calls = {"foreach": foreach, "fused": fused}
     for call in calls.values():

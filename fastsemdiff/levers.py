@@ -187,7 +187,17 @@ def update_impl(choice: str, device: torch.device) -> str:
     CPU 1.07-1.09x the main job's compiled step over foreach, bench/RESULTS.md), foreach elsewhere."""
     if choice != "auto":
         return choice
-    return "fused" if device.type in ("cuda", "cpu") else "foreach"
+    return "fused" if device.type == "cuda" or (device.type == "cpu" and _has_fused_adamw("cpu")) else "foreach"
+
+
+@functools.lru_cache(maxsize=None)
+def _has_fused_adamw(device_type: str) -> bool:
+    """Whether this torch runs AdamW(fused=True) on ``device_type`` (the CPU's came in torch 2.4)."""
+    try:
+        check_update("fused", torch.device(device_type))
+        return True
+    except ConfigError:
+        return False
 
 
 def ema_update_(ema: list[torch.Tensor], params: list[torch.Tensor], weight: float, impl: str) -> None:

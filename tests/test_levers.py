@@ -221,6 +221,23 @@ def test_update_auto_is_fused_on_cuda_and_cpu_and_foreach_elsewhere():
     assert levers.update_impl("loop", torch.device("cuda")) == "loop"
 
 
+def test_update_auto_falls_back_to_foreach_where_the_cpu_has_no_fused_adamw(monkeypatch):
+    real = torch.optim.AdamW
+
+    def no_fused(params, **kw):
+        if kw.get("fused"):
+            raise RuntimeError("`fused=True` requires all the params to be on a supported device")
+        return real(params, **kw)
+
+    monkeypatch.setattr(torch.optim, "AdamW", no_fused)
+    levers._has_fused_adamw.cache_clear()
+    try:
+        assert levers.update_impl("auto", CPU) == "foreach"
+        assert levers.update_impl("auto", torch.device("cuda")) == "fused"
+    finally:
+        levers._has_fused_adamw.cache_clear()
+
+
 def test_fused_update_refused_where_torch_has_no_fused_adamw(monkeypatch):
     real = torch.optim.AdamW
 

@@ -75,7 +75,8 @@ class ConvTimeEncoder(nn.Module):
 
     Same interface as the ViT ``TimeEncoder``: ``forward`` returns (z, stats), ``features`` the pooled,
     normalised map before the head, ``time_conditioned=False`` a static code (one learned vector instead
-    of the timestep embedding), ``t_bins`` the values its t is snapped to (none: continuous t), and ``blocks`` (the stages) as the unit the trainer compiles and shards.
+    of the timestep embedding), ``t_bins`` the times its t is snapped to (none: continuous t), and ``blocks``
+    (the stages) as the unit the trainer compiles and shards.
     """
 
     def __init__(self, in_channels: int, out_dim: int, cond_dim: int, channels: Sequence[int] = (32, 64, 64, 128),

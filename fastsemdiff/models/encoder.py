@@ -17,15 +17,15 @@ class TimeEncoder(BlockStack, nn.Module):
     """Patch tokens pass adaLN blocks conditioned on t only, are mean-pooled, LayerNorm-ed and mapped to d.
 
     ``time_conditioned=False`` replaces the timestep embedding by one learned vector (a static,
-    diffae-style code); ``t_bins`` the values its t is snapped to (none: continuous t). With ``open_gates`` the residual gates start at 1 rather than adaLN-Zero's 0: mean
-    pooling of identity blocks would only see the average patch, so a closed-gate encoder starts blind. With ``variational`` the head emits mean and log-variance (VDRL's KL form).
+    diffae-style code); ``t_bins`` the times its t is snapped to (none: continuous t). With ``open_gates`` the
+    residual gates start at 1 rather than adaLN-Zero's 0: mean pooling of identity blocks would only see the average patch, so a closed-gate encoder starts blind. With ``variational`` the head emits mean and log-variance (VDRL's KL form).
     """
 
     def __init__(self, input_size: int, patch_size: int, in_channels: int, hidden_size: int, depth: int,
                  num_heads: int, out_dim: int, mlp_ratio: float = 4.0, time_conditioned: bool = True,
                  normalize: bool = True, variational: bool = False, qk_norm: bool = False, open_gates: bool = True,
                  backend: str = "auto", adaln: str = "stacked", rms_norm: bool = False, fused_check: str = "warn",
-                 pos_layout: str = "dit", t_bins=()):
+                 pos_layout: str = "dit", t_bins: tuple = ()):
         super().__init__()
         self.out_dim, self.time_conditioned = out_dim, time_conditioned
         self.t_bins = tuple(float(b) for b in t_bins)
