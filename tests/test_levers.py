@@ -221,7 +221,8 @@ def test_update_auto_is_fused_on_cuda_and_cpu_and_foreach_elsewhere():
     assert levers.update_impl("loop", torch.device("cuda")) == "loop"
 
 
-def test_update_auto_falls_back_to_foreach_where_the_cpu_has_no_fused_adamw(monkeypatch):
+def _without_fused_adamw(monkeypatch) -> None:
+    """Make torch.optim.AdamW refuse ``fused=True``, as a torch without a fused kernel for the device does."""
     real = torch.optim.AdamW
 
     def no_fused(params, **kw):
@@ -230,6 +231,10 @@ def test_update_auto_falls_back_to_foreach_where_the_cpu_has_no_fused_adamw(monk
         return real(params, **kw)
 
     monkeypatch.setattr(torch.optim, "AdamW", no_fused)
+
+
+def test_update_auto_falls_back_to_foreach_where_the_cpu_has_no_fused_adamw(monkeypatch):
+    _without_fused_adamw(monkeypatch)
     levers._has_fused_adamw.cache_clear()
     try:
         assert levers.update_impl("auto", CPU) == "foreach"
@@ -239,15 +244,8 @@ def test_update_auto_falls_back_to_foreach_where_the_cpu_has_no_fused_adamw(monk
 
 
 def test_fused_update_refused_where_torch_has_no_fused_adamw(monkeypatch):
-    real = torch.optim.AdamW
-
-    def no_fused(params, **kw):
-        if kw.get("fused"):
-            raise RuntimeError("`fused=True` requires all the params to be on a supported device")
-        return real(params, **kw)
-
     levers.check_update("fused", CPU)  # the CPU has one in this torch
-    monkeypatch.setattr(torch.optim, "AdamW", no_fused)
+    _without_fused_adamw(monkeypatch)
     with pytest.raises(ConfigError, match="train.update=foreach"):
         levers.check_update("fused", CPU)
 
