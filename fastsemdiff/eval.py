@@ -364,7 +364,7 @@ def run_probe(model, train_images: torch.Tensor, train_labels: torch.Tensor, tes
     result["against_controls"] = against_controls(result)
     result["controls_verdict"] = controls_verdict(result["against_controls"])
     static = against_static(result)
-    if static is not None:
+    if static:
         result["against_static"] = static
     return result
 
@@ -419,24 +419,37 @@ def _margin(metric: str, ours: float, control: float) -> dict:
             "goal": GOAL[metric], "to_goal": round(max(0.0, GOAL[metric] - ours), 2)}
 
 
-STATIC_RUN = "static"  # the --baseline-run name of the static encoder E(x0) (README command 1b)
+STATIC_RUN = "static"  # --baseline-run names of static encoders E(x0): "static", or "static-..." (README 1b)
 
 
-def against_static(result: dict) -> Optional[dict]:
+def _is_static_run(name: str) -> bool:
+    return name == STATIC_RUN or name.startswith(STATIC_RUN + "-")
+
+
+def against_static(result: dict) -> list[dict]:
     """The method's own claim (issue 22): the time-conditioned code leads the static code E(x0) of the same
-    width by ``REQUIRED_LEAD`` on the linear probe. Compares the best-t readout (one z, the static code's width)
-    with the static run's best readout; None without a ``--baseline-run static=...`` of that width."""
-    static = result.get("baselines", {}).get(STATIC_RUN)
-    if not static or "multi_t" not in static:
-        return None
-    m = static["multi_t"]
-    width = m["dim"] if m.get("t_blind") else m["dim"] // len(m["ts"])  # one z of the static run
-    if width != result["embedding_dim"]:
-        return None
-    ours, theirs = result["best_t"]["linear"], static["best_t"]["linear"]
-    lead = round(ours - theirs, 2)
-    return {"readout": "embedding, best t", "dim": result["embedding_dim"], "ours": ours, "static": theirs,
-            "lead": lead, "required_lead": REQUIRED_LEAD, "leads_by_required": lead >= REQUIRED_LEAD}
+    width by ``REQUIRED_LEAD`` on the linear probe. Each static run (``--baseline-run static=...``, or
+    ``static-NAME=...``) is compared with our readout of its code's width: the best t (one z) at the embedding's
+    width, the multi-t code at its concatenated width (a static encoder trained with a z that wide is the
+    equal-width baseline of the multi-t readout, which a static code cannot have). Empty where no width matches."""
+    ours_by_width = {result["embedding_dim"]: ("embedding, best t", result["best_t"])}
+    multi = result["multi_t"]
+    if not multi.get("t_blind"):
+        ours_by_width.setdefault(multi["dim"], ("embedding, multi-t", multi))
+    rows = []
+    for name, static in result.get("baselines", {}).items():
+        if not _is_static_run(name) or "multi_t" not in static:
+            continue
+        m = static["multi_t"]
+        width = m["dim"] if m.get("t_blind") else m["dim"] // len(m["ts"])  # one z of the static run
+        if width not in ours_by_width:
+            continue
+        readout, ours = ours_by_width[width]
+        lead = round(ours["linear"] - static["best_t"]["linear"], 2)
+        rows.append({"readout": readout, "dim": width, "static_run": name, "ours": ours["linear"],
+                     "static": static["best_t"]["linear"], "lead": lead, "required_lead": REQUIRED_LEAD,
+                     "leads_by_required": lead >= REQUIRED_LEAD})
+    return rows
 
 
 def controls_verdict(rows: list[dict]) -> dict:
@@ -498,11 +511,10 @@ def format_table(result: dict) -> str:
         verdict = controls_verdict(result["against_controls"])
         lines.append(f"\nevery readout leads its control by >= {verdict['required_lead']:g} point on every metric: "
                      + ("yes" if verdict["all_lead_by_required"] else "NO (" + "; ".join(verdict["short"]) + ")"))
-    if "against_static" in result:
-        st = result["against_static"]
-        lines.append(f"\ntime-conditioned against static at {st['dim']}-d (linear): {st['ours']:.2f} vs {st['static']:.2f}, "
-                     f"lead {st['lead']:+.2f} ({'>=' if st['leads_by_required'] else 'short of'} "
-                     f"+{st['required_lead']:g})")
+    for st in result.get("against_static", []):
+        lines.append(f"\ntime-conditioned ({st['readout']}) against static ({st['static_run']}) at {st['dim']}-d "
+                     f"(linear): {st['ours']:.2f} vs {st['static']:.2f}, lead {st['lead']:+.2f} "
+                     f"({'>=' if st['leads_by_required'] else 'short of'} +{st['required_lead']:g})")
     for n, accs in result.get("label_efficiency", {}).items():
         lines.append(f"\nlinear probe with {n} labelled images (mean of {LABEL_DRAWS} draws): "
                      + ", ".join(f"{name} {acc:.2f}" for name, acc in accs.items()))

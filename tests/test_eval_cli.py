@@ -272,10 +272,11 @@ def test_eval_probe_cli(run_dir, tmp_path, capsys, monkeypatch):
     assert "best t" in out and "pixels" in out and "total" in out
     assert "ddae" in out and "labelled images" in out and "against random conv" in out
     assert "embedding + denoiser" in out
-    st = result["against_static"]  # "static" here is the test model itself: a lead of 0, short of +1
+    (st,) = result["against_static"]  # "static" here is the test model itself: a lead of 0, short of +1
     assert st["ours"] == result["best_t"]["linear"] and st["static"] == b["static"]["best_t"]["linear"]
     assert st["lead"] == round(st["ours"] - st["static"], 2) and st["leads_by_required"] == (st["lead"] >= 1.0)
-    assert "time-conditioned against static at 16-d" in out
+    assert st["static_run"] == "static" and st["readout"] == "embedding, best t"
+    assert "time-conditioned (embedding, best t) against static (static) at 16-d" in out
 
 
 @has_fmnist
@@ -340,16 +341,42 @@ def test_against_static_compares_equal_widths_only():
     result = _result_with_leads({"linear": 1.0, "knn": 1.0, "1000": 1.0, "100": 1.0})  # best t: 86.0, 128-d
     static = {"best_t": {"t": 0.0, "linear": 85.2}, "multi_t": {"dim": 128, "t_blind": True}}
     result["baselines"]["static"] = static
-    st = eval_mod.against_static(result)
-    assert (st["lead"], st["leads_by_required"], st["dim"]) == (0.8, False, 128)
+    (st,) = eval_mod.against_static(result)
+    assert (st["lead"], st["leads_by_required"], st["dim"], st["readout"]) == (0.8, False, 128, "embedding, best t")
     static["best_t"]["linear"] = 84.9
-    assert eval_mod.against_static(result)["leads_by_required"]
+    assert eval_mod.against_static(result)[0]["leads_by_required"]
     static["multi_t"] = {"dim": 3 * 128, "ts": [0.0, 0.5, 1.0]}  # a t-dependent "static" run: one z is 128-d
-    assert eval_mod.against_static(result)["dim"] == 128
+    assert eval_mod.against_static(result)[0]["dim"] == 128
     static["multi_t"] = {"dim": 64, "t_blind": True}  # another width: no comparison
-    assert eval_mod.against_static(result) is None
+    assert eval_mod.against_static(result) == []
     del result["baselines"]["static"]
-    assert eval_mod.against_static(result) is None
+    assert eval_mod.against_static(result) == []
+
+
+def test_against_static_compares_the_multi_t_code_with_a_static_code_of_its_width():
+    result = _result_with_leads({"linear": 1.0, "knn": 1.0, "1000": 1.0, "100": 1.0})
+    result["multi_t"].update(ts=[0.0, 0.5, 1.0], linear=88.4, knn=86.0)
+    result.update(per_t=[{"t": 0.0, "linear": 86.0, "knn": 84.0}], raw_pixels={"linear": 80, "knn": 80, "dim": 784})
+    multi = result["multi_t"]["linear"]
+    width = result["multi_t"]["dim"]
+    assert width != result["embedding_dim"]
+    def static_run(linear: float, dim: int) -> dict:
+        return {"best_t": {"t": 0.0, "linear": linear, "knn": 80.0},
+                "multi_t": {"ts": [0.0], "dim": dim, "t_blind": True, "linear": linear, "knn": 80.0}}
+
+    result["baselines"]["static"] = static_run(85.5, result["embedding_dim"])
+    result["baselines"]["static-wide"] = static_run(multi - 1.3, width)
+    result["baselines"]["staticky"] = static_run(0.0, width)  # not a static run's name: not compared
+    rows = {r["static_run"]: r for r in eval_mod.against_static(result)}
+    assert set(rows) == {"static", "static-wide"}
+    wide = rows["static-wide"]
+    assert (wide["readout"], wide["dim"], wide["ours"], wide["lead"], wide["leads_by_required"]) == (
+        "embedding, multi-t", width, multi, 1.3, True)
+    assert rows["static"]["readout"] == "embedding, best t" and rows["static"]["lead"] == round(
+        result["best_t"]["linear"] - 85.5, 2)
+    text = eval_mod.format_table({**result, "against_static": eval_mod.against_static(result)})
+    assert f"time-conditioned (embedding, multi-t) against static (static-wide) at {width}-d (linear)" in text
+    assert "lead +1.30 (>= +1)" in text
 
 
 def test_controls_verdict_passes_only_when_every_metric_leads_by_a_point():
