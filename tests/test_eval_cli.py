@@ -360,6 +360,7 @@ def test_against_static_compares_the_multi_t_code_with_a_static_code_of_its_widt
     multi = result["multi_t"]["linear"]
     width = result["multi_t"]["dim"]
     assert width != result["embedding_dim"]
+
     def static_run(linear: float, dim: int) -> dict:
         return {"best_t": {"t": 0.0, "linear": linear, "knn": 80.0},
                 "multi_t": {"ts": [0.0], "dim": dim, "t_blind": True, "linear": linear, "knn": 80.0}}
@@ -367,14 +368,15 @@ def test_against_static_compares_the_multi_t_code_with_a_static_code_of_its_widt
     result["baselines"]["static"] = static_run(85.5, result["embedding_dim"])
     result["baselines"]["static-wide"] = static_run(multi - 1.3, width)
     result["baselines"]["staticky"] = static_run(0.0, width)  # not a static run's name: not compared
-    rows = {r["static_run"]: r for r in eval_mod.against_static(result)}
+    compared = eval_mod.against_static(result)
+    rows = {r["static_run"]: r for r in compared}
     assert set(rows) == {"static", "static-wide"}
     wide = rows["static-wide"]
     assert (wide["readout"], wide["dim"], wide["ours"], wide["lead"], wide["leads_by_required"]) == (
         "embedding, multi-t", width, multi, 1.3, True)
     assert rows["static"]["readout"] == "embedding, best t" and rows["static"]["lead"] == round(
         result["best_t"]["linear"] - 85.5, 2)
-    text = eval_mod.format_table({**result, "against_static": eval_mod.against_static(result)})
+    text = eval_mod.format_table({**result, "against_static": compared})
     assert f"time-conditioned (embedding, multi-t) against static (static-wide) at {width}-d (linear)" in text
     assert "lead +1.30 (>= +1)" in text
 
