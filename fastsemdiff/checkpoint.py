@@ -46,7 +46,7 @@ FIXED_ON_RESUME = (
     "model.hidden_size", "model.depth", "model.num_heads", "model.patch_size", "model.mlp_ratio", "model.qk_norm",
     "model.cond_merge", "model.z_dropout", "model.rms_norm", "model.pos_layout",
     "encoder.arch", "encoder.conv_channels", "encoder.conv_strides", "encoder.conv_residual_blocks",
-    "encoder.pool_grid",
+    "encoder.conv_film_from", "encoder.pool_grid",
     "encoder.input", "encoder.view_shift", "encoder.view_flip",
     "encoder.view_crop_scale", "encoder.view_erase", "encoder.invariance_weight", "encoder.time_conditioned",
     "encoder.t_bins", "encoder.normalize",

@@ -87,6 +87,9 @@ class EncoderConfig:
     # arch=cnn: residual FiLM convs after each stage's conv (h + f(h), one count per stage; []: none), each
     # branch starting at zero so the deeper encoder starts as the plain one
     conv_residual_blocks: list[int] = field(default_factory=list)
+    # arch=cnn: the first conv stage that t modulates (FiLM); the stages before it are a trunk every t shares
+    # (0: all stages; 3 with four stages: t reaches only the last map)
+    conv_film_from: int = 0
     pool_grid: int = 2  # arch=cnn: the last map is average-pooled to pool_grid x pool_grid before the head
     input: str = "clean"  # clean: E(x0, t) | noisy: E(x_t, t)
     # The encoder's own view of x0 (the denoiser still reconstructs x0 itself): translated by up to
@@ -278,6 +281,9 @@ class Config:
                                        or min(e.conv_residual_blocks) < 0):
             raise ConfigError(f"encoder.conv_residual_blocks={e.conv_residual_blocks} must hold one count >= 0 per conv "
                               f"stage ({len(e.conv_channels)}, as encoder.conv_channels), or be [] for none")
+        if not 0 <= e.conv_film_from < len(e.conv_channels):
+            raise ConfigError(f"encoder.conv_film_from={e.conv_film_from} must name a conv stage, 0 to "
+                              f"{len(e.conv_channels) - 1} (0: t modulates every stage)")
         if e.t_bins and (not e.time_conditioned or min(e.t_bins) < 0 or max(e.t_bins) > 1
                          or len(set(e.t_bins)) != len(e.t_bins)):
             raise ConfigError(f"encoder.t_bins={e.t_bins} must be distinct times in [0, 1] of a time-conditioned "

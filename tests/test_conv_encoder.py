@@ -24,8 +24,8 @@ def cnn_model(*overrides: str, seed: int = 0) -> SemanticDiffusion:
 def wake_films_(encoder: ConvTimeEncoder, std: float = 0.2) -> None:
     g = gen(9)
     with torch.no_grad():
-        for stage in encoder.blocks:
-            stage.film.weight.copy_(torch.randn(stage.film.weight.shape, generator=g) * std)
+        for film in (stage.film for stage in encoder.blocks if stage.film is not None):  # not the residual branches'
+            film.weight.copy_(torch.randn(film.weight.shape, generator=g) * std)
 
 
 def test_features_by_hand():
@@ -65,7 +65,8 @@ def test_static_code_ignores_t_even_with_film_weights():
 
 @pytest.mark.parametrize("overrides", [[], ["encoder.time_conditioned=false"], ["encoder.regularizer=kl"],
                                        ["encoder.normalize=true"], ["encoder.pool_grid=1"],
-                                       ["encoder.objective=supervised"], ["encoder.conv_residual_blocks=[1,1]"]])
+                                       ["encoder.objective=supervised"], ["encoder.conv_residual_blocks=[1,1]"],
+                                       ["encoder.conv_film_from=1"]])
 def test_model_with_cnn_encoder_trains(overrides):
     model = cnn_model(*overrides)
     x0 = torch.rand(8, 1, 28, 28, generator=gen(4)) * 2 - 1
@@ -96,7 +97,8 @@ def test_trained_film_makes_the_model_t_dependent():
 
 @pytest.mark.parametrize("bad", [["encoder.conv_channels=[8]"], ["encoder.conv_channels=[]", "encoder.conv_strides=[]"],
                                  ["encoder.conv_strides=[0,2]"], ["encoder.pool_grid=0"], ["encoder.arch=resnet"],
-                                 ["encoder.conv_residual_blocks=[1]"], ["encoder.conv_residual_blocks=[1,-1]"]])
+                                 ["encoder.conv_residual_blocks=[1]"], ["encoder.conv_residual_blocks=[1,-1]"],
+                                 ["encoder.conv_film_from=2"], ["encoder.conv_film_from=-1"]])
 def test_bad_cnn_config_is_a_clear_error(bad):
     with pytest.raises(ConfigError, match="encoder"):
         load_config(None, [*CNN, *bad]).validate()
@@ -185,3 +187,37 @@ def test_grid_of_the_map_size_skips_the_pool_with_the_same_features(monkeypatch)
     assert pooled == [] and torch.equal(enc.features(x, t), features)
     coarse = ConvTimeEncoder(1, 6, 16, channels=[4, 8], strides=[2, 2], grid=3).eval()  # a coarser grid pools
     assert coarse.features(x, t).shape == (3, 8 * 9) and pooled == [1]
+
+
+def test_film_from_makes_the_early_stages_a_trunk_every_t_shares():
+    """encoder.conv_film_from=1: the first stage is conv -> GroupNorm -> GELU with no FiLM map at all, the same
+    for every t; t modulates the second stage only, and the features are that computation by hand."""
+    enc = ConvTimeEncoder(1, 6, 16, channels=[4, 8, 8], strides=[1, 2, 1], grid=2, residual_blocks=[1, 0, 1],
+                          film_from=1).eval()
+    assert [len(s.films()) for s in enc.blocks] == [0, 1, 2]
+    assert enc.blocks[0].film is None and enc.blocks[0].residual[0].film is None
+    g = gen(13)
+    with torch.no_grad():
+        for p in (enc.blocks[0].residual[0].norm.weight, enc.blocks[2].residual[0].norm.weight):
+            p.copy_(torch.randn(p.shape, generator=g))  # wake the residual branches
+        enc.blocks[2].residual[0].film.weight.normal_(0, 0.2, generator=g)
+    wake_films_(enc)
+    assert enc.depends_on_t()
+    x, t = torch.randn(3, 1, 12, 12, generator=gen(14)), torch.tensor([0.1, 0.5, 0.9])
+    c = enc.t_embedder(t)
+
+    def conv(layer, h, film):
+        h = layer.norm(layer.conv(h))
+        if film:
+            scale, shift = layer.film(F.silu(c)).chunk(2, dim=-1)
+            h = h * (1 + scale[..., None, None]) + shift[..., None, None]
+        return F.gelu(h)
+
+    trunk = conv(enc.blocks[0], x, False)
+    trunk = trunk + conv(enc.blocks[0].residual[0], trunk, False)
+    assert torch.equal(enc.blocks[0](x, c), enc.blocks[0](x, c.flip(0)))  # the trunk ignores t
+    h = conv(enc.blocks[1], trunk, True)
+    h = conv(enc.blocks[2], h, True)
+    h = h + conv(enc.blocks[2].residual[0], h, True)
+    assert_close(enc.features(x, t), enc.norm(F.adaptive_avg_pool2d(h, 2).flatten(1)))
+    assert not torch.allclose(enc(x, torch.full((3,), 0.1))[0], enc(x, torch.full((3,), 0.9))[0])

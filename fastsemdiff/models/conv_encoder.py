@@ -20,19 +20,24 @@ from ..nn import TimestepEmbedder
 
 class FiLMConv(nn.Module):
     """Conv 3x3 -> GroupNorm -> (1 + scale(c)) * . + shift(c) -> GELU. The FiLM map starts at zero, so at
-    initialisation t does not reach the output."""
+    initialisation t does not reach the output. ``film=False``: no modulation (conv -> GroupNorm -> GELU), a
+    stage that every t shares."""
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int, cond_dim: int, groups: int = 8):
+    def __init__(self, in_channels: int, out_channels: int, stride: int, cond_dim: int, groups: int = 8,
+                 film: bool = True):
         super().__init__()
         self.conv = nn.Conv2d(in_channels, out_channels, 3, stride, 1)
         self.norm = nn.GroupNorm(min(groups, out_channels), out_channels)
-        self.film = nn.Linear(cond_dim, 2 * out_channels)
-        nn.init.zeros_(self.film.weight)
-        nn.init.zeros_(self.film.bias)
+        self.film = nn.Linear(cond_dim, 2 * out_channels) if film else None
+        if self.film is not None:
+            nn.init.zeros_(self.film.weight)
+            nn.init.zeros_(self.film.bias)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        scale, shift = self.film(F.silu(c)).chunk(2, dim=-1)
         h = self.norm(self.conv(x))
+        if self.film is None:
+            return F.gelu(h)
+        scale, shift = self.film(F.silu(c)).chunk(2, dim=-1)
         return F.gelu(h * (1 + scale[:, :, None, None]) + shift[:, :, None, None])
 
 
@@ -45,9 +50,9 @@ class FiLMConvStage(FiLMConv):
     checkpoint_activations: bool = False
 
     def __init__(self, in_channels: int, out_channels: int, stride: int, cond_dim: int, groups: int = 8,
-                 residual_blocks: int = 0):
-        super().__init__(in_channels, out_channels, stride, cond_dim, groups)
-        self.residual = nn.ModuleList(FiLMConv(out_channels, out_channels, 1, cond_dim, groups)
+                 residual_blocks: int = 0, film: bool = True):
+        super().__init__(in_channels, out_channels, stride, cond_dim, groups, film)
+        self.residual = nn.ModuleList(FiLMConv(out_channels, out_channels, 1, cond_dim, groups, film)
                                       for _ in range(residual_blocks))
         for branch in self.residual:
             nn.init.zeros_(branch.norm.weight)
@@ -66,12 +71,13 @@ class FiLMConvStage(FiLMConv):
         return h
 
     def films(self) -> list[nn.Linear]:
-        return [self.film, *(b.film for b in self.residual)]
+        return [f for f in (self.film, *(b.film for b in self.residual)) if f is not None]
 
 
 class ConvTimeEncoder(nn.Module):
     """E(x, t): FiLM conv stages (each optionally followed by residual FiLM convs), average pooling to ``grid`` x
-    ``grid``, LayerNorm, Linear to ``out_dim``.
+    ``grid``, LayerNorm, Linear to ``out_dim``. ``film_from``: the first stage t modulates (0: every stage; a later
+    one: the stages before it are a trunk that all t share, and t shapes only the last maps).
 
     Same interface as the ViT ``TimeEncoder``: ``forward`` returns (z, stats), ``features`` the pooled,
     normalised map before the head, ``time_conditioned=False`` a static code (one learned vector instead
@@ -81,7 +87,7 @@ class ConvTimeEncoder(nn.Module):
 
     def __init__(self, in_channels: int, out_dim: int, cond_dim: int, channels: Sequence[int] = (32, 64, 64, 128),
                  strides: Sequence[int] = (1, 2, 1, 2), grid: int = 2, time_conditioned: bool = True,
-                 residual_blocks: Sequence[int] = (), t_bins: Sequence[float] = (),
+                 residual_blocks: Sequence[int] = (), t_bins: Sequence[float] = (), film_from: int = 0,
                  normalize: bool = False, variational: bool = False, backend: str = "auto",
                  fused_check: str = "warn"):
         super().__init__()
@@ -92,6 +98,8 @@ class ConvTimeEncoder(nn.Module):
         if len(residual_blocks) != len(channels) or min(residual_blocks) < 0:
             raise ValueError(f"encoder.conv_residual_blocks {residual_blocks} must hold one count >= 0 per stage "
                              f"({len(channels)}), or be empty for none")
+        if not 0 <= film_from < len(channels):
+            raise ValueError(f"encoder.conv_film_from={film_from} must name a stage, 0 to {len(channels) - 1}")
         self.out_dim, self.time_conditioned = out_dim, time_conditioned
         self.normalize, self.variational, self.grid = normalize, variational, grid
         self.t_bins = tuple(float(b) for b in t_bins)
@@ -102,8 +110,8 @@ class ConvTimeEncoder(nn.Module):
         else:
             self.static_cond = nn.Parameter(torch.randn(cond_dim) * 0.02)
         dims = [in_channels, *channels]
-        self.blocks = nn.ModuleList(FiLMConvStage(i, o, s, cond_dim, residual_blocks=r)
-                                    for i, o, s, r in zip(dims, dims[1:], strides, residual_blocks))
+        self.blocks = nn.ModuleList(FiLMConvStage(i, o, s, cond_dim, residual_blocks=r, film=k >= film_from)
+                                    for k, (i, o, s, r) in enumerate(zip(dims, dims[1:], strides, residual_blocks)))
         width = channels[-1] * grid * grid
         self.norm = nn.LayerNorm(width, eps=1e-6)
         self.head = nn.Linear(width, out_dim * (2 if variational else 1))

@@ -146,6 +146,7 @@ class SemanticDiffusion(nn.Module):
             self.encoder = ConvTimeEncoder(
                 channels, e.dim, hidden, e.conv_channels, e.conv_strides, e.pool_grid,
                 time_conditioned=e.time_conditioned, residual_blocks=e.conv_residual_blocks, t_bins=e.t_bins,
+                film_from=e.conv_film_from,
                 normalize=e.normalize,
                 variational=e.regularizer == "kl", backend=m.backend, fused_check=m.fused_check,
             )
