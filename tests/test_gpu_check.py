@@ -232,6 +232,38 @@ def test_parallel_neighbours_share_the_machine_and_a_raising_stage_costs_only_it
     assert c.stages[4].status == "passed"
 
 
+def test_the_record_is_rewritten_after_every_stage_so_a_killed_check_still_says_what_it_measured(tmp_path,
+                                                                                               monkeypatch):
+    """The device tool kills a command at its time limit and returns what $OUT holds then: gpu_check.json must
+    already name the stages that ran, and say which were not reached, before the last stage ends."""
+    import types
+
+    seen = {}
+
+    def stage(name, order, body=None):
+        def run(check):
+            if body:
+                body(check)
+            return runner.Stage(name, "passed", 0.1, "ok")
+        return types.SimpleNamespace(NAME=name, ORDER=order, run=run)
+
+    def peek(check):  # what a reader of $OUT finds while the third stage runs
+        seen.update(json.loads((check.out / "gpu_check.json").read_text()))
+
+    mods = [stage("environment", 0), stage("first", 10), stage("second", 20, peek), stage("third", 30),
+            stage("report", 99)]
+    monkeypatch.setattr(runner, "discover", lambda: mods)
+    assert runner.main(["--dry-run", "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")]) == 0
+    assert [s["name"] for s in seen["stages"]] == ["environment", "first"]
+    assert seen["complete"] is False and seen["passed"] is False
+    pending = next(i for i in seen["not_measured"] if i["what"] == "the stages not reached yet")
+    assert pending["why"].endswith(": second, third, report")
+    final = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
+    assert final["complete"] and final["passed"] and len(final["stages"]) == 5
+    assert not any(i["what"] == "the stages not reached yet" for i in final["not_measured"])
+    assert not (tmp_path / "out" / "gpu_check.json.tmp").exists()
+
+
 PLANTED = '''
 import ctypes
 import os
