@@ -268,11 +268,12 @@ def _run_one(check: Check, mod: ModuleType) -> list[Stage]:
     return result if isinstance(result, list) else [result]
 
 
-def run_stages(check: Check, modules: list[ModuleType], after_each: Optional[Callable[[list[ModuleType]], None]] = None) -> None:
+def run_stages(check: Check, modules: list[ModuleType],
+               after_each: Optional[Callable[[list[ModuleType]], None]] = None) -> None:
     """Run the modules in ORDER; neighbours with PARALLEL = True share the machine (threads, each its own
-    subprocesses). The stage objects land in check.stages in ORDER; ``after_each(the modules not run yet)`` runs
-    after each stage (or group of parallel stages): main writes the record so far, so a check killed from outside still says what
-    it measured."""
+    subprocesses). The stage objects land in check.stages in ORDER. ``after_each(the modules not run yet)`` runs
+    after each stage (or group of parallel stages): main writes the record so far there, so a check killed from
+    outside still says what it measured."""
     i = 0
     while i < len(modules):
         group = [modules[i]]
