@@ -28,6 +28,15 @@ def wake_films_(encoder: ConvTimeEncoder, std: float = 0.2) -> None:
             film.weight.copy_(torch.randn(film.weight.shape, generator=g) * std)
 
 
+def film_conv_by_hand(layer, h, c, film: bool = True):
+    """One FiLMConv (or a stage's own conv) recomputed: conv, GroupNorm, the FiLM map of c unless film=False, GELU."""
+    h = layer.norm(layer.conv(h))
+    if film:
+        scale, shift = layer.film(F.silu(c)).chunk(2, dim=-1)
+        h = h * (1 + scale[..., None, None]) + shift[..., None, None]
+    return F.gelu(h)
+
+
 def test_features_by_hand():
     """Two FiLM stages, then 2x2 average pooling, LayerNorm and the head: recomputed here step by step."""
     enc = ConvTimeEncoder(1, 6, 16, channels=[4, 8], strides=[1, 2], grid=2).eval()
@@ -127,15 +136,10 @@ def test_residual_stage_by_hand_and_starting_as_the_plain_stage():
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
     assert deep.depends_on_t()
     c = deep.t_embedder(t)
-
-    def film_conv(layer, h):
-        scale, shift = layer.film(F.silu(c)).chunk(2, dim=-1)
-        return F.gelu(layer.norm(layer.conv(h)) * (1 + scale[..., None, None]) + shift[..., None, None])
-
-    h = film_conv(deep.blocks[0], x)
-    h = film_conv(deep.blocks[1], h)
+    h = film_conv_by_hand(deep.blocks[0], x, c)
+    h = film_conv_by_hand(deep.blocks[1], h, c)
     for branch in deep.blocks[1].residual:
-        h = h + film_conv(branch, h)
+        h = h + film_conv_by_hand(branch, h, c)
     assert_close(deep.features(x, t), deep.norm(F.adaptive_avg_pool2d(h, 2).flatten(1)))
     assert not torch.allclose(deep(x, t)[0], plain(x, t)[0])
 
@@ -205,19 +209,11 @@ def test_film_from_makes_the_early_stages_a_trunk_every_t_shares():
     assert enc.depends_on_t()
     x, t = torch.randn(3, 1, 12, 12, generator=gen(14)), torch.tensor([0.1, 0.5, 0.9])
     c = enc.t_embedder(t)
-
-    def conv(layer, h, film):
-        h = layer.norm(layer.conv(h))
-        if film:
-            scale, shift = layer.film(F.silu(c)).chunk(2, dim=-1)
-            h = h * (1 + scale[..., None, None]) + shift[..., None, None]
-        return F.gelu(h)
-
-    trunk = conv(enc.blocks[0], x, False)
-    trunk = trunk + conv(enc.blocks[0].residual[0], trunk, False)
+    trunk = film_conv_by_hand(enc.blocks[0], x, c, film=False)
+    trunk = trunk + film_conv_by_hand(enc.blocks[0].residual[0], trunk, c, film=False)
     assert torch.equal(enc.blocks[0](x, c), enc.blocks[0](x, c.flip(0)))  # the trunk ignores t
-    h = conv(enc.blocks[1], trunk, True)
-    h = conv(enc.blocks[2], h, True)
-    h = h + conv(enc.blocks[2].residual[0], h, True)
+    h = film_conv_by_hand(enc.blocks[1], trunk, c)
+    h = film_conv_by_hand(enc.blocks[2], h, c)
+    h = h + film_conv_by_hand(enc.blocks[2].residual[0], h, c)
     assert_close(enc.features(x, t), enc.norm(F.adaptive_avg_pool2d(h, 2).flatten(1)))
     assert not torch.allclose(enc(x, torch.full((3,), 0.1))[0], enc(x, torch.full((3,), 0.9))[0])
