@@ -44,7 +44,8 @@ METADATA_FILE = ".metadata"  # DCP's global metadata file, written by the coordi
 # Sizes are compared as resolved (a preset and the same sizes spelled out are the same model).
 FIXED_ON_RESUME = (
     "model.hidden_size", "model.depth", "model.num_heads", "model.patch_size", "model.mlp_ratio", "model.qk_norm",
-    "model.cond_merge", "model.z_dropout", "model.rms_norm", "model.pos_layout",
+    "model.cond_merge", "model.z_dropout", "model.token_mask", "model.mask_loss_weight", "model.rms_norm",
+    "model.pos_layout",
     "encoder.arch", "encoder.conv_channels", "encoder.conv_strides", "encoder.conv_residual_blocks",
     "encoder.conv_film_from", "encoder.pool_grid",
     "encoder.input", "encoder.view_shift", "encoder.view_flip",

@@ -45,6 +45,11 @@ class ModelConfig:
     qk_norm: bool = False
     cond_merge: str = "add"  # add | concat: how Linear(z) joins the timestep embedding
     z_dropout: float = 0.1  # probability of replacing z by the learned null vector
+    # Training only: this share of the denoiser's input tokens is replaced by a learned mask token. Its eps is
+    # unknowable there, so those tokens are scored on x0 instead (weight mask_loss_weight): at low t, where
+    # x_t alone gives x0 away, the masked patches can come only from z (0: off)
+    token_mask: float = 0.0
+    mask_loss_weight: float = 1.0
     backend: str = "auto"  # auto | torch | triton | cuda, decided per call by fastsemdiff.ops.dispatch
     fused_check: str = "warn"  # warn | error | off: a fused kernel failing its first-use check on a GPU falls back
     # auto: stacked (every block's adaLN in one matrix product) for one process and DDP, per_block (DiT's
@@ -61,6 +66,10 @@ class ModelConfig:
     # off: fc1 -> GELU(tanh) as two ops | addmm: bias + tanh-GELU in fc1's matmul epilogue (torch._addmm_activation,
     # cuBLASLt on CUDA); its backward recomputes the pre-activation (one more matmul, less activation memory)
     mlp_epilogue: str = "off"
+
+    def masked_tokens(self, side: int) -> int:
+        """How many of the denoiser's (side / patch_size)^2 input tokens ``token_mask`` hides per image."""
+        return round(self.token_mask * (side // self.patch_size) ** 2)
 
     def resolved(self) -> tuple[int, int, int]:
         """(hidden, depth, heads) after applying the preset."""
@@ -327,6 +336,7 @@ class Config:
             raise ConfigError(f"data.workers={self.data.workers} must be >= 0")
         if not 0.0 <= self.model.z_dropout < 1.0:
             raise ConfigError(f"model.z_dropout={self.model.z_dropout} must be in [0, 1)")
+        self._check_token_mask(side)
         df = self.diffusion
         if df.t_std <= 0 or df.t_shift <= 0 or df.min_snr_gamma <= 0:
             raise ConfigError(f"diffusion.t_std={df.t_std}, diffusion.t_shift={df.t_shift} and diffusion.min_snr_gamma="
@@ -355,6 +365,25 @@ class Config:
                               "multi-t readout concatenates embeddings the probe computes at eval.ts; add the "
                               "missing times to eval.ts")
         return self
+
+    def _check_token_mask(self, side: int) -> None:
+        m = self.model
+        if not 0.0 <= m.token_mask < 1.0:
+            raise ConfigError(f"model.token_mask={m.token_mask} is the share of the denoiser's input tokens hidden in "
+                              "training: 0 (off) up to, not including, 1")
+        if m.mask_loss_weight < 0 or not math.isfinite(m.mask_loss_weight):
+            raise ConfigError(f"model.mask_loss_weight={m.mask_loss_weight} must be a finite weight >= 0")
+        if m.token_mask == 0:
+            return
+        if self.encoder.objective == "supervised":
+            raise ConfigError("model.token_mask masks the denoiser's input, which the supervised baseline "
+                              "(encoder.objective=supervised) does not train: set it to 0")
+        if side and side % m.patch_size == 0:
+            tokens, hidden = (side // m.patch_size) ** 2, m.masked_tokens(side)
+            if not 0 < hidden < tokens:
+                raise ConfigError(f"model.token_mask={m.token_mask} hides {hidden} of the denoiser's {tokens} tokens; "
+                                  f"choose a share that hides at least one and leaves one visible "
+                                  f"(between {0.5 / tokens:.3g} and {1 - 0.5 / tokens:.3g})")
 
     def input_side(self) -> tuple[int, str]:
         """(side of the model's input, the key it comes from): the latent side for data.source=latents (0 until

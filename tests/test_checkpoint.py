@@ -169,6 +169,7 @@ def test_read_meta_rejects_malformed(meta, tmp_path):
      ("encoder.regularizer=l1", "encoder.regularizer", "'none'", "'l1'"),
      ("model.rms_norm=true", "model.rms_norm", "False", "True"),
      ("model.z_dropout=0.3", "model.z_dropout", "0.1", "0.3"),
+     ("model.token_mask=0.25", "model.token_mask", "0.0", "0.25"),
      ("model.pos_layout=rows_first", "model.pos_layout", "'dit'", "'rows_first'")],
 )
 def test_resume_with_a_key_that_changes_the_model_or_objective(override, key, old, new, trained_run, run_copy,

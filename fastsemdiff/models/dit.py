@@ -63,7 +63,7 @@ class DiT(BlockStack, nn.Module):
     def __init__(self, input_size: int, patch_size: int, in_channels: int, hidden_size: int, depth: int,
                  num_heads: int, mlp_ratio: float = 4.0, z_dim: Optional[int] = None, cond_merge: str = "add",
                  qk_norm: bool = False, backend: str = "auto", adaln: str = "stacked", rms_norm: bool = False,
-                 fused_check: str = "warn", pos_layout: str = "dit"):
+                 fused_check: str = "warn", pos_layout: str = "dit", mask_token: bool = False):
         super().__init__()
         self.in_channels, self.patch_size, self.z_dim, self.cond_merge = in_channels, patch_size, z_dim, cond_merge
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
@@ -74,6 +74,8 @@ class DiT(BlockStack, nn.Module):
             self.null_z = nn.Parameter(torch.randn(z_dim) / z_dim**0.5)
             if cond_merge == "concat":
                 self.cond_proj = nn.Linear(2 * hidden_size, hidden_size)
+        if mask_token:  # what a hidden input token reads as (model.token_mask), MAE's initialisation
+            self.mask_token = nn.Parameter(torch.randn(hidden_size) * 0.02)
         blocks = [DiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm=qk_norm, backend=backend,
                            modulation=adaln == "per_block", rms_norm=rms_norm, fused_check=fused_check)
                   for _ in range(depth)]
@@ -99,14 +101,21 @@ class DiT(BlockStack, nn.Module):
         return c + zc if self.cond_merge == "add" else self.cond_proj(torch.cat([c, zc], dim=-1))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, z: Optional[torch.Tensor] = None,
-                drop: Optional[torch.Tensor] = None, return_block: Optional[int] = None) -> torch.Tensor:
+                drop: Optional[torch.Tensor] = None, return_block: Optional[int] = None,
+                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Returns the prediction [B, C, H, W], or with ``return_block=k`` the tokens after block k
-        (DDAE-style features)."""
+        (DDAE-style features). ``mask`` [B, N] bool: input tokens replaced by the learned mask token (their
+        positions are kept), for a model built with ``mask_token=True``."""
         if return_block is not None and not 0 <= return_block < len(self.blocks):
             raise ValueError(f"return_block={return_block} is out of range; "
                              f"the DiT has blocks 0..{len(self.blocks) - 1}")
         c = self.condition(t, z, drop)
-        h = self.x_embedder(x) + self.pos_embed.to(x.dtype)
+        h = self.x_embedder(x)
+        if mask is not None:
+            if not hasattr(self, "mask_token"):
+                raise ValueError("a token mask needs a DiT built with mask_token=True (model.token_mask > 0)")
+            h = torch.where(mask[..., None], self.mask_token.to(h.dtype), h)
+        h = h + self.pos_embed.to(x.dtype)
         for i, (block, mod) in enumerate(zip(self.blocks, self.block_modulations(c))):
             h = block(h, c, mod)
             if i == return_block:

@@ -44,6 +44,7 @@ class StepNoise(NamedTuple):
     view_b: Optional[torch.Tensor] = None
     crop_b: Optional[torch.Tensor] = None
     erase_b: Optional[torch.Tensor] = None
+    mask: Optional[torch.Tensor] = None  # [B, N] bool: the denoiser's input tokens hidden (model.token_mask)
 
     def slice(self, start: int, stop: int) -> "StepNoise":
         return StepNoise(*(None if v is None else v[start:stop] for v in self))
@@ -96,6 +97,19 @@ def erased_view(x: torch.Tensor, erase: torch.Tensor) -> torch.Tensor:
 
 _LOG_RATIO = (math.log(3 / 4), math.log(4 / 3))  # the random resized crop's aspect ratios (torchvision's)
 _ERASE_AREA, _LOG_ERASE_RATIO = (0.02, 0.33), (math.log(0.3), math.log(3.3))  # RandomErasing's defaults
+
+
+def draw_token_mask(B: int, tokens: int, hidden: int, device, generator: Optional[torch.Generator]) -> torch.Tensor:
+    """[B, tokens] bool with exactly ``hidden`` True per row, at positions drawn uniformly (MAE's shuffle)."""
+    ranks = torch.rand(B, tokens, device=device, generator=generator).argsort(1).argsort(1)
+    return ranks < hidden
+
+
+def mask_to_pixels(mask: torch.Tensor, patch: int) -> torch.Tensor:
+    """[B, N] token mask -> [B, 1, H, W] pixel mask, in unpatchify's row-major token order."""
+    B, N = mask.shape
+    g = math.isqrt(N)
+    return mask.view(B, 1, g, 1, g, 1).expand(B, 1, g, patch, g, patch).reshape(B, 1, g * patch, g * patch)
 
 
 def draw_crops(B: int, scale: Sequence[float], device, generator: Optional[torch.Generator]) -> torch.Tensor:
@@ -160,7 +174,7 @@ class SemanticDiffusion(nn.Module):
         self.denoiser = DiT(
             side, m.patch_size, channels, hidden, depth, heads, mlp_ratio=m.mlp_ratio, z_dim=e.dim,
             cond_merge=m.cond_merge, qk_norm=m.qk_norm, backend=m.backend, adaln=layout, rms_norm=m.rms_norm,
-            fused_check=m.fused_check, pos_layout=m.pos_layout,
+            fused_check=m.fused_check, pos_layout=m.pos_layout, mask_token=m.token_mask > 0,
         )
         self.schedule = get_schedule(cfg.diffusion.schedule)
         if e.invariance_weight > 0:  # the cross-view term's predictor, used in training only
@@ -203,7 +217,12 @@ class SemanticDiffusion(nn.Module):
                 z_noise2 = torch.randn(B, cfg.encoder.dim, device=dev, generator=generator)
         view, crop, erase = self._draw_view(B, dev, generator)
         second = self._draw_view(B, dev, generator) if cfg.encoder.invariance_weight > 0 else (None, None, None)
-        return StepNoise(t, eps, drop, cons, z_noise, z_noise2, view, crop, erase, *second)
+        mask = None
+        if cfg.model.token_mask > 0 and cfg.encoder.objective != "supervised":
+            side = self.image_shape[-1]
+            mask = draw_token_mask(B, (side // cfg.model.patch_size) ** 2, cfg.model.masked_tokens(side), dev,
+                                   generator)
+        return StepNoise(t, eps, drop, cons, z_noise, z_noise2, view, crop, erase, *second, mask=mask)
 
     def _draw_view(self, B: int, dev, generator: Optional[torch.Generator]) -> tuple[Optional[torch.Tensor], ...]:
         """(view, crop, erase): one draw of the encoder's view switches, None for each switch that is off."""
@@ -258,10 +277,20 @@ class SemanticDiffusion(nn.Module):
         x_t = sch.add_noise(x0, t, eps)
 
         z, stats = self.encoder(self.encoder_input(x0, t, eps, n.view, n.crop, n.erase), t, noise=n.z_noise)
-        out = self.denoiser(x_t, t, z, n.drop)
+        if cfg.model.token_mask > 0 and n.mask is None:
+            raise ValueError("model.token_mask > 0 needs StepNoise.mask: draw the noise with draw_noise")
+        out = self.denoiser(x_t, t, z, n.drop, mask=n.mask)
         err = (out.float() - target(cfg.diffusion.prediction, sch, t, x0, eps)).pow(2)
-        mse = err.mean()
-        parts = {"mse": mse.detach()}
+        if n.mask is None:
+            mse = err.mean()
+            parts = {"mse": mse.detach()}
+        else:  # hidden tokens: their eps is unknowable, so they are scored on x0, which only z can give at low t
+            hidden = mask_to_pixels(n.mask, cfg.model.patch_size).expand_as(err)
+            rec = (out.float() - x0.float()).pow(2)
+            parts = {"mse": ((err * ~hidden).sum() / (~hidden).sum()).detach(),
+                     "mask_x0": ((rec * hidden).sum() / hidden.sum()).detach()}
+            err = torch.where(hidden, cfg.model.mask_loss_weight * rec, err)
+            mse = err.mean()
         w = loss_weights(cfg.diffusion.loss_weight, sch, t, cfg.diffusion.prediction, cfg.diffusion.min_snr_gamma)
         loss = mse if w is None else (w * err.flatten(1).mean(1)).mean()
 
