@@ -6,6 +6,7 @@
     python scripts/readout_checks.py grids RUN         # every 3-t multi-t grid: held-out and test linear
     python scripts/readout_checks.py iterations RUN    # full linear probe at more L-BFGS iterations: converged?
     python scripts/readout_checks.py weights RUN       # multi-t linear from the EMA, the raw weights, two EMAs' mean
+    python scripts/readout_checks.py similarity RUN    # how much of z at one t a linear map of z at another predicts
 
 "Held-out" is the probe's own split of the training images (``eval._held_out_split``: fit on 10,000, scored on
 a sixth of the split), so nothing here chooses on the test split; the test figures are printed beside the
@@ -78,6 +79,24 @@ def grids(z, ytr, yte, fit, val, **_) -> None:
         print(f"{grid}: held-out linear {held:.2f}, test {test:.2f}", flush=True)
 
 
+def r_squared(a_fit: torch.Tensor, b_fit: torch.Tensor, a_val: torch.Tensor, b_val: torch.Tensor) -> float:
+    """Held-out R^2 of the least-squares affine map a -> b fitted on the fit rows: 1 - residual / total sum of
+    squares of b on the val rows, pooled over b's dimensions (the total about the fit rows' mean). 1: b is a
+    linear function of a; 0: a says nothing linear about b."""
+    ones = torch.ones(a_fit.shape[0], 1, dtype=torch.float64)
+    w = torch.linalg.lstsq(torch.cat([a_fit.double(), ones], 1), b_fit.double()).solution
+    pred = torch.cat([a_val.double(), torch.ones(a_val.shape[0], 1, dtype=torch.float64)], 1) @ w
+    total = (b_val.double() - b_fit.double().mean(0)).pow(2).sum()
+    return float(1 - (b_val.double() - pred).pow(2).sum() / total)
+
+
+def similarity(z, fit, val, **_) -> None:
+    """The multi-t readout gains from its codes only what one does not predict of another (docs/ABLATIONS.md)."""
+    for a, b in ((0.0, 0.5), (0.5, 1.0), (0.0, 1.0), (1.0, 0.0)):
+        r2 = r_squared(z[a][0][fit], z[b][0][fit], z[a][0][val], z[b][0][val])
+        print(f"t={a} -> t={b}: held-out R^2 {r2:.3f}", flush=True)
+
+
 def iterations(feats, ytr, yte, **_) -> None:
     """The full linear probe stops at 150 L-BFGS iterations: does the figure move when it runs longer?"""
     for name, (a, b) in feats.items():
@@ -125,7 +144,7 @@ def weights(model, run, tr, ytr, te, yte, fit, val, **_) -> None:
 
 def main() -> None:
     checks = {"best-t": best_t, "label-decay": label_decay, "full-decay": full_decay, "grids": grids,
-              "iterations": iterations, "weights": weights}
+              "iterations": iterations, "weights": weights, "similarity": similarity}
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("check", choices=list(checks))
     parser.add_argument("run", help="a run directory holding model.safetensors")
@@ -140,6 +159,8 @@ def main() -> None:
         return weights(model=model, run=args.run, tr=tr, ytr=ytr, te=te, yte=yte, fit=fit, val=val)
     with torch.inference_mode():
         z = {t: (model.embed(tr, t, 256), model.embed(te, t, 256)) for t in TS}
+    if args.check == "similarity":  # codes against codes: no probes, no controls
+        return similarity(z=z, fit=fit, val=val)
     feats = {f"z at t = {args.t}": z[args.t],
              "multi-t": tuple(torch.cat([z[t][i] for t in MULTI_TS], 1) for i in (0, 1))}
     for width in (128, 384):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -429,7 +430,8 @@ def test_joint_label_probes_map_back_to_each_readout_and_draw(monkeypatch):
 
 
 @has_export
-@pytest.mark.parametrize("check, lines, limit", [("best-t", 5, 2400), ("grids", 10, 1200), ("full-decay", 16, 1200)])
+@pytest.mark.parametrize("check, lines, limit", [("best-t", 5, 2400), ("grids", 10, 1200), ("full-decay", 16, 1200),
+                                                 ("similarity", 4, 1200)])
 def test_readout_checks_script_reads_the_held_out_split(run_dir, check, lines, limit):
     """scripts/readout_checks.py (docs/ABLATIONS.md's figures for the best t and the multi-t grids) on a small
     slice: one line per t, per 3-t grid or per readout and decay, each with a held-out figure."""
@@ -441,6 +443,24 @@ def test_readout_checks_script_reads_the_held_out_split(run_dir, check, lines, l
     assert out.returncode == 0, out.stderr[-2000:]
     rows = [r for r in out.stdout.splitlines() if "held-out" in r]
     assert len(rows) == lines, out.stdout
+
+
+def test_readout_checks_r_squared_is_one_for_a_linear_map_and_near_zero_for_independent_codes():
+    scripts = Path(__file__).resolve().parents[1] / "scripts"
+    sys.path.insert(0, str(scripts))
+    try:
+        import readout_checks
+    finally:
+        sys.path.remove(str(scripts))
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(3000, 16, generator=g)
+    mixed = a @ torch.randn(16, 8, generator=g) + 3.0
+    noise = torch.randn(3000, 8, generator=g)
+    fit, val = slice(0, 2000), slice(2000, 3000)
+    assert readout_checks.r_squared(a[fit], mixed[fit], a[val], mixed[val]) == pytest.approx(1.0, abs=1e-9)
+    assert abs(readout_checks.r_squared(a[fit], noise[fit], a[val], noise[val])) < 0.02
+    half = mixed + noise * mixed.std(0)  # as much unpredictable variance as predictable: R^2 about 0.5
+    assert readout_checks.r_squared(a[fit], half[fit], a[val], half[val]) == pytest.approx(0.5, abs=0.05)
 
 
 def test_readout_checks_weights_reads_the_checkpoints_ema_and_raw_weights(trained_run):
