@@ -67,9 +67,13 @@ class ModelConfig:
     # cuBLASLt on CUDA); its backward recomputes the pre-activation (one more matmul, less activation memory)
     mlp_epilogue: str = "off"
 
+    def tokens(self, side: int) -> int:
+        """The denoiser's input tokens for a square input of ``side``: (side / patch_size)^2."""
+        return (side // self.patch_size) ** 2
+
     def masked_tokens(self, side: int) -> int:
-        """How many of the denoiser's (side / patch_size)^2 input tokens ``token_mask`` hides per image."""
-        return round(self.token_mask * (side // self.patch_size) ** 2)
+        """How many of the denoiser's input tokens ``token_mask`` hides per image."""
+        return round(self.token_mask * self.tokens(side))
 
     def resolved(self) -> tuple[int, int, int]:
         """(hidden, depth, heads) after applying the preset."""
@@ -379,7 +383,7 @@ class Config:
             raise ConfigError("model.token_mask masks the denoiser's input, which the supervised baseline "
                               "(encoder.objective=supervised) does not train: set it to 0")
         if side and side % m.patch_size == 0:
-            tokens, hidden = (side // m.patch_size) ** 2, m.masked_tokens(side)
+            tokens, hidden = m.tokens(side), m.masked_tokens(side)
             if not 0 < hidden < tokens:
                 raise ConfigError(f"model.token_mask={m.token_mask} hides {hidden} of the denoiser's {tokens} tokens; "
                                   f"choose a share that hides at least one and leaves one visible "

@@ -83,9 +83,11 @@ def r_squared(a_fit: torch.Tensor, b_fit: torch.Tensor, a_val: torch.Tensor, b_v
     """Held-out R^2 of the least-squares affine map a -> b fitted on the fit rows: 1 - residual / total sum of
     squares of b on the val rows, pooled over b's dimensions (the total about the fit rows' mean). 1: b is a
     linear function of a; 0: a says nothing linear about b."""
-    ones = torch.ones(a_fit.shape[0], 1, dtype=torch.float64)
-    w = torch.linalg.lstsq(torch.cat([a_fit.double(), ones], 1), b_fit.double()).solution
-    pred = torch.cat([a_val.double(), torch.ones(a_val.shape[0], 1, dtype=torch.float64)], 1) @ w
+    def with_bias(a: torch.Tensor) -> torch.Tensor:
+        return torch.cat([a.double(), torch.ones(a.shape[0], 1, dtype=torch.float64)], 1)
+
+    w = torch.linalg.lstsq(with_bias(a_fit), b_fit.double()).solution
+    pred = with_bias(a_val) @ w
     total = (b_val.double() - b_fit.double().mean(0)).pow(2).sum()
     return float(1 - (b_val.double() - pred).pow(2).sum() / total)
 

@@ -436,22 +436,27 @@ def test_readout_checks_script_reads_the_held_out_split(run_dir, check, lines, l
     """scripts/readout_checks.py (docs/ABLATIONS.md's figures for the best t and the multi-t grids) on a small
     slice: one line per t, per 3-t grid or per readout and decay, each with a held-out figure."""
     import subprocess
-    import sys as _sys
 
-    out = subprocess.run([_sys.executable, str(Path(__file__).resolve().parents[1] / "scripts" / "readout_checks.py"),
+    out = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "scripts" / "readout_checks.py"),
                           check, str(run_dir), "--limit", str(limit)], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     rows = [r for r in out.stdout.splitlines() if "held-out" in r]
     assert len(rows) == lines, out.stdout
 
 
-def test_readout_checks_r_squared_is_one_for_a_linear_map_and_near_zero_for_independent_codes():
+def _readout_checks_module():
+    """scripts/readout_checks.py imported as a module (scripts/ is not a package)."""
     scripts = Path(__file__).resolve().parents[1] / "scripts"
     sys.path.insert(0, str(scripts))
     try:
         import readout_checks
     finally:
         sys.path.remove(str(scripts))
+    return readout_checks
+
+
+def test_readout_checks_r_squared_is_one_for_a_linear_map_and_near_zero_for_independent_codes():
+    readout_checks = _readout_checks_module()
     g = torch.Generator().manual_seed(0)
     a = torch.randn(3000, 16, generator=g)
     mixed = a @ torch.randn(16, 8, generator=g) + 3.0
@@ -468,14 +473,9 @@ def test_readout_checks_weights_reads_the_checkpoints_ema_and_raw_weights(traine
     weights: the last EMA is what training exported, the raw weights differ from it, and it prints one line
     per variant."""
     import subprocess
-    import sys as _sys
 
     scripts = Path(__file__).resolve().parents[1] / "scripts"
-    _sys.path.insert(0, str(scripts))
-    try:
-        import readout_checks
-    finally:
-        _sys.path.remove(str(scripts))
+    readout_checks = _readout_checks_module()
     model = eval_mod.load_run(str(trained_run.run_dir))
     saved = readout_checks._checkpoint_weights(trained_run.run_dir, model, last=2)
     assert [step for step, _, _ in saved] == [5, 10]
@@ -484,7 +484,7 @@ def test_readout_checks_weights_reads_the_checkpoints_ema_and_raw_weights(traine
     for name, value in ema.items():
         assert torch.equal(value, trained_run.exported[name]), name
     assert any(not torch.equal(raw[n], ema[n]) for n in ema)
-    out = subprocess.run([_sys.executable, str(scripts / "readout_checks.py"), "weights", str(trained_run.run_dir)],
+    out = subprocess.run([sys.executable, str(scripts / "readout_checks.py"), "weights", str(trained_run.run_dir)],
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     rows = [r for r in out.stdout.splitlines() if "held-out" in r]

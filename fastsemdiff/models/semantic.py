@@ -218,10 +218,9 @@ class SemanticDiffusion(nn.Module):
         view, crop, erase = self._draw_view(B, dev, generator)
         second = self._draw_view(B, dev, generator) if cfg.encoder.invariance_weight > 0 else (None, None, None)
         mask = None
-        if cfg.model.token_mask > 0 and cfg.encoder.objective != "supervised":
+        if cfg.model.token_mask > 0:  # the config refuses it with the supervised baseline
             side = self.image_shape[-1]
-            mask = draw_token_mask(B, (side // cfg.model.patch_size) ** 2, cfg.model.masked_tokens(side), dev,
-                                   generator)
+            mask = draw_token_mask(B, cfg.model.tokens(side), cfg.model.masked_tokens(side), dev, generator)
         return StepNoise(t, eps, drop, cons, z_noise, z_noise2, view, crop, erase, *second, mask=mask)
 
     def _draw_view(self, B: int, dev, generator: Optional[torch.Generator]) -> tuple[Optional[torch.Tensor], ...]:
