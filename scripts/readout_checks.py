@@ -30,6 +30,7 @@ from fastsemdiff.probe import class_balanced_subset, choose_weight_decays, knn_a
 
 TS = (0.0, 0.25, 0.5, 0.75, 1.0)
 MULTI_TS = (0.0, 0.5, 1.0)
+SIMILARITY_PAIRS = ((0.0, 0.5), (0.5, 1.0), (0.0, 1.0), (1.0, 0.0))  # (from t, to t)
 
 
 def held_out_and_test(a, b, ytr, yte, fit, val, **probe) -> tuple[float, float]:
@@ -93,9 +94,10 @@ def r_squared(a_fit: torch.Tensor, b_fit: torch.Tensor, a_val: torch.Tensor, b_v
 
 
 def similarity(z, fit, val, **_) -> None:
-    """The multi-t readout gains from its codes only what one does not predict of another (docs/ABLATIONS.md)."""
-    for a, b in ((0.0, 0.5), (0.5, 1.0), (0.0, 1.0), (1.0, 0.0)):
-        r2 = r_squared(z[a][0][fit], z[b][0][fit], z[a][0][val], z[b][0][val])
+    """The multi-t readout gains from its codes only what one does not predict of another (docs/ABLATIONS.md).
+    ``z``: t -> the training images' codes."""
+    for a, b in SIMILARITY_PAIRS:
+        r2 = r_squared(z[a][fit], z[b][fit], z[a][val], z[b][val])
         print(f"t={a} -> t={b}: held-out R^2 {r2:.3f}", flush=True)
 
 
@@ -159,10 +161,12 @@ def main() -> None:
     fit, val = ev._held_out_split(tr.shape[0])
     if args.check == "weights":  # embeds with each set of weights itself
         return weights(model=model, run=args.run, tr=tr, ytr=ytr, te=te, yte=yte, fit=fit, val=val)
+    if args.check == "similarity":  # codes against codes on the training images: no test split, probes or controls
+        with torch.inference_mode():
+            z = {t: model.embed(tr, t, 256) for t in sorted({t for pair in SIMILARITY_PAIRS for t in pair})}
+        return similarity(z=z, fit=fit, val=val)
     with torch.inference_mode():
         z = {t: (model.embed(tr, t, 256), model.embed(te, t, 256)) for t in TS}
-    if args.check == "similarity":  # codes against codes: no probes, no controls
-        return similarity(z=z, fit=fit, val=val)
     feats = {f"z at t = {args.t}": z[args.t],
              "multi-t": tuple(torch.cat([z[t][i] for t in MULTI_TS], 1) for i in (0, 1))}
     for width in (128, 384):
