@@ -328,6 +328,10 @@ class Config:
         if e.invariance_weight > 0 and e.objective == "supervised":
             raise ConfigError("encoder.invariance_weight is a term of the self-conditional loss; the supervised "
                               "baseline (encoder.objective=supervised) does not use it: set it to 0")
+        if e.regularizer != "none" and e.objective == "supervised":
+            raise ConfigError(f"encoder.regularizer={e.regularizer} is a term of the self-conditional loss; the "
+                              "supervised baseline (encoder.objective=supervised) is the ceiling without it: set "
+                              "encoder.regularizer=none")
         if side and side % self.model.patch_size:
             raise ConfigError(
                 f"{what}={side} is not divisible by model.patch_size={self.model.patch_size}; choose a patch size "

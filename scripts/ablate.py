@@ -58,6 +58,7 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
     "view-crop": (["encoder.view_crop_scale=[0.35,1.0]"], "E sees a random resized crop (35-100 % of the area)"),
     "l1-z": (["encoder.regularizer=l1", "encoder.reg_weight=1e-5"], "L1 on z, weight 1e-5 (DRL)"),
     "kl-z": (["encoder.regularizer=kl", "encoder.reg_weight=1e-5"], "a KL bottleneck on z, weight 1e-5"),
+    "no-kl": (["encoder.regularizer=none"], "no bottleneck on z (the recipe until 2026-12-06)"),
     "z-64": (["encoder.dim=64"], "a 64-d z (half the width): a tighter code the denoiser must share across t"),
     "z-96": (["encoder.dim=96"], "a 96-d z"),
     "res-0011": (["encoder.conv_residual_blocks=[0,0,1,1]"],

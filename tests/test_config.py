@@ -148,6 +148,14 @@ def test_bad_values(override, fragment):
         load_config(None, [override, "model.num_heads=2"] if "hidden_size" in override else [override])
 
 
+@pytest.mark.parametrize("reg", ["kl", "l1"])
+def test_the_supervised_ceiling_refuses_a_bottleneck(reg):
+    """The main job's recipe has a KL bottleneck; its ceiling (command 1b) must say how to turn it off."""
+    with pytest.raises(ConfigError, match="encoder.regularizer=none"):
+        load_config(None, [f"encoder.regularizer={reg}", "encoder.objective=supervised"])
+    load_config("configs/fmnist-tiny.yaml", ["encoder.objective=supervised", "encoder.regularizer=none"])
+
+
 def test_malformed_override():
     with pytest.raises(ConfigError, match="key=value"):
         load_config(None, ["train.steps"])
