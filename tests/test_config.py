@@ -153,7 +153,8 @@ def test_the_supervised_ceiling_refuses_a_bottleneck(reg):
     """The main job's recipe has a KL bottleneck; its ceiling (command 1b) must say how to turn it off."""
     with pytest.raises(ConfigError, match="encoder.regularizer=none"):
         load_config(None, [f"encoder.regularizer={reg}", "encoder.objective=supervised"])
-    load_config("configs/fmnist-tiny.yaml", ["encoder.objective=supervised", "encoder.regularizer=none"])
+    main_job = Path(__file__).resolve().parents[1] / "configs" / "fmnist-tiny.yaml"  # wherever pytest starts
+    load_config(str(main_job), ["encoder.objective=supervised", "encoder.regularizer=none"])
 
 
 def test_malformed_override():
