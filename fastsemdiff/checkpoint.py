@@ -52,7 +52,7 @@ FIXED_ON_RESUME = (
     "encoder.view_crop_scale", "encoder.view_erase", "encoder.invariance_weight", "encoder.time_conditioned",
     "encoder.t_bins", "encoder.normalize",
     "encoder.depth", "encoder.dim",
-    "encoder.regularizer", "encoder.reg_weight", "encoder.objective", "encoder.num_classes",
+    "encoder.regularizer", "encoder.reg_weight", "encoder.kl_variance", "encoder.objective", "encoder.num_classes",
     "diffusion.schedule", "diffusion.prediction", "diffusion.lambda_cons", "diffusion.cons_step",
     "diffusion.t_sampling", "diffusion.t_mean", "diffusion.t_std", "diffusion.t_shift", "diffusion.loss_weight",
     "diffusion.min_snr_gamma",

@@ -127,6 +127,9 @@ class EncoderConfig:
     dim: int = 128
     regularizer: str = "none"  # none | l1 | kl
     reg_weight: float = 1e-5
+    # regularizer=kl: the code's log-variance per image from the head (input, VDRL's form) or per dimension and t
+    # from the conditioning vector alone (time: half the head's parameters; read only when regularizer=kl)
+    kl_variance: str = "input"
     objective: str = "self_conditional"  # self_conditional | supervised (the label-trained ceiling baseline)
     num_classes: int = 10  # supervised objective: classes of the linear head on z
 
@@ -252,6 +255,7 @@ class Config:
             "encoder.arch": (self.encoder.arch, {"vit", "cnn"}),
             "encoder.input": (self.encoder.input, {"clean", "noisy"}),
             "encoder.regularizer": (self.encoder.regularizer, {"none", "l1", "kl"}),
+            "encoder.kl_variance": (self.encoder.kl_variance, {"input", "time"}),
             "encoder.objective": (self.encoder.objective, {"self_conditional", "supervised"}),
             "diffusion.schedule": (self.diffusion.schedule, {"vp-cosine", "vp-linear", "ve", "flow"}),
             "diffusion.prediction": (self.diffusion.prediction, {"eps", "v", "x0", "velocity"}),

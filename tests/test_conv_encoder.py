@@ -217,3 +217,43 @@ def test_film_from_makes_the_early_stages_a_trunk_every_t_shares():
     h = h + film_conv_by_hand(enc.blocks[2].residual[0], h, c)
     assert_close(enc.features(x, t), enc.norm(F.adaptive_avg_pool2d(h, 2).flatten(1)))
     assert not torch.allclose(enc(x, torch.full((3,), 0.1))[0], enc(x, torch.full((3,), 0.9))[0])
+
+
+@pytest.mark.parametrize("arch", ["cnn", "vit"])
+@pytest.mark.parametrize("time_conditioned", [True, False])
+def test_kl_variance_time_is_one_log_variance_per_t(arch, time_conditioned):
+    """encoder.kl_variance=time: the head emits the mean alone, and the log-variance is a map of the conditioning
+    vector, so every image at one t gets the same one (differing between t once that map is trained, never for a
+    static code), z is mu + sigma(t) * n, the KL term reads it, and the loss's gradient reaches it."""
+    overrides = ["encoder.regularizer=kl", "encoder.kl_variance=time", "encoder.reg_weight=0.01",
+                 f"encoder.time_conditioned={str(time_conditioned).lower()}"]
+    model = cnn_model(*overrides, *([] if arch == "cnn" else ["encoder.arch=vit"]))
+    enc = model.encoder
+    assert enc.head.out_features == 16 and enc.logvar is not None
+    per_image = cnn_model("encoder.regularizer=kl", *([] if arch == "cnn" else ["encoder.arch=vit"])).encoder
+    assert per_image.head.out_features == 32 and per_image.logvar is None
+    g = gen(40)
+    with torch.no_grad():
+        for p in enc.logvar.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    x = torch.randn(4, 1, 28, 28, generator=gen(41))
+    noise = torch.randn(4, 16, generator=gen(42))
+    t = torch.tensor([0.2, 0.2, 0.7, 0.7])
+    z, stats = enc(x, t, sample=True, noise=noise)
+    lv = stats["logvar"]
+    assert_close(lv[0], lv[1]) and assert_close(lv[2], lv[3])
+    assert not torch.allclose(stats["mu"][0], stats["mu"][1])  # the mean still reads the image
+    assert torch.allclose(lv[0], lv[2]) != time_conditioned
+    c = enc._cond(x, t)
+    assert_close(lv, enc.logvar.proj(F.silu(c)))
+    assert_close(z, stats["mu"] + (0.5 * lv).exp() * noise)
+    assert torch.equal(enc(x, t, sample=False)[0], stats["mu"])
+    loss, parts = model.loss(torch.rand(4, 1, 28, 28, generator=gen(43)) * 2 - 1, gen(44))
+    assert "reg" in parts
+    loss.backward()
+    assert enc.logvar.proj.bias.grad.abs().max() > 0 and enc.head.weight.grad.abs().max() > 0
+
+
+def test_kl_variance_is_checked():
+    with pytest.raises(ConfigError, match="encoder.kl_variance"):
+        load_config(None, [*CNN, "encoder.kl_variance=image"]).validate()

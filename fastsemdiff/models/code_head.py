@@ -5,6 +5,33 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+KL_VARIANCES = ("input", "time")
+
+
+class TimeLogVariance(nn.Module):
+    """The log-variance of a variational code as a function of the encoder's conditioning vector alone (t, or a
+    static encoder's learned vector): one value per dimension and t, the same for every image (``encoder.kl_variance=
+    time``). Why: in the per-image head of the main job, 83-98 % of the log-variance's spread across images and
+    dimensions at a given t is between dimensions (docs/ABLATIONS.md, "The KL bottleneck's variance"), while that
+    head's second half doubles the head (0.8M parameters on the 6,272 features). Starts at log-variance 0."""
+
+    def __init__(self, cond_dim: int, out_dim: int):
+        super().__init__()
+        self.proj = nn.Linear(cond_dim, out_dim)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, c: torch.Tensor) -> torch.Tensor:
+        return self.proj(F.silu(c))
+
+
+def head_output(head: nn.Linear, logvar: Optional[TimeLogVariance], features: torch.Tensor,
+                c: torch.Tensor) -> torch.Tensor:
+    """The head's output as ``code_from_head`` reads it: the head alone, or its mean beside the t-only log-variance."""
+    out = head(features)
+    return out if logvar is None else torch.cat([out, logvar(c).to(out.dtype)], dim=-1)
 
 
 def code_from_head(out: torch.Tensor, variational: bool, normalize: bool, sample: bool,

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .code_head import code_from_head
+from .code_head import TimeLogVariance, code_from_head, head_output
 from ..diffusion import snap_times
 from ..nn import TimestepEmbedder
 
@@ -88,8 +88,8 @@ class ConvTimeEncoder(nn.Module):
     def __init__(self, in_channels: int, out_dim: int, cond_dim: int, channels: Sequence[int] = (32, 64, 64, 128),
                  strides: Sequence[int] = (1, 2, 1, 2), grid: int = 2, time_conditioned: bool = True,
                  residual_blocks: Sequence[int] = (), t_bins: Sequence[float] = (), film_from: int = 0,
-                 normalize: bool = False, variational: bool = False, backend: str = "auto",
-                 fused_check: str = "warn"):
+                 normalize: bool = False, variational: bool = False, kl_variance: str = "input",
+                 backend: str = "auto", fused_check: str = "warn"):
         super().__init__()
         if len(channels) != len(strides) or not channels:
             raise ValueError(f"encoder.conv_channels {list(channels)} and encoder.conv_strides {list(strides)} "
@@ -114,7 +114,9 @@ class ConvTimeEncoder(nn.Module):
                                     for k, (i, o, s, r) in enumerate(zip(dims, dims[1:], strides, residual_blocks)))
         width = channels[-1] * grid * grid
         self.norm = nn.LayerNorm(width, eps=1e-6)
-        self.head = nn.Linear(width, out_dim * (2 if variational else 1))
+        per_image = variational and kl_variance == "input"
+        self.head = nn.Linear(width, out_dim * (2 if per_image else 1))
+        self.logvar = TimeLogVariance(cond_dim, out_dim) if variational and not per_image else None
 
     def _cond(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if self.time_conditioned:
@@ -128,7 +130,9 @@ class ConvTimeEncoder(nn.Module):
 
     def features(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The pooled grid [B, channels[-1] * grid^2], LayerNorm-ed, before the head."""
-        c = self._cond(x, t)
+        return self._features(x, self._cond(x, t))
+
+    def _features(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         h = x
         for stage in self.blocks:
             h = stage(h, c)
@@ -140,5 +144,6 @@ class ConvTimeEncoder(nn.Module):
                 sample: Optional[bool] = None, noise: Optional[torch.Tensor] = None
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         sample = self.training if sample is None else sample
-        out = self.head(self.features(x, t))
+        c = self._cond(x, t)
+        out = head_output(self.head, self.logvar, self._features(x, c), c)
         return code_from_head(out, self.variational, self.normalize, sample, generator, noise)

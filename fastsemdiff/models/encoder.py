@@ -9,7 +9,7 @@ from torch import nn
 
 from ..nn import BlockStack, DiTBlock, PatchEmbed, TimestepEmbedder, fixed_pos_embed
 from ..diffusion import snap_times
-from .code_head import code_from_head
+from .code_head import TimeLogVariance, code_from_head, head_output
 from .dit import init_dit_weights
 
 
@@ -25,7 +25,7 @@ class TimeEncoder(BlockStack, nn.Module):
                  num_heads: int, out_dim: int, mlp_ratio: float = 4.0, time_conditioned: bool = True,
                  normalize: bool = True, variational: bool = False, qk_norm: bool = False, open_gates: bool = True,
                  backend: str = "auto", adaln: str = "stacked", rms_norm: bool = False, fused_check: str = "warn",
-                 pos_layout: str = "dit", t_bins: tuple = ()):
+                 pos_layout: str = "dit", t_bins: tuple = (), kl_variance: str = "input"):
         super().__init__()
         self.out_dim, self.time_conditioned = out_dim, time_conditioned
         self.t_bins = tuple(float(b) for b in t_bins)
@@ -41,8 +41,10 @@ class TimeEncoder(BlockStack, nn.Module):
                   for _ in range(depth)]
         self._init_blocks(blocks, hidden_size, adaln)
         self.norm = nn.LayerNorm(hidden_size, eps=1e-6)
-        self.head = nn.Linear(hidden_size, out_dim * (2 if variational else 1))
+        per_image = variational and kl_variance == "input"
+        self.head = nn.Linear(hidden_size, out_dim * (2 if per_image else 1))
         init_dit_weights(self)
+        self.logvar = TimeLogVariance(hidden_size, out_dim) if variational and not per_image else None
         self.zero_adaln_()
         if open_gates:  # start as a plain pre-LN ViT (gates 1, no modulation); t-modulation is learned
             self.open_gates_()
@@ -61,7 +63,9 @@ class TimeEncoder(BlockStack, nn.Module):
 
     def features(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Pooled, normalised tokens [B, hidden] before the head."""
-        c = self._cond(x, t)
+        return self._features(x, self._cond(x, t))
+
+    def _features(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         h = self.x_embedder(x) + self.pos_embed.to(x.dtype)
         for block, mod in zip(self.blocks, self.block_modulations(c)):
             h = block(h, c, mod)
@@ -80,5 +84,6 @@ class TimeEncoder(BlockStack, nn.Module):
         generator), else drawn from ``generator``.
         """
         sample = self.training if sample is None else sample
-        out = self.head(self.features(x, t))
+        c = self._cond(x, t)
+        out = head_output(self.head, self.logvar, self._features(x, c), c)
         return code_from_head(out, self.variational, self.normalize, sample, generator, noise)

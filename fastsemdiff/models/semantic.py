@@ -162,7 +162,8 @@ class SemanticDiffusion(nn.Module):
                 time_conditioned=e.time_conditioned, residual_blocks=e.conv_residual_blocks, t_bins=e.t_bins,
                 film_from=e.conv_film_from,
                 normalize=e.normalize,
-                variational=e.regularizer == "kl", backend=m.backend, fused_check=m.fused_check,
+                variational=e.regularizer == "kl", kl_variance=e.kl_variance, backend=m.backend,
+                fused_check=m.fused_check,
             )
         else:
             self.encoder = TimeEncoder(
@@ -170,6 +171,7 @@ class SemanticDiffusion(nn.Module):
                 mlp_ratio=m.mlp_ratio, time_conditioned=e.time_conditioned, normalize=e.normalize,
                 variational=e.regularizer == "kl", qk_norm=m.qk_norm, backend=m.backend, adaln=layout,
                 rms_norm=m.rms_norm, fused_check=m.fused_check, pos_layout=m.pos_layout, t_bins=e.t_bins,
+                kl_variance=e.kl_variance,
             )
         self.denoiser = DiT(
             side, m.patch_size, channels, hidden, depth, heads, mlp_ratio=m.mlp_ratio, z_dim=e.dim,
