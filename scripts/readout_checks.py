@@ -7,6 +7,7 @@
     python scripts/readout_checks.py iterations RUN    # full linear probe at more L-BFGS iterations: converged?
     python scripts/readout_checks.py weights RUN       # multi-t linear from the EMA, the raw weights, two EMAs' mean
     python scripts/readout_checks.py similarity RUN    # how much of z at one t a linear map of z at another predicts
+    python scripts/readout_checks.py variance RUN      # a KL run's log-variance per t: how much of it changes per image
 
 "Held-out" is the probe's own split of the training images (``eval._held_out_split``: fit on 10,000, scored on
 a sixth of the split), so nothing here chooses on the test split; the test figures are printed beside the
@@ -101,6 +102,30 @@ def similarity(z, fit, val, **_) -> None:
         print(f"t={a} -> t={b}: held-out R^2 {r2:.3f}", flush=True)
 
 
+def across_image_share(logvar: torch.Tensor) -> float:
+    """The share of a log-variance's spread over [images, dimensions] that lies across images within a
+    dimension: the mean over dimensions of each one's variance over the images, over the variance of every
+    entry. 0 when it is one value per dimension (what ``encoder.kl_variance=time`` builds at a given t)."""
+    return float(logvar.double().var(0, unbiased=False).mean() / logvar.double().var(unbiased=False))
+
+
+def variance(model, tr, **_) -> None:
+    """Where a variational code's log-variance varies (docs/ABLATIONS.md, "The KL bottleneck's variance"): per t,
+    on the training images, its mean, the share of its spread that changes with the image, and the KL."""
+    if model.cfg.encoder.regularizer != "kl":
+        raise SystemExit("error: the variance check reads a run trained with encoder.regularizer=kl")
+    x = model._prepare(tr)
+    for t in TS:
+        times = model._times(t, x.shape[0])
+        eps = torch.randn(x.shape, generator=torch.Generator(x.device).manual_seed(0), device=x.device)
+        parts = [model.encoder(model.encoder_input(x[i:i + 256], times[i:i + 256], eps[i:i + 256]),
+                               times[i:i + 256], sample=False)[1] for i in range(0, x.shape[0], 256)]
+        mu, lv = (torch.cat([p[k] for p in parts]) for k in ("mu", "logvar"))
+        kl = -0.5 * (1 + lv - mu.pow(2) - lv.exp()).sum(-1).mean()
+        print(f"t={t}: log-variance mean {lv.mean():.2f}, share across images {across_image_share(lv):.3f}, "
+              f"KL {kl:.1f} nats an image", flush=True)
+
+
 def iterations(feats, ytr, yte, **_) -> None:
     """The full linear probe stops at 150 L-BFGS iterations: does the figure move when it runs longer?"""
     for name, (a, b) in feats.items():
@@ -148,7 +173,7 @@ def weights(model, run, tr, ytr, te, yte, fit, val, **_) -> None:
 
 def main() -> None:
     checks = {"best-t": best_t, "label-decay": label_decay, "full-decay": full_decay, "grids": grids,
-              "iterations": iterations, "weights": weights, "similarity": similarity}
+              "iterations": iterations, "weights": weights, "similarity": similarity, "variance": variance}
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("check", choices=list(checks))
     parser.add_argument("run", help="a run directory holding model.safetensors")
@@ -161,6 +186,9 @@ def main() -> None:
     fit, val = ev._held_out_split(tr.shape[0])
     if args.check == "weights":  # embeds with each set of weights itself
         return weights(model=model, run=args.run, tr=tr, ytr=ytr, te=te, yte=yte, fit=fit, val=val)
+    if args.check == "variance":  # the encoder's own statistics on the training images
+        with torch.inference_mode():
+            return variance(model=model, tr=tr)
     if args.check == "similarity":  # codes against codes on the training images: no test split, probes or controls
         with torch.inference_mode():
             z = {t: model.embed(tr, t, 256) for t in sorted({t for pair in SIMILARITY_PAIRS for t in pair})}

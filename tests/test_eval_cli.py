@@ -489,3 +489,39 @@ def test_readout_checks_weights_reads_the_checkpoints_ema_and_raw_weights(traine
     assert out.returncode == 0, out.stderr[-2000:]
     rows = [r for r in out.stdout.splitlines() if "held-out" in r]
     assert [r.split(":")[0] for r in rows] == ["EMA at 10 (exported)", "raw at 10", "mean of the EMA at 5 and 10"]
+
+
+def test_readout_checks_across_image_share_is_zero_per_dimension_and_one_per_entry():
+    readout_checks = _readout_checks_module()
+    g = torch.Generator().manual_seed(1)
+    per_dim = torch.randn(1, 32, generator=g).expand(500, 32)
+    assert readout_checks.across_image_share(per_dim) == pytest.approx(0.0, abs=1e-12)
+    assert readout_checks.across_image_share(torch.randn(500, 32, generator=g)) == pytest.approx(1.0, abs=0.05)
+    half = per_dim + torch.randn(500, 32, generator=g) * per_dim.std()  # as much per image as per dimension
+    assert readout_checks.across_image_share(half) == pytest.approx(0.5, abs=0.08)
+
+
+@has_export
+@pytest.mark.parametrize("kl_variance, shares_zero", [("input", False), ("time", True), (None, None)])
+def test_readout_checks_variance_reads_a_kl_run(kl_variance, shares_zero, tmp_path):
+    """The variance check (docs/ABLATIONS.md, "The KL bottleneck's variance"): one line per t; a t-only
+    log-variance changes with no image (share 0), a per-image head's does; a run without the KL is refused."""
+    import subprocess
+
+    from fastsemdiff.export import save_model
+
+    torch.manual_seed(0)
+    extra = [] if kl_variance is None else ["encoder.regularizer=kl", f"encoder.kl_variance={kl_variance}"]
+    model = give_t_a_say(SemanticDiffusion(load_config(None, [*FAST, *extra]))).eval()
+    if kl_variance == "time":
+        with torch.no_grad():
+            model.encoder.logvar.proj.weight.normal_(std=0.5)
+    save_model(model, model.cfg, tmp_path / "model.safetensors")
+    out = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "scripts" / "readout_checks.py"),
+                          "variance", str(tmp_path), "--limit", "300"], capture_output=True, text=True, timeout=600)
+    if kl_variance is None:
+        assert out.returncode != 0 and "encoder.regularizer=kl" in out.stderr
+        return
+    assert out.returncode == 0, out.stderr[-2000:]
+    shares = [float(r.split("share across images ")[1].split(",")[0]) for r in out.stdout.splitlines() if "t=" in r]
+    assert len(shares) == 5 and all((s == 0.0) == shares_zero for s in shares), out.stdout

@@ -13,7 +13,7 @@ KL_VARIANCES = ("input", "time")
 class TimeLogVariance(nn.Module):
     """The log-variance of a variational code as a function of the encoder's conditioning vector alone (t, or a
     static encoder's learned vector): one value per dimension and t, the same for every image (``encoder.kl_variance=
-    time``). Why: in the per-image head of the main job, 83-98 % of the log-variance's spread across images and
+    time``). Why: in the per-image head of the main job, 82-98 % of the log-variance's spread across images and
     dimensions at a given t is between dimensions (docs/ABLATIONS.md, "The KL bottleneck's variance"), while that
     head's second half doubles the head (0.8M parameters on the 6,272 features). Starts at log-variance 0."""
 
