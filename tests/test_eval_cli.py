@@ -503,11 +503,10 @@ def test_readout_checks_across_image_share_is_zero_per_dimension_and_one_per_ent
 
 @has_export
 @pytest.mark.parametrize("kl_variance, shares_zero", [("input", False), ("time", True), (None, None)])
-def test_readout_checks_variance_reads_a_kl_run(kl_variance, shares_zero, tmp_path):
-    """The variance check (docs/ABLATIONS.md, "The KL bottleneck's variance"): one line per t; a t-only
-    log-variance changes with no image (share 0), a per-image head's does; a run without the KL is refused."""
-    import subprocess
-
+def test_readout_checks_variance_reads_a_kl_run(kl_variance, shares_zero, tmp_path, monkeypatch, capsys):
+    """The variance check (docs/ABLATIONS.md, "The KL bottleneck's variance"), run in this process: one line per
+    t; a t-only log-variance changes with no image (share 0), a per-image head's does; a run without the KL is
+    refused."""
     from fastsemdiff.export import save_model
 
     torch.manual_seed(0)
@@ -517,11 +516,12 @@ def test_readout_checks_variance_reads_a_kl_run(kl_variance, shares_zero, tmp_pa
         with torch.no_grad():
             model.encoder.logvar.proj.weight.normal_(std=0.5)
     save_model(model, model.cfg, tmp_path / "model.safetensors")
-    out = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "scripts" / "readout_checks.py"),
-                          "variance", str(tmp_path), "--limit", "300"], capture_output=True, text=True, timeout=600)
+    monkeypatch.setattr(sys, "argv", ["readout_checks.py", "variance", str(tmp_path), "--limit", "300"])
     if kl_variance is None:
-        assert out.returncode != 0 and "encoder.regularizer=kl" in out.stderr
+        with pytest.raises(SystemExit, match="encoder.regularizer=kl"):
+            _readout_checks_module().main()
         return
-    assert out.returncode == 0, out.stderr[-2000:]
-    shares = [float(r.split("share across images ")[1].split(",")[0]) for r in out.stdout.splitlines() if "t=" in r]
-    assert len(shares) == 5 and all((s == 0.0) == shares_zero for s in shares), out.stdout
+    _readout_checks_module().main()
+    out = capsys.readouterr().out
+    shares = [float(r.split("share across images ")[1].split(",")[0]) for r in out.splitlines() if "t=" in r]
+    assert len(shares) == 5 and all((s == 0.0) == shares_zero for s in shares), out
