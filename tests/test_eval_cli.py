@@ -432,16 +432,24 @@ def test_joint_label_probes_map_back_to_each_readout_and_draw(monkeypatch):
 @has_export
 @pytest.mark.parametrize("check, lines, limit", [("best-t", 5, 2400), ("grids", 10, 1200), ("full-decay", 16, 1200),
                                                  ("similarity", 4, 1200)])
-def test_readout_checks_script_reads_the_held_out_split(run_dir, check, lines, limit):
+def test_readout_checks_script_reads_the_held_out_split(run_dir, check, lines, limit, monkeypatch, capsys):
     """scripts/readout_checks.py (docs/ABLATIONS.md's figures for the best t and the multi-t grids) on a small
-    slice: one line per t, per 3-t grid or per readout and decay, each with a held-out figure."""
-    import subprocess
+    slice: one line per t, per 3-t grid or per readout and decay, each with a held-out figure. The similarity
+    check runs as the script itself (a fresh interpreter); the others call its main() in this process."""
+    argv = [check, str(run_dir), "--limit", str(limit)]
+    if check == "similarity":
+        import subprocess
 
-    out = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "scripts" / "readout_checks.py"),
-                          check, str(run_dir), "--limit", str(limit)], capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-2000:]
-    rows = [r for r in out.stdout.splitlines() if "held-out" in r]
-    assert len(rows) == lines, out.stdout
+        out = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "scripts" / "readout_checks.py"),
+                              *argv], capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-2000:]
+        stdout = out.stdout
+    else:
+        monkeypatch.setattr(sys, "argv", ["readout_checks.py", *argv])
+        _readout_checks_module().main()
+        stdout = capsys.readouterr().out
+    rows = [r for r in stdout.splitlines() if "held-out" in r]
+    assert len(rows) == lines, stdout
 
 
 def _readout_checks_module():
