@@ -21,11 +21,11 @@ CONFIG = Path(__file__).resolve().parents[1] / "configs" / "fmnist-tiny.yaml"
 pytestmark = pytest.mark.skipif(HAS_CUDA, reason="CPU case: the main job's recipe for 2 CPU cores")
 
 
-def _model(seed: int = 0):
+def _model(seed: int = 0, overrides: tuple[str, ...] = ()):
     from fastsemdiff.config import load_config
     from fastsemdiff.models import SemanticDiffusion
 
-    cfg = load_config(str(CONFIG), [])
+    cfg = load_config(str(CONFIG), list(overrides))
     torch.manual_seed(seed)
     model = SemanticDiffusion(cfg)
     g = torch.Generator().manual_seed(seed)
@@ -35,12 +35,13 @@ def _model(seed: int = 0):
     return cfg, model
 
 
-def _step(compiled: bool, update: str | None = None):
+def _step(compiled: bool, update: str | None = None, overrides: tuple[str, ...] = ()):
     """One training step of a fresh copy of the main job's model (forward, backward, AdamW, EMA), as the
-    trainer runs it at the config's batch (32), fp32; ``update`` overrides ``train.update``."""
+    trainer runs it at the config's batch (32), fp32; ``update`` overrides ``train.update``, ``overrides`` the
+    config."""
     from fastsemdiff import train as T
 
-    cfg, model = _model()
+    cfg, model = _model(overrides=overrides)
     if update is not None:
         cfg.train.update = update
     params = [p for p in model.parameters() if p.requires_grad]
@@ -98,6 +99,25 @@ def test_main_job_update_impl(benchmark):
     benchmark.extra_info.update(device="cpu", torch=torch.__version__, images_per_s=ips, fused_speedup=round(ratio, 3))
     print(f"\n[bench] main job step (compiled), batch {batch}, CPU: AdamW foreach {ips['foreach']:.0f} img/s, fused "
           f"{ips['fused']:.0f} img/s; fused / foreach {ratio:.2f}x")
+
+
+def test_main_job_kl_bottleneck(benchmark):
+    """What the KL bottleneck on z costs the compiled step: none, the per-image log-variance (the recipe's
+    ``encoder.kl_variance=input``: a second half of the head, 0.8M parameters) and the t-only one (``time``)."""
+    variants = {"none": ("encoder.regularizer=none",), "kl input": (), "kl time": ("encoder.kl_variance=time",)}
+    calls = {}
+    for name, overrides in variants.items():
+        calls[name], batch = _step(True, overrides=overrides)
+        calls[name](), calls[name]()
+    benchmark.group = f"main-job-kl-b{batch}"
+    medians = interleaved_medians(benchmark, calls, rounds=30)
+    ips = {k: round(batch / s, 1) for k, s in medians.items()}
+    for k, s in medians.items():
+        TIMINGS.setdefault(benchmark.group, {})[k] = {"s": s, "images_per_s": ips[k]}
+    benchmark.extra_info.update(device="cpu", torch=torch.__version__, images_per_s=ips)
+    print(f"\n[bench] main job step (compiled), batch {batch}, CPU: " + ", ".join(
+        f"{k} {v:.0f} img/s ({medians[k] * 1e3:.1f} ms, {medians[k] / medians['none']:.3f}x none's time)"
+        for k, v in ips.items()))
 
 
 def test_main_job_embed(benchmark):

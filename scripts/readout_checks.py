@@ -111,7 +111,8 @@ def across_image_share(logvar: torch.Tensor) -> float:
 
 def variance(model, tr, **_) -> None:
     """Where a variational code's log-variance varies (docs/ABLATIONS.md, "The KL bottleneck's variance"): per t,
-    on the training images, its mean, the share of its spread that changes with the image, and the KL."""
+    on the training images, its mean, the share of its spread that changes with the image, the KL, and the
+    variance of the mean (the code's signal) a dimension, against which exp(log-variance) is its noise."""
     if model.cfg.encoder.regularizer != "kl":
         raise SystemExit("error: the variance check reads a run trained with encoder.regularizer=kl")
     x = model._prepare(tr)
@@ -123,7 +124,7 @@ def variance(model, tr, **_) -> None:
         mu, lv = (torch.cat([p[k] for p in parts]) for k in ("mu", "logvar"))
         kl = -0.5 * (1 + lv - mu.pow(2) - lv.exp()).sum(-1).mean()
         print(f"t={t}: log-variance mean {lv.mean():.2f}, share across images {across_image_share(lv):.3f}, "
-              f"KL {kl:.1f} nats an image", flush=True)
+              f"KL {kl:.1f} nats an image, the mean's variance {mu.var(0).mean():.3f} a dimension", flush=True)
 
 
 def iterations(feats, ytr, yte, **_) -> None:
