@@ -110,7 +110,7 @@ def across_image_share(logvar: torch.Tensor) -> float:
 
 
 def variance(model, tr, **_) -> None:
-    """Where a variational code's log-variance varies (docs/ABLATIONS.md, "The KL bottleneck's variance"): per t,
+    """Where a variational code's log-variance varies (docs/ABLATIONS.md, "The bottleneck's variance per t"): per t,
     on the training images, its mean, the share of its spread that changes with the image, the KL, and the
     variance of the mean (the code's signal) a dimension, against which exp(log-variance) is its noise."""
     if model.cfg.encoder.regularizer != "kl":

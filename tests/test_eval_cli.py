@@ -440,8 +440,8 @@ def test_readout_checks_script_reads_the_held_out_split(run_dir, check, lines, l
     if check == "similarity":
         import subprocess
 
-        out = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "scripts" / "readout_checks.py"),
-                              *argv], capture_output=True, text=True, timeout=600)
+        script = Path(__file__).resolve().parents[1] / "scripts" / "readout_checks.py"
+        out = subprocess.run([sys.executable, str(script), *argv], capture_output=True, text=True, timeout=600)
         assert out.returncode == 0, out.stderr[-2000:]
         stdout = out.stdout
     else:
@@ -512,7 +512,7 @@ def test_readout_checks_across_image_share_is_zero_per_dimension_and_one_per_ent
 @has_export
 @pytest.mark.parametrize("kl_variance, shares_zero", [("input", False), ("time", True), (None, None)])
 def test_readout_checks_variance_reads_a_kl_run(kl_variance, shares_zero, tmp_path, monkeypatch, capsys):
-    """The variance check (docs/ABLATIONS.md, "The KL bottleneck's variance"), run in this process: one line per
+    """The variance check (docs/ABLATIONS.md, "The bottleneck's variance per t"), run in this process: one line per
     t; a t-only log-variance changes with no image (share 0), a per-image head's does; a run without the KL is
     refused."""
     from fastsemdiff.export import save_model

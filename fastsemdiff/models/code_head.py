@@ -7,15 +7,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-KL_VARIANCES = ("input", "time")
-
 
 class TimeLogVariance(nn.Module):
     """The log-variance of a variational code as a function of the encoder's conditioning vector alone (t, or a
     static encoder's learned vector): one value per dimension and t, the same for every image (``encoder.kl_variance=
-    time``). Why: in the per-image head of the main job, 82-98 % of the log-variance's spread across images and
-    dimensions at a given t is between dimensions (docs/ABLATIONS.md, "The KL bottleneck's variance"), while that
-    head's second half doubles the head (0.8M parameters on the 6,272 features). Starts at log-variance 0."""
+    time``). Why: in the main job's per-image head, 82-98 % of the log-variance's spread at a given t is between
+    dimensions, and that head's second half (0.8M parameters on the 6,272 features) costs 5-8 % of the compiled
+    CPU step; the probes read a little lower without it, so the recipe keeps the per-image head (docs/ABLATIONS.md,
+    "The bottleneck's variance per t"). Starts at log-variance 0."""
 
     def __init__(self, cond_dim: int, out_dim: int):
         super().__init__()
