@@ -27,6 +27,7 @@ import torch  # noqa: E402
 
 from fastsemdiff import baselines  # noqa: E402
 from fastsemdiff import eval as ev  # noqa: E402
+from fastsemdiff.models.code_head import kl_to_standard_normal  # noqa: E402
 from fastsemdiff.probe import class_balanced_subset, choose_weight_decays, knn_accuracy, linear_probe  # noqa: E402
 
 TS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -116,15 +117,14 @@ def variance(model, tr, **_) -> None:
     if model.cfg.encoder.regularizer != "kl":
         raise SystemExit("error: the variance check reads a run trained with encoder.regularizer=kl")
     x = model._prepare(tr)
+    eps = torch.randn(x.shape, generator=torch.Generator(x.device).manual_seed(0), device=x.device)
     for t in TS:
         times = model._times(t, x.shape[0])
-        eps = torch.randn(x.shape, generator=torch.Generator(x.device).manual_seed(0), device=x.device)
         parts = [model.encoder(model.encoder_input(x[i:i + 256], times[i:i + 256], eps[i:i + 256]),
                                times[i:i + 256], sample=False)[1] for i in range(0, x.shape[0], 256)]
         mu, lv = (torch.cat([p[k] for p in parts]) for k in ("mu", "logvar"))
-        kl = -0.5 * (1 + lv - mu.pow(2) - lv.exp()).sum(-1).mean()
         print(f"t={t}: log-variance mean {lv.mean():.2f}, share across images {across_image_share(lv):.3f}, "
-              f"KL {kl:.1f} nats an image, the mean's variance {mu.var(0).mean():.3f} a dimension", flush=True)
+              f"KL {kl_to_standard_normal(mu, lv):.1f} nats an image, the mean's variance {mu.var(0).mean():.3f} a dimension", flush=True)
 
 
 def iterations(feats, ytr, yte, **_) -> None:
@@ -183,17 +183,17 @@ def main() -> None:
     args = parser.parse_args()
     model = ev.load_run(args.run)
     tr, ytr = ev.load_data(model.cfg, "train", args.limit)
-    te, yte = ev.load_data(model.cfg, "test", args.limit)
-    fit, val = ev._held_out_split(tr.shape[0])
-    if args.check == "weights":  # embeds with each set of weights itself
-        return weights(model=model, run=args.run, tr=tr, ytr=ytr, te=te, yte=yte, fit=fit, val=val)
     if args.check == "variance":  # the encoder's own statistics on the training images
         with torch.inference_mode():
             return variance(model=model, tr=tr)
+    fit, val = ev._held_out_split(tr.shape[0])
     if args.check == "similarity":  # codes against codes on the training images: no test split, probes or controls
         with torch.inference_mode():
             z = {t: model.embed(tr, t, 256) for t in sorted({t for pair in SIMILARITY_PAIRS for t in pair})}
         return similarity(z=z, fit=fit, val=val)
+    te, yte = ev.load_data(model.cfg, "test", args.limit)
+    if args.check == "weights":  # embeds with each set of weights itself
+        return weights(model=model, run=args.run, tr=tr, ytr=ytr, te=te, yte=yte, fit=fit, val=val)
     with torch.inference_mode():
         z = {t: (model.embed(tr, t, 256), model.embed(te, t, 256)) for t in TS}
     feats = {f"z at t = {args.t}": z[args.t],

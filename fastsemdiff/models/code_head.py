@@ -33,6 +33,11 @@ def head_output(head: nn.Linear, logvar: Optional[TimeLogVariance], features: to
     return out if logvar is None else torch.cat([out, logvar(c).to(out.dtype)], dim=-1)
 
 
+def kl_to_standard_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, exp(logvar)) || N(0, I)) in nats, summed over the code's dimensions and averaged over the batch."""
+    return -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(-1).mean()
+
+
 def code_from_head(out: torch.Tensor, variational: bool, normalize: bool, sample: bool,
                    generator: Optional[torch.Generator] = None,
                    noise: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -16,6 +16,7 @@ from ..config import Config, ConfigError
 from ..data.device_dataset import images_to_model_range
 from ..diffusion import get_schedule, loss_weights, sample, target, to_x0_eps, train_times
 from ..vae import codec_for
+from .code_head import kl_to_standard_normal
 from .dit import DiT
 from .conv_encoder import ConvTimeEncoder
 from .encoder import TimeEncoder
@@ -314,8 +315,7 @@ class SemanticDiffusion(nn.Module):
         if reg == "l1":
             r = z.float().abs().sum(-1).mean()
         elif reg == "kl":
-            mu, logvar = stats["mu"], stats["logvar"]
-            r = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(-1).mean()
+            r = kl_to_standard_normal(stats["mu"], stats["logvar"])
         if reg != "none":
             loss = loss + cfg.encoder.reg_weight * r
             parts["reg"] = r.detach()
