@@ -8,6 +8,8 @@
     python scripts/readout_checks.py weights RUN       # multi-t linear from the EMA, the raw weights, two EMAs' mean
     python scripts/readout_checks.py similarity RUN    # how much of z at one t a linear map of z at another predicts
     python scripts/readout_checks.py variance RUN      # a KL run's log-variance per t: how much of it changes per image
+    python scripts/readout_checks.py equal-width RUN   # readouts no wider than --width: z per t, its mean over t,
+                                                       # the multi-t code by PCA, grids of narrow codes
 
 "Held-out" is the probe's own split of the training images (``eval._held_out_split``: fit on 10,000, scored on
 a sixth of the split), so nothing here chooses on the test split; the test figures are printed beside the
@@ -80,6 +82,51 @@ def grids(z, ytr, yte, fit, val, **_) -> None:
         a, b = (torch.cat([z[t][i] for t in grid], 1) for i in (0, 1))
         held, test = held_out_and_test(a, b, ytr, yte, fit, val)
         print(f"{grid}: held-out linear {held:.2f}, test {test:.2f}", flush=True)
+
+
+def pca_map(a_fit: torch.Tensor, width: int):
+    """The projection of features onto the ``width`` principal directions of ``a_fit`` (centred on its mean):
+    fitted on the rows it is given, so the held-out figure never sees the rows it is scored on."""
+    mean = a_fit.mean(0)
+    top = torch.linalg.svd((a_fit - mean).double(), full_matrices=False).Vh[:width]
+    return lambda a: ((a - mean).double() @ top.T).float()
+
+
+def equal_width(z, ytr, yte, fit, val, width, **_) -> None:
+    """The method's claim at equal width (docs/ABLATIONS.md, "Equal width"): readouts of a run's codes no wider
+    than ``width``, linear and kNN, held-out then test. Each t's z; z averaged over t; the multi-t concatenation
+    projected to ``width`` by PCA (fitted on the probe's own training rows); and, for a code narrower than
+    ``width``, every grid of ``width // d`` t concatenated. A code that does not change with t (a static
+    encoder) prints its one z."""
+    if all(torch.equal(z[t][0], z[TS[0]][0]) for t in TS):
+        feats = {"z (one code at every t)": (z[TS[0]], None)}
+    else:
+        feats = {f"z at t = {t}": (z[t], None) for t in TS}
+        for grid in (MULTI_TS, TS):
+            mean = tuple(torch.stack([z[t][i] for t in grid]).mean(0) for i in (0, 1))
+            feats[f"mean of z over {grid}"] = (mean, None)
+        d = z[TS[0]][0].shape[1]
+        k = min(width // d, len(TS))
+        if k >= 2:
+            for grid in itertools.combinations(TS, k):
+                feats[f"z at {grid}"] = (tuple(torch.cat([z[t][i] for t in grid], 1) for i in (0, 1)), None)
+        for grid in (MULTI_TS, TS):
+            if len(grid) * d > width:
+                feats[f"PCA-{width} of z at {grid}"] = (tuple(torch.cat([z[t][i] for t in grid], 1) for i in (0, 1)),
+                                                       width)
+    for name, ((a, b), project) in feats.items():
+        held = _linear_and_knn(a[fit], ytr[fit], a[val], ytr[val], project)
+        test = _linear_and_knn(a, ytr, b, yte, project)
+        print(f"{name} ({min(a.shape[1], project or a.shape[1])}-d): held-out linear {held[0]:.2f} kNN {held[1]:.2f}, "
+              f"test linear {test[0]:.2f} kNN {test[1]:.2f}", flush=True)
+
+
+def _linear_and_knn(a, ya, b, yb, project=None) -> tuple[float, float]:
+    """Linear and kNN top-1 of features ``a`` scored on ``b``, first projected by a PCA of ``a`` when ``project``."""
+    if project:
+        to = pca_map(a, project)
+        a, b = to(a), to(b)
+    return linear_probe(a, ya, b, yb, num_classes=10)["top1"], knn_accuracy(a, ya, b, yb, k=20)
 
 
 def r_squared(a_fit: torch.Tensor, b_fit: torch.Tensor, a_val: torch.Tensor, b_val: torch.Tensor) -> float:
@@ -174,11 +221,13 @@ def weights(model, run, tr, ytr, te, yte, fit, val, **_) -> None:
 
 def main() -> None:
     checks = {"best-t": best_t, "label-decay": label_decay, "full-decay": full_decay, "grids": grids,
-              "iterations": iterations, "weights": weights, "similarity": similarity, "variance": variance}
+              "iterations": iterations, "weights": weights, "similarity": similarity, "variance": variance,
+              "equal-width": equal_width}
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("check", choices=list(checks))
     parser.add_argument("run", help="a run directory holding model.safetensors")
     parser.add_argument("--t", type=float, default=0.25, help="the run's best t (label-decay)")
+    parser.add_argument("--width", type=int, default=128, help="the widest readout (equal-width)")
     parser.add_argument("--limit", type=int, default=None, help="only the first N train / test images (tests)")
     args = parser.parse_args()
     model = ev.load_run(args.run)
@@ -201,7 +250,7 @@ def main() -> None:
     for width in (128, 384):
         feats[f"random conv {width}-d"] = (baselines.random_conv_features(tr, width, model.device),
                                            baselines.random_conv_features(te, width, model.device))
-    checks[args.check](z=z, feats=feats, ytr=ytr, yte=yte, fit=fit, val=val)
+    checks[args.check](z=z, feats=feats, ytr=ytr, yte=yte, fit=fit, val=val, width=args.width)
 
 
 if __name__ == "__main__":

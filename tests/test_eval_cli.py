@@ -452,6 +452,37 @@ def test_readout_checks_script_reads_the_held_out_split(run_dir, check, lines, l
     assert len(rows) == lines, stdout
 
 
+@has_export
+def test_readout_checks_equal_width_keeps_every_readout_within_the_width(run_dir, monkeypatch, capsys):
+    """The equal-width check (docs/ABLATIONS.md, "Equal width") at --width 32 on a 16-d code: each t's z, two
+    means over t, the ten grids of two t and the two PCA projections, none wider than 32, each held-out and test."""
+    monkeypatch.setattr(sys, "argv", ["readout_checks.py", "equal-width", str(run_dir), "--limit", "1200",
+                                      "--width", "32"])
+    _readout_checks_module().main()
+    rows = [r for r in capsys.readouterr().out.splitlines() if "held-out" in r]
+    widths = [int(r.split(" (")[-1].split("-d)")[0]) for r in rows]
+    assert len(rows) == 5 + 2 + 10 + 2 and all(w <= 32 for w in widths), rows
+    assert widths.count(32) == 12 and widths.count(16) == 7  # the grids and the projections; z and its means
+
+
+def test_readout_checks_pca_map_keeps_a_subspace_and_fits_only_its_rows():
+    """Data on a 3-d subspace of 10-d keeps its pairwise distances under the 3-component PCA; the map's centre
+    and directions come from the rows it was fitted on."""
+    readout_checks = _readout_checks_module()
+    g = torch.Generator().manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(10, 3, generator=g, dtype=torch.float64))[0]
+    x = (torch.randn(400, 3, generator=g, dtype=torch.float64) * torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64)
+         @ basis.T + 5.0).float()
+    y = readout_checks.pca_map(x, 3)(x)
+    assert y.shape == (400, 3)
+    exact = "donot_use_mm_for_euclid_dist"
+    torch.testing.assert_close(torch.cdist(y, y, compute_mode=exact), torch.cdist(x, x, compute_mode=exact),
+                               atol=1e-4, rtol=1e-4)
+    assert y.mean(0).abs().max() < 1e-4  # centred on the fitted rows
+    shifted = readout_checks.pca_map(x[:200] + 1.0, 3)(x[:200])  # fitted elsewhere: not centred here
+    assert shifted.mean(0).abs().max() > 0.1
+
+
 def _readout_checks_module():
     """scripts/readout_checks.py imported as a module (scripts/ is not a package)."""
     scripts = Path(__file__).resolve().parents[1] / "scripts"
