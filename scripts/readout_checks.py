@@ -94,10 +94,13 @@ def pca_map(a_fit: torch.Tensor, width: int):
 
 def equal_width(z, ytr, yte, fit, val, width, **_) -> None:
     """The method's claim at equal width (docs/ABLATIONS.md, "Equal width"): readouts of a run's codes no wider
-    than ``width``, linear and kNN, held-out then test. Each t's z; z averaged over t; the multi-t concatenation
-    projected to ``width`` by PCA (fitted on the probe's own training rows); and, for a code narrower than
-    ``width``, every grid of ``width // d`` t concatenated. A code that does not change with t (a static
-    encoder) prints its one z."""
+    than ``width`` (a wider z is refused), linear and kNN, held-out then test. Each t's z; z averaged over t; the
+    multi-t concatenation projected to ``width`` by PCA (fitted on the probe's own training rows); and, for a code
+    narrower than ``width``, every grid of ``width // d`` t concatenated. A code that does not change with t (a
+    static encoder) prints its one z."""
+    d = z[TS[0]][0].shape[1]
+    if d > width:
+        raise SystemExit(f"error: the run's z is {d}-d, wider than --width {width}: pass --width {d} or more")
     if all(torch.equal(z[t][0], z[TS[0]][0]) for t in TS):
         feats = {"z (one code at every t)": (z[TS[0]], None)}
     else:
@@ -105,7 +108,6 @@ def equal_width(z, ytr, yte, fit, val, width, **_) -> None:
         for grid in (MULTI_TS, TS):
             mean = tuple(torch.stack([z[t][i] for t in grid]).mean(0) for i in (0, 1))
             feats[f"mean of z over {grid}"] = (mean, None)
-        d = z[TS[0]][0].shape[1]
         k = min(width // d, len(TS))
         if k >= 2:
             for grid in itertools.combinations(TS, k):

@@ -463,6 +463,10 @@ def test_readout_checks_equal_width_keeps_every_readout_within_the_width(run_dir
     widths = [int(r.split(" (")[-1].split("-d)")[0]) for r in rows]
     assert len(rows) == 5 + 2 + 10 + 2 and all(w <= 32 for w in widths), rows
     assert widths.count(32) == 12 and widths.count(16) == 7  # the grids and the projections; z and its means
+    monkeypatch.setattr(sys, "argv", ["readout_checks.py", "equal-width", str(run_dir), "--limit", "300",
+                                      "--width", "8"])
+    with pytest.raises(SystemExit, match="16-d, wider than --width 8"):
+        _readout_checks_module().main()
 
 
 def test_readout_checks_pca_map_keeps_a_subspace_and_fits_only_its_rows():
