@@ -77,19 +77,16 @@ def full_decay(feats, ytr, yte, fit, val, **_) -> None:
             print(f"{name}, decay {wd:g}: held-out {held:.2f}, test {test:.2f}", flush=True)
 
 
+def concat(z, grid) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, test) codes at the t of ``grid`` concatenated; ``z``: t -> (train codes, test codes)."""
+    return tuple(torch.cat([z[t][i] for t in grid], 1) for i in (0, 1))
+
+
 def grids(z, ytr, yte, fit, val, **_) -> None:
     for grid in itertools.combinations(TS, 3):
-        a, b = (torch.cat([z[t][i] for t in grid], 1) for i in (0, 1))
+        a, b = concat(z, grid)
         held, test = held_out_and_test(a, b, ytr, yte, fit, val)
         print(f"{grid}: held-out linear {held:.2f}, test {test:.2f}", flush=True)
-
-
-def pca_map(a_fit: torch.Tensor, width: int):
-    """The projection of features onto the ``width`` principal directions of ``a_fit`` (centred on its mean):
-    fitted on the rows it is given, so the held-out figure never sees the rows it is scored on."""
-    mean = a_fit.mean(0)
-    top = torch.linalg.svd((a_fit - mean).double(), full_matrices=False).Vh[:width]
-    return lambda a: ((a - mean).double() @ top.T).float()
 
 
 def equal_width(z, ytr, yte, fit, val, width, **_) -> None:
@@ -111,11 +108,10 @@ def equal_width(z, ytr, yte, fit, val, width, **_) -> None:
         k = min(width // d, len(TS))
         if k >= 2:
             for grid in itertools.combinations(TS, k):
-                feats[f"z at {grid}"] = (tuple(torch.cat([z[t][i] for t in grid], 1) for i in (0, 1)), None)
+                feats[f"z at {grid}"] = (concat(z, grid), None)
         for grid in (MULTI_TS, TS):
             if len(grid) * d > width:
-                feats[f"PCA-{width} of z at {grid}"] = (tuple(torch.cat([z[t][i] for t in grid], 1) for i in (0, 1)),
-                                                       width)
+                feats[f"PCA-{width} of z at {grid}"] = (concat(z, grid), width)
     for name, ((a, b), project) in feats.items():
         held = _linear_and_knn(a[fit], ytr[fit], a[val], ytr[val], project)
         test = _linear_and_knn(a, ytr, b, yte, project)
@@ -124,10 +120,10 @@ def equal_width(z, ytr, yte, fit, val, width, **_) -> None:
 
 
 def _linear_and_knn(a, ya, b, yb, project=None) -> tuple[float, float]:
-    """Linear and kNN top-1 of features ``a`` scored on ``b``, first projected by a PCA of ``a`` when ``project``."""
+    """Linear and kNN top-1 of features ``a`` scored on ``b``, first projected to ``project`` dimensions by a PCA
+    fitted on ``a`` (``baselines.pca_features``, the report's pixel-PCA baseline) when ``project``."""
     if project:
-        to = pca_map(a, project)
-        a, b = to(a), to(b)
+        a, b = baselines.pca_features(a, b, project)
     return linear_probe(a, ya, b, yb, num_classes=10)["top1"], knn_accuracy(a, ya, b, yb, k=20)
 
 
@@ -248,7 +244,7 @@ def main() -> None:
     with torch.inference_mode():
         z = {t: (model.embed(tr, t, 256), model.embed(te, t, 256)) for t in TS}
     feats = {f"z at t = {args.t}": z[args.t],
-             "multi-t": tuple(torch.cat([z[t][i] for t in MULTI_TS], 1) for i in (0, 1))}
+             "multi-t": concat(z, MULTI_TS)}
     for width in (128, 384):
         feats[f"random conv {width}-d"] = (baselines.random_conv_features(tr, width, model.device),
                                            baselines.random_conv_features(te, width, model.device))

@@ -39,6 +39,21 @@ def test_pca_keeps_the_top_variance_directions():
     assert p_train.var(0).sum() > 0.999 * train.var(0).sum()
 
 
+def test_pca_keeps_a_subspace_and_fits_only_its_train_rows():
+    """Data on a 3-d subspace of 10-d keeps its pairwise distances under the 3-component PCA; the centre and
+    directions come from the train rows alone (scripts/readout_checks.py fits it on the held-out split's fit rows)."""
+    basis = torch.linalg.qr(torch.randn(10, 3, generator=gen(5), dtype=torch.float64))[0]
+    x = (torch.randn(400, 3, generator=gen(6), dtype=torch.float64) * torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64)
+         @ basis.T + 5.0).float()
+    y, _ = baselines.pca_features(x, x[:10], 3)
+    assert y.shape == (400, 3)
+    exact = "donot_use_mm_for_euclid_dist"
+    assert_close(torch.cdist(y, y, compute_mode=exact), torch.cdist(x, x, compute_mode=exact), atol=1e-4, rtol=1e-4)
+    assert y.mean(0).abs().max() < 1e-4  # centred on the train rows
+    _, shifted = baselines.pca_features(x[:200] + 1.0, x[:200], 3)  # fitted elsewhere: not centred here
+    assert shifted.mean(0).abs().max() > 0.1
+
+
 def test_untrained_like_is_a_fresh_model_of_the_same_architecture():
     model = small_model()
     before = torch.random.get_rng_state()

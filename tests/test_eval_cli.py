@@ -469,24 +469,6 @@ def test_readout_checks_equal_width_keeps_every_readout_within_the_width(run_dir
         _readout_checks_module().main()
 
 
-def test_readout_checks_pca_map_keeps_a_subspace_and_fits_only_its_rows():
-    """Data on a 3-d subspace of 10-d keeps its pairwise distances under the 3-component PCA; the map's centre
-    and directions come from the rows it was fitted on."""
-    readout_checks = _readout_checks_module()
-    g = torch.Generator().manual_seed(0)
-    basis = torch.linalg.qr(torch.randn(10, 3, generator=g, dtype=torch.float64))[0]
-    x = (torch.randn(400, 3, generator=g, dtype=torch.float64) * torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64)
-         @ basis.T + 5.0).float()
-    y = readout_checks.pca_map(x, 3)(x)
-    assert y.shape == (400, 3)
-    exact = "donot_use_mm_for_euclid_dist"
-    torch.testing.assert_close(torch.cdist(y, y, compute_mode=exact), torch.cdist(x, x, compute_mode=exact),
-                               atol=1e-4, rtol=1e-4)
-    assert y.mean(0).abs().max() < 1e-4  # centred on the fitted rows
-    shifted = readout_checks.pca_map(x[:200] + 1.0, 3)(x[:200])  # fitted elsewhere: not centred here
-    assert shifted.mean(0).abs().max() > 0.1
-
-
 def _readout_checks_module():
     """scripts/readout_checks.py imported as a module (scripts/ is not a package)."""
     scripts = Path(__file__).resolve().parents[1] / "scripts"
