@@ -34,6 +34,7 @@ from fastsemdiff.probe import class_balanced_subset, choose_weight_decays, knn_a
 
 TS = (0.0, 0.25, 0.5, 0.75, 1.0)
 MULTI_TS = (0.0, 0.5, 1.0)
+READS_CONTROLS = ("label-decay", "full-decay", "iterations")  # the checks that probe ``feats``
 SIMILARITY_PAIRS = ((0.0, 0.5), (0.5, 1.0), (0.0, 1.0), (1.0, 0.0))  # (from t, to t)
 
 
@@ -243,11 +244,12 @@ def main() -> None:
         return weights(model=model, run=args.run, tr=tr, ytr=ytr, te=te, yte=yte, fit=fit, val=val)
     with torch.inference_mode():
         z = {t: (model.embed(tr, t, 256), model.embed(te, t, 256)) for t in TS}
-    feats = {f"z at t = {args.t}": z[args.t],
-             "multi-t": concat(z, MULTI_TS)}
-    for width in (128, 384):
-        feats[f"random conv {width}-d"] = (baselines.random_conv_features(tr, width, model.device),
-                                           baselines.random_conv_features(te, width, model.device))
+    feats = {}
+    if args.check in READS_CONTROLS:  # the random-conv controls only where a check reads them
+        feats = {f"z at t = {args.t}": z[args.t], "multi-t": concat(z, MULTI_TS)}
+        for width in (128, 384):
+            feats[f"random conv {width}-d"] = (baselines.random_conv_features(tr, width, model.device),
+                                               baselines.random_conv_features(te, width, model.device))
     checks[args.check](z=z, feats=feats, ytr=ytr, yte=yte, fit=fit, val=val, width=args.width)
 
 
