@@ -10,6 +10,8 @@
     python scripts/readout_checks.py variance RUN      # a KL run's log-variance per t: how much of it changes per image
     python scripts/readout_checks.py equal-width RUN   # readouts no wider than --width: z per t, its mean over t,
                                                        # the multi-t code by PCA, grids of narrow codes
+    python scripts/readout_checks.py wide RUN          # the goal's readouts (--width, default 1024): z at more
+                                                       # t, z with the denoiser's pooled tokens
 
 "Held-out" is the probe's own split of the training images (``eval._held_out_split``: fit on 10,000, scored on
 a sixth of the split), so nothing here chooses on the test split; the test figures are printed beside the
@@ -120,6 +122,43 @@ def equal_width(z, ytr, yte, fit, val, width, **_) -> None:
               f"test linear {test[0]:.2f} kNN {test[1]:.2f}", flush=True)
 
 
+def wide(model, tr, ytr, te, yte, fit, val, width, **_) -> None:
+    """Issue 22's goal readouts, at most ``width`` dimensions (docs/ABLATIONS.md, "The goal's widest readouts"):
+    z at the five t; z at ``width // d`` evenly spaced t; z at the five t and the three between 0 and 0.75; and z at
+    the five t with the denoiser's pooled tokens (DDAE features) appended, its (block, t) the best on held-out
+    training rows among t = 0.25, 0.5, 0.75. Linear and kNN, held-out then test."""
+    d = model.cfg.encoder.dim
+    k = width // d
+    if k < len(TS):
+        raise SystemExit(f"error: --width {width} holds {k} codes of {d}-d; the wide readouts start at the five t "
+                         f"({len(TS) * d}-d): pass --width {len(TS) * d} or more")
+    spaced = tuple(round(i / (k - 1), 4) for i in range(k))
+    between = (0.125, 0.375, 0.625)
+    with torch.inference_mode():
+        z = {t: (model.embed(tr, t, 256), model.embed(te, t, 256)) for t in sorted({*TS, *spaced, *between})}
+        tokens = {}
+        for t in (0.25, 0.5, 0.75):
+            per_block = zip(baselines.ddae_features(model, tr, t, 256), baselines.ddae_features(model, te, t, 256))
+            tokens.update({(block, t): pair for block, pair in enumerate(per_block)})
+    held = {key: linear_probe(a[fit], ytr[fit], a[val], ytr[val], num_classes=10)["top1"]
+            for key, (a, _b) in tokens.items()}
+    block, t_tokens = max(held, key=held.get)
+    print(f"denoiser tokens chosen on held-out rows: block {block} at t = {t_tokens} ({held[(block, t_tokens)]:.2f}; "
+          + ", ".join(f"{key}: {v:.2f}" for key, v in held.items()) + ")", flush=True)
+    five = concat(z, TS)
+    feats = {f"z at {TS}": five, f"z at {spaced}": concat(z, spaced)}
+    if len(TS) + len(between) <= k:
+        feats[f"z at {TS + between}"] = concat(z, TS + between)
+    if len(TS) * d + tokens[(block, t_tokens)][0].shape[1] <= width:
+        feats[f"z at {TS} + denoiser block {block} at t = {t_tokens}"] = tuple(
+            torch.cat([five[i], tokens[(block, t_tokens)][i]], 1) for i in (0, 1))
+    for name, (a, b) in feats.items():
+        held_out = _linear_and_knn(a[fit], ytr[fit], a[val], ytr[val])
+        test = _linear_and_knn(a, ytr, b, yte)
+        print(f"{name} ({a.shape[1]}-d): held-out linear {held_out[0]:.2f} kNN {held_out[1]:.2f}, "
+              f"test linear {test[0]:.2f} kNN {test[1]:.2f}", flush=True)
+
+
 def _linear_and_knn(a, ya, b, yb, project=None) -> tuple[float, float]:
     """Linear and kNN top-1 of features ``a`` scored on ``b``, first projected to ``project`` dimensions by a PCA
     fitted on ``a`` (``baselines.pca_features``, the report's pixel-PCA baseline) when ``project``."""
@@ -221,12 +260,13 @@ def weights(model, run, tr, ytr, te, yte, fit, val, **_) -> None:
 def main() -> None:
     checks = {"best-t": best_t, "label-decay": label_decay, "full-decay": full_decay, "grids": grids,
               "iterations": iterations, "weights": weights, "similarity": similarity, "variance": variance,
-              "equal-width": equal_width}
+              "equal-width": equal_width, "wide": wide}
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("check", choices=list(checks))
     parser.add_argument("run", help="a run directory holding model.safetensors")
     parser.add_argument("--t", type=float, default=0.25, help="the run's best t (label-decay)")
-    parser.add_argument("--width", type=int, default=128, help="the widest readout (equal-width)")
+    parser.add_argument("--width", type=int, default=None,
+                        help="the widest readout (equal-width: default 128; wide: default 1024)")
     parser.add_argument("--limit", type=int, default=None, help="only the first N train / test images (tests)")
     args = parser.parse_args()
     model = ev.load_run(args.run)
@@ -242,6 +282,8 @@ def main() -> None:
     te, yte = ev.load_data(model.cfg, "test", args.limit)
     if args.check == "weights":  # embeds with each set of weights itself
         return weights(model=model, run=args.run, tr=tr, ytr=ytr, te=te, yte=yte, fit=fit, val=val)
+    if args.check == "wide":  # embeds at more t than TS, and runs the denoiser
+        return wide(model=model, tr=tr, ytr=ytr, te=te, yte=yte, fit=fit, val=val, width=args.width or 1024)
     with torch.inference_mode():
         z = {t: (model.embed(tr, t, 256), model.embed(te, t, 256)) for t in TS}
     feats = {}
@@ -250,7 +292,7 @@ def main() -> None:
         for width in (128, 384):
             feats[f"random conv {width}-d"] = (baselines.random_conv_features(tr, width, model.device),
                                                baselines.random_conv_features(te, width, model.device))
-    checks[args.check](z=z, feats=feats, ytr=ytr, yte=yte, fit=fit, val=val, width=args.width)
+    checks[args.check](z=z, feats=feats, ytr=ytr, yte=yte, fit=fit, val=val, width=args.width or 128)
 
 
 if __name__ == "__main__":

@@ -469,6 +469,24 @@ def test_readout_checks_equal_width_keeps_every_readout_within_the_width(run_dir
         _readout_checks_module().main()
 
 
+@has_export
+def test_readout_checks_wide_keeps_every_readout_within_the_width(run_dir, monkeypatch, capsys):
+    """The goal's readouts (docs/ABLATIONS.md, "The goal's widest readouts") at --width 128 on a 16-d code and a
+    32-wide denoiser: z at the five t (80-d), at eight spaced t and at the five t and three between (128-d), and
+    the five t with the denoiser's tokens (112-d), the tokens' block and t named; a width under five codes is
+    refused with the width to pass."""
+    monkeypatch.setattr(sys, "argv", ["readout_checks.py", "wide", str(run_dir), "--limit", "1200", "--width", "128"])
+    _readout_checks_module().main()
+    out = capsys.readouterr().out
+    rows = [r for r in out.splitlines() if "held-out linear" in r]
+    widths = sorted(int(r.split(" (")[-1].split("-d)")[0]) for r in rows)
+    assert widths == [80, 112, 128, 128], out
+    assert "denoiser tokens chosen on held-out rows: block" in out
+    monkeypatch.setattr(sys, "argv", ["readout_checks.py", "wide", str(run_dir), "--limit", "300", "--width", "64"])
+    with pytest.raises(SystemExit, match="pass --width 80 or more"):
+        _readout_checks_module().main()
+
+
 def _readout_checks_module():
     """scripts/readout_checks.py imported as a module (scripts/ is not a package)."""
     scripts = Path(__file__).resolve().parents[1] / "scripts"
