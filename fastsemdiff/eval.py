@@ -255,7 +255,10 @@ def run_probe(model, train_images: torch.Tensor, train_labels: torch.Tensor, tes
                                          classes)
     k_best = ts.index(best_t["t"])
     features["embedding, best t"] = (train_z[k_best], test_z[k_best])
-    features["embedding, multi-t"] = (_concat(train_z, ts, multi_ts), _concat(test_z, ts, multi_ts))
+    if multi_t.get("t_blind"):  # its multi-t readout is its one embedding, as in the probes above
+        features["embedding, multi-t"] = features["embedding, best t"]
+    else:
+        features["embedding, multi-t"] = (_concat(train_z, ts, multi_ts), _concat(test_z, ts, multi_ts))
     dim = train_z[0].shape[1]
     del train_z, test_z
 

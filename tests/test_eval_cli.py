@@ -79,6 +79,11 @@ def test_run_probe_embeds_a_t_blind_model_once():
     assert calls == [0.0, 0.0]  # once per split
     assert result["multi_t"]["t_blind"] and result["multi_t"]["dim"] == 16
     assert len({r["linear"] for r in result["per_t"]}) == 1
+    # its multi-t readout is that one embedding in the few-label probes too, not the embedding repeated per t
+    # (the same 16 columns three times is another probe: the weight decay acts on three copies)
+    assert result["label_efficiency"], result
+    for rows in result["label_efficiency"].values():
+        assert rows["embedding, multi-t"] == rows["embedding, best t"]
 
 
 def test_multi_t_readout_concatenates_the_chosen_times_in_their_order(model):
