@@ -10,6 +10,8 @@
     python scripts/readout_checks.py variance RUN      # a KL run's log-variance per t: how much of it changes per image
     python scripts/readout_checks.py equal-width RUN   # readouts no wider than --width: z per t, its mean over t,
                                                        # the multi-t code by PCA, grids of narrow codes
+    python scripts/readout_checks.py few-label RUN     # the report's few-label probes of z at the five t and at
+                                                       # the multi-t grid (the latter: the report's own figures)
     python scripts/readout_checks.py wide RUN          # the goal's readouts (--width, default 1024): z at more
                                                        # t, z with the denoiser's pooled tokens
 
@@ -71,6 +73,22 @@ def label_decay(feats, ytr, yte, **_) -> None:
                   for d, w in zip(draws, wds)]
             print(f"{n} labels, {name}: decay 1e-4 {sum(fixed) / len(fixed):.2f}, CV {sum(cv) / len(cv):.2f} "
                   f"(decays {wds})", flush=True)
+
+
+def few_label(z, ytr, yte, **_) -> None:
+    """The report's few-label probes (``eval.run_probe``'s protocol: ``LABEL_DRAWS`` class-balanced draws of 100
+    and 1,000 labelled images, each draw's decay by cross-validation on its own labels) of z at the five t, the
+    goal's widest readout (docs/ABLATIONS.md, "The goal's widest readouts"), beside the multi-t code's, which
+    must read the report's own figures."""
+    draws = [baselines.label_subsets(ytr, (100, 1000), seed=s) for s in range(ev.LABEL_DRAWS)]
+    for name, grid in ((f"z at {TS}", TS), (f"z at {MULTI_TS} (the report's multi-t)", MULTI_TS)):
+        a, b = concat(z, grid)
+        for n in draws[0]:
+            trains = [(a[d[n]], ytr[d[n]]) for d in draws]
+            decays = choose_weight_decays(trains, 10)
+            accs = [linear_probe(x, y, b, yte, num_classes=10, weight_decay=wd)["top1"]
+                    for (x, y), wd in zip(trains, decays)]
+            print(f"{name} ({a.shape[1]}-d), {n} labels: {sum(accs) / len(accs):.2f} (decays {decays})", flush=True)
 
 
 def full_decay(feats, ytr, yte, fit, val, **_) -> None:
@@ -260,7 +278,7 @@ def weights(model, run, tr, ytr, te, yte, fit, val, **_) -> None:
 def main() -> None:
     checks = {"best-t": best_t, "label-decay": label_decay, "full-decay": full_decay, "grids": grids,
               "iterations": iterations, "weights": weights, "similarity": similarity, "variance": variance,
-              "equal-width": equal_width, "wide": wide}
+              "equal-width": equal_width, "wide": wide, "few-label": few_label}
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("check", choices=list(checks))
     parser.add_argument("run", help="a run directory holding model.safetensors")

@@ -492,6 +492,27 @@ def test_readout_checks_wide_keeps_every_readout_within_the_width(run_dir, monke
         _readout_checks_module().main()
 
 
+@has_export
+def test_readout_checks_few_label_reads_the_reports_own_figures(run_dir, monkeypatch, capsys):
+    """The few-label check (docs/ABLATIONS.md, "The goal's widest readouts") on a slice: the multi-t code's 100- and
+    1,000-label figures are the report's own (``run_probe`` on the same images, same embedding batch), so the
+    check runs the report's protocol; the five-t code's are printed beside them at its own width."""
+    monkeypatch.setattr(sys, "argv", ["readout_checks.py", "few-label", str(run_dir), "--limit", "1200"])
+    readout_checks = _readout_checks_module()
+    readout_checks.main()
+    rows = [r for r in capsys.readouterr().out.splitlines() if " labels: " in r]
+    assert len(rows) == 4 and sum("(80-d)" in r for r in rows) == 2, rows
+    model = eval_mod.load_run(str(run_dir))
+    tr, ytr = eval_mod.load_data(model.cfg, "train", 1200)
+    te, yte = eval_mod.load_data(model.cfg, "test", 1200)
+    result = run_probe(model, tr, ytr, te, yte, list(readout_checks.TS), 256, 20, progress=False,
+                       with_baselines=False, multi_ts=list(readout_checks.MULTI_TS), joint_labels=False)
+    for n in ("100", "1000"):
+        report = result["label_efficiency"][n]["embedding, multi-t"]
+        printed = next(r for r in rows if "report's multi-t" in r and f", {n} labels: " in r)
+        assert printed.split(" labels: ")[1].split(" ")[0] == f"{report:.2f}", (printed, report)
+
+
 def _readout_checks_module():
     """scripts/readout_checks.py imported as a module (scripts/ is not a package)."""
     scripts = Path(__file__).resolve().parents[1] / "scripts"
