@@ -133,18 +133,14 @@ def equal_width(z, ytr, yte, fit, val, width, **_) -> None:
         for grid in (MULTI_TS, TS):
             if len(grid) * d > width:
                 feats[f"PCA-{width} of z at {grid}"] = (concat(z, grid), width)
-    for name, ((a, b), project) in feats.items():
-        held = _linear_and_knn(a[fit], ytr[fit], a[val], ytr[val], project)
-        test = _linear_and_knn(a, ytr, b, yte, project)
-        print(f"{name} ({min(a.shape[1], project or a.shape[1])}-d): held-out linear {held[0]:.2f} kNN {held[1]:.2f}, "
-              f"test linear {test[0]:.2f} kNN {test[1]:.2f}", flush=True)
+    _print_readouts(feats, ytr, yte, fit, val)
 
 
 def wide(model, tr, ytr, te, yte, fit, val, width, **_) -> None:
     """Issue 22's goal readouts, at most ``width`` dimensions (docs/ABLATIONS.md, "The goal's widest readouts"):
-    z at the five t; z at ``width // d`` evenly spaced t; z at the five t and the three between 0 and 0.75; and z at
-    the five t with the denoiser's pooled tokens (DDAE features) appended, its (block, t) the best on held-out
-    training rows among t = 0.25, 0.5, 0.75. Linear and kNN, held-out then test."""
+    z at the five t; z at ``width // d`` evenly spaced t; z at the five t and the midpoints 0.125, 0.375, 0.625;
+    and z at the five t with the denoiser's pooled tokens (DDAE features) appended, their (block, t) the best on
+    held-out training rows among t = 0.25, 0.5, 0.75. Linear and kNN, held-out then test."""
     d = model.cfg.encoder.dim
     k = width // d
     if k < len(TS):
@@ -164,16 +160,21 @@ def wide(model, tr, ytr, te, yte, fit, val, width, **_) -> None:
     print(f"denoiser tokens chosen on held-out rows: block {block} at t = {t_tokens} ({held[(block, t_tokens)]:.2f}; "
           + ", ".join(f"{key}: {v:.2f}" for key, v in held.items()) + ")", flush=True)
     five = concat(z, TS)
-    feats = {f"z at {TS}": five, f"z at {spaced}": concat(z, spaced)}
+    feats = {f"z at {TS}": (five, None), f"z at {spaced}": (concat(z, spaced), None)}
     if len(TS) + len(between) <= k:
-        feats[f"z at {TS + between}"] = concat(z, TS + between)
+        feats[f"z at {TS + between}"] = (concat(z, TS + between), None)
     if len(TS) * d + tokens[(block, t_tokens)][0].shape[1] <= width:
-        feats[f"z at {TS} + denoiser block {block} at t = {t_tokens}"] = tuple(
-            torch.cat([five[i], tokens[(block, t_tokens)][i]], 1) for i in (0, 1))
-    for name, (a, b) in feats.items():
-        held_out = _linear_and_knn(a[fit], ytr[fit], a[val], ytr[val])
-        test = _linear_and_knn(a, ytr, b, yte)
-        print(f"{name} ({a.shape[1]}-d): held-out linear {held_out[0]:.2f} kNN {held_out[1]:.2f}, "
+        feats[f"z at {TS} + denoiser block {block} at t = {t_tokens}"] = (tuple(
+            torch.cat([five[i], tokens[(block, t_tokens)][i]], 1) for i in (0, 1)), None)
+    _print_readouts(feats, ytr, yte, fit, val)
+
+
+def _print_readouts(feats, ytr, yte, fit, val) -> None:
+    """One line per readout, name -> ((train, test), PCA width or None): linear and kNN, held-out then test."""
+    for name, ((a, b), project) in feats.items():
+        held = _linear_and_knn(a[fit], ytr[fit], a[val], ytr[val], project)
+        test = _linear_and_knn(a, ytr, b, yte, project)
+        print(f"{name} ({min(a.shape[1], project or a.shape[1])}-d): held-out linear {held[0]:.2f} kNN {held[1]:.2f}, "
               f"test linear {test[0]:.2f} kNN {test[1]:.2f}", flush=True)
 
 
