@@ -221,6 +221,35 @@ def _z_plus_denoiser(multi: torch.Tensor, ddae: torch.Tensor, drop: int, dim: in
     return torch.cat([keep, ddae.to(keep.device)], 1)
 
 
+def label_probes(timer: _Timer, features: dict, train_labels: torch.Tensor, test_labels: torch.Tensor,
+                 label_sizes: Sequence[int], classes: int, joint: bool) -> tuple[dict, dict, dict]:
+    """The label-efficiency stage: each readout of ``features`` (name -> (train, test)) probed with ``LABEL_DRAWS``
+    class-balanced draws of each size, each draw's weight decay chosen by cross-validation on its own labels.
+    Returns (mean, per draw, decays per draw), each size -> readout -> figures; ``joint``: every readout and draw
+    of a size as one L-BFGS problem (a GPU's way)."""
+    label_eff: dict = {}
+    label_each: dict = {}
+    label_decay: dict = {}
+    draws = [baselines.label_subsets(train_labels, tuple(label_sizes), seed=s) for s in range(LABEL_DRAWS)]
+    for n in draws[0]:
+        names = list(features)
+        trains = [(features[k][0][d[n].to(features[k][0].device)], train_labels[d[n]]) for k in names for d in draws]
+        with timer("label efficiency, weight decay"):  # by cross-validation on each draw's own labels
+            decays = choose_weight_decays(trains, classes, joint=joint)
+        with timer("label efficiency"):
+            if joint:  # every readout and draw of this size as one L-BFGS problem
+                accs = linear_probes(trains, [(features[k][1], test_labels) for k in names for _ in draws], classes,
+                                     weight_decay=decays, max_iter=LABEL_MAX_ITER)
+            else:
+                accs = [linear_probe(x, y, features[k][1], test_labels, num_classes=classes, weight_decay=wd)["top1"]
+                        for (x, y), k, wd in zip(trains, [k for k in names for _ in draws], decays)]
+        per_readout = lambda values: {k: values[i * len(draws):(i + 1) * len(draws)]  # noqa: E731
+                                      for i, k in enumerate(names)}
+        label_each[str(n)], label_decay[str(n)] = per_readout(accs), per_readout(decays)
+        label_eff[str(n)] = {k: sum(a) / len(a) for k, a in label_each[str(n)].items()}
+    return label_eff, label_each, label_decay
+
+
 def run_probe(model, train_images: torch.Tensor, train_labels: torch.Tensor, test_images: torch.Tensor,
               test_labels: torch.Tensor, ts: Sequence[float], batch_size: int, knn_k: int,
               progress: bool = True, with_baselines: bool = True, baseline_runs: Optional[dict] = None,
@@ -322,27 +351,8 @@ def run_probe(model, train_images: torch.Tensor, train_labels: torch.Tensor, tes
             features.update(_readout(name, oz_train, oz_test, ts, o_multi))
             result_baselines[name] = {"per_t": o_per_t, "best_t": o_best, "multi_t": o_multi}
 
-    label_eff: dict = {}
-    label_each: dict = {}
-    label_decay: dict = {}
-    draws = [baselines.label_subsets(train_labels, tuple(label_sizes), seed=s) for s in range(LABEL_DRAWS)]
-    joint = dev.type == "cuda" if joint_labels is None else joint_labels
-    for n in draws[0]:
-        names = list(features)
-        trains = [(features[k][0][d[n].to(features[k][0].device)], train_labels[d[n]]) for k in names for d in draws]
-        with timer("label efficiency, weight decay"):  # by cross-validation on each draw's own labels
-            decays = choose_weight_decays(trains, classes, joint=joint)
-        with timer("label efficiency"):
-            if joint:  # every readout and draw of this size as one L-BFGS problem
-                accs = linear_probes(trains, [(features[k][1], test_labels) for k in names for _ in draws], classes,
-                                     weight_decay=decays, max_iter=LABEL_MAX_ITER)
-            else:
-                accs = [linear_probe(x, y, features[k][1], test_labels, num_classes=classes, weight_decay=wd)["top1"]
-                        for (x, y), k, wd in zip(trains, [k for k in names for _ in draws], decays)]
-        per_readout = lambda values: {k: values[i * len(draws):(i + 1) * len(draws)]  # noqa: E731
-                                      for i, k in enumerate(names)}
-        label_each[str(n)], label_decay[str(n)] = per_readout(accs), per_readout(decays)
-        label_eff[str(n)] = {k: sum(a) / len(a) for k, a in label_each[str(n)].items()}
+    label_eff, label_each, label_decay = label_probes(timer, features, train_labels, test_labels, label_sizes, classes,
+                                                      dev.type == "cuda" if joint_labels is None else joint_labels)
 
     if features_out is not None:
         features_out.update(features)

@@ -80,15 +80,11 @@ def few_label(z, ytr, yte, **_) -> None:
     and 1,000 labelled images, each draw's decay by cross-validation on its own labels) of z at the five t, the
     goal's widest readout (docs/ABLATIONS.md, "The goal's widest readouts"), beside the multi-t code's, which
     must read the report's own figures."""
-    draws = [baselines.label_subsets(ytr, (100, 1000), seed=s) for s in range(ev.LABEL_DRAWS)]
-    for name, grid in ((f"z at {TS}", TS), (f"z at {MULTI_TS} (the report's multi-t)", MULTI_TS)):
-        a, b = concat(z, grid)
-        for n in draws[0]:
-            trains = [(a[d[n]], ytr[d[n]]) for d in draws]
-            decays = choose_weight_decays(trains, 10)
-            accs = [linear_probe(x, y, b, yte, num_classes=10, weight_decay=wd)["top1"]
-                    for (x, y), wd in zip(trains, decays)]
-            print(f"{name} ({a.shape[1]}-d), {n} labels: {sum(accs) / len(accs):.2f} (decays {decays})", flush=True)
+    readouts = {f"z at {TS}": concat(z, TS), f"z at {MULTI_TS} (the report's multi-t)": concat(z, MULTI_TS)}
+    means, _, decays = ev.label_probes(ev._Timer(), readouts, ytr, yte, (100, 1000), 10, joint=False)
+    for name, (a, _b) in readouts.items():
+        for n in means:
+            print(f"{name} ({a.shape[1]}-d), {n} labels: {means[n][name]:.2f} (decays {decays[n][name]})", flush=True)
 
 
 def full_decay(feats, ytr, yte, fit, val, **_) -> None:
@@ -150,22 +146,21 @@ def wide(model, tr, ytr, te, yte, fit, val, width, **_) -> None:
     between = (0.125, 0.375, 0.625)
     with torch.inference_mode():
         z = {t: (model.embed(tr, t, 256), model.embed(te, t, 256)) for t in sorted({*TS, *spaced, *between})}
-        tokens = {}
-        for t in (0.25, 0.5, 0.75):
-            per_block = zip(baselines.ddae_features(model, tr, t, 256), baselines.ddae_features(model, te, t, 256))
-            tokens.update({(block, t): pair for block, pair in enumerate(per_block)})
-    held = {key: linear_probe(a[fit], ytr[fit], a[val], ytr[val], num_classes=10)["top1"]
-            for key, (a, _b) in tokens.items()}
+        tokens = {(block, t): f for t in (0.25, 0.5, 0.75)
+                  for block, f in enumerate(baselines.ddae_features(model, tr, t, 256))}
+    held = {key: linear_probe(a[fit], ytr[fit], a[val], ytr[val], num_classes=10)["top1"] for key, a in tokens.items()}
     block, t_tokens = max(held, key=held.get)
+    with torch.inference_mode():  # the test split's tokens at the chosen block and t only
+        chosen = (tokens[(block, t_tokens)], baselines.ddae_features(model, te, t_tokens, 256)[block])
     print(f"denoiser tokens chosen on held-out rows: block {block} at t = {t_tokens} ({held[(block, t_tokens)]:.2f}; "
           + ", ".join(f"{key}: {v:.2f}" for key, v in held.items()) + ")", flush=True)
     five = concat(z, TS)
     feats = {f"z at {TS}": (five, None), f"z at {spaced}": (concat(z, spaced), None)}
     if len(TS) + len(between) <= k:
         feats[f"z at {TS + between}"] = (concat(z, TS + between), None)
-    if len(TS) * d + tokens[(block, t_tokens)][0].shape[1] <= width:
+    if len(TS) * d + chosen[0].shape[1] <= width:
         feats[f"z at {TS} + denoiser block {block} at t = {t_tokens}"] = (tuple(
-            torch.cat([five[i], tokens[(block, t_tokens)][i]], 1) for i in (0, 1)), None)
+            torch.cat([five[i], chosen[i]], 1) for i in (0, 1)), None)
     _print_readouts(feats, ytr, yte, fit, val)
 
 
