@@ -1,6 +1,7 @@
 """The evaluation CLIs: run_probe on a tiny untrained model, image grids, and eval/embed/sample end to end."""
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import sys
@@ -95,7 +96,8 @@ def test_multi_t_readout_concatenates_the_chosen_times_in_their_order(model):
     train_y, test_y = torch.arange(150) % 3, torch.arange(50) % 3
     ts, pick = [0.0, 0.3, 0.6, 0.9], [0.9, 0.0]
     features: dict = {}
-    kw = dict(batch_size=64, knn_k=5, progress=False, with_baselines=False, label_sizes=(10,))
+    # no label-efficiency stage: nothing here reads it, and its cross-validated probes were most of the time
+    kw = dict(batch_size=64, knn_k=5, progress=False, with_baselines=False, label_sizes=())
     result = run_probe(model, train_x, train_y, test_x, test_y, ts, multi_ts=pick, features_out=features, **kw)
     assert result["multi_t"]["ts"] == pick and result["multi_t"]["dim"] == 2 * 16
     assert [r["t"] for r in result["per_t"]] == ts  # the curve still covers every probed t
@@ -215,6 +217,9 @@ def test_missing_data_is_a_clear_error(model, tmp_path):
 @has_export
 def test_eval_probe_cli(run_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(eval_mod, "LABEL_DRAWS", 2)  # the draws' bookkeeping shows with 2; 5 cost 2.5x the probes
+    # two decays to cross-validate, not four: the choice itself is tested in tests/test_probe.py
+    monkeypatch.setattr(eval_mod, "choose_weight_decays", functools.partial(eval_mod.choose_weight_decays,
+                                                                            grid=(1e-4, 1e-2)))
     eval_main(["probe", "--run", str(run_dir), "--ts", "0", "0.5", "--device", "cpu", "--batch-size", "64",
                "--out", str(tmp_path), "--limit-train", "200", "--limit-test", "100", "--recon-steps", "2",
                "--baseline-run", f"static={run_dir}", "--z-plus-denoiser"])
@@ -494,23 +499,42 @@ def test_readout_checks_wide_keeps_every_readout_within_the_width(run_dir, monke
 
 @has_export
 def test_readout_checks_few_label_reads_the_reports_own_figures(run_dir, monkeypatch, capsys):
-    """The few-label check (docs/ABLATIONS.md, "The goal's widest readouts") on a slice: the multi-t code's 100- and
-    1,000-label figures are the report's own (``run_probe`` on the same images, same embedding batch), so the
-    check runs the report's protocol; the five-t code's are printed beside them at its own width."""
+    """The few-label check (docs/ABLATIONS.md, "The goal's widest readouts") on a slice hands the report's
+    label-efficiency stage (``eval.label_probes``, run through ``run_probe`` by the report's tests) the very
+    multi-t code ``run_probe`` hands it, with the same labels and sizes, and prints the stage's own figures. A
+    recording stand-in for the stage shows both, without fitting the stage's 120 probes twice."""
+    calls = []
+
+    def recording_stage(timer, features, train_labels, test_labels, label_sizes, classes, joint):
+        calls.append({"features": features, "labels": (train_labels, test_labels), "sizes": tuple(label_sizes),
+                      "joint": joint})
+        means = {str(n): {k: 10.0 + 7 * i + n / 1e3 + len(calls) for i, k in enumerate(features)}
+                 for n in label_sizes}
+        decays = {str(n): {k: [1e-3] for k in features} for n in label_sizes}
+        return means, {}, decays
+
+    monkeypatch.setattr(eval_mod, "label_probes", recording_stage)
     monkeypatch.setattr(sys, "argv", ["readout_checks.py", "few-label", str(run_dir), "--limit", "1200"])
     readout_checks = _readout_checks_module()
     readout_checks.main()
     rows = [r for r in capsys.readouterr().out.splitlines() if " labels: " in r]
     assert len(rows) == 4 and sum("(80-d)" in r for r in rows) == 2, rows
+    check = calls[0]
+    for i, name in enumerate(check["features"]):  # the stage's figures, each under its readout's name
+        for n in (100, 1000):
+            printed = next(r for r in rows if r.startswith(name) and f", {n} labels: " in r)
+            assert f" labels: {10.0 + 7 * i + n / 1e3 + 1:.2f} " in printed, printed
     model = eval_mod.load_run(str(run_dir))
     tr, ytr = eval_mod.load_data(model.cfg, "train", 1200)
     te, yte = eval_mod.load_data(model.cfg, "test", 1200)
-    result = run_probe(model, tr, ytr, te, yte, list(readout_checks.TS), 256, 20, progress=False,
-                       with_baselines=False, multi_ts=list(readout_checks.MULTI_TS), joint_labels=False)
-    for n in ("100", "1000"):
-        report = result["label_efficiency"][n]["embedding, multi-t"]
-        printed = next(r for r in rows if "report's multi-t" in r and f", {n} labels: " in r)
-        assert printed.split(" labels: ")[1].split(" ")[0] == f"{report:.2f}", (printed, report)
+    run_probe(model, tr, ytr, te, yte, list(readout_checks.TS), 256, 20, progress=False,
+              with_baselines=False, multi_ts=list(readout_checks.MULTI_TS), joint_labels=False)
+    report = calls[1]
+    mine = next(v for k, v in check["features"].items() if "report's multi-t" in k)
+    theirs = report["features"]["embedding, multi-t"]
+    assert mine[0].shape[1] < 80 and all(torch.equal(a, b) for a, b in zip(mine, theirs))
+    assert all(torch.equal(a, b) for a, b in zip(check["labels"], report["labels"]))
+    assert check["sizes"] == report["sizes"] == (100, 1000) and check["joint"] is report["joint"] is False
 
 
 def _readout_checks_module():
