@@ -483,15 +483,20 @@ def test_readout_checks_equal_width_keeps_every_readout_within_the_width(run_dir
 def test_readout_checks_wide_keeps_every_readout_within_the_width(run_dir, monkeypatch, capsys):
     """The goal's readouts (docs/ABLATIONS.md, "The goal's widest readouts") at --width 128 on a 16-d code and a
     32-wide denoiser: z at the five t (80-d), at eight spaced t and at the five t and three between (128-d), and
-    the five t with the denoiser's tokens (112-d), the tokens' block and t named; a width under five codes is
-    refused with the width to pass."""
+    the five t with the denoiser's tokens (112-d), the tokens' block and t the report's own choice
+    (``eval._select_ddae``); a width under five codes is refused with the width to pass."""
     monkeypatch.setattr(sys, "argv", ["readout_checks.py", "wide", str(run_dir), "--limit", "1200", "--width", "128"])
     _readout_checks_module().main()
     out = capsys.readouterr().out
     rows = [r for r in out.splitlines() if "held-out linear" in r]
     widths = sorted(int(r.split(" (")[-1].split("-d)")[0]) for r in rows)
     assert widths == [80, 112, 128, 128], out
-    assert "denoiser tokens chosen on held-out rows: block" in out
+    model = eval_mod.load_run(str(run_dir))
+    tr, ytr = eval_mod.load_data(model.cfg, "train", 1200)
+    block, t, _ = eval_mod._select_ddae(eval_mod._Timer(), model, tr, ytr, list(_readout_checks_module().TS), 256,
+                                        10, progress=False)
+    assert f"denoiser tokens chosen as the report chooses them: block {block} at t = {t} (" in out, out
+    assert f"+ denoiser block {block} at t = {t} (112-d)" in out, out
     monkeypatch.setattr(sys, "argv", ["readout_checks.py", "wide", str(run_dir), "--limit", "300", "--width", "64"])
     with pytest.raises(SystemExit, match="pass --width 80 or more"):
         _readout_checks_module().main()
