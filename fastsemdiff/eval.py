@@ -222,15 +222,17 @@ def _z_plus_denoiser(multi: torch.Tensor, ddae: torch.Tensor, drop: int, dim: in
 
 
 def label_probes(timer: _Timer, features: dict, train_labels: torch.Tensor, test_labels: torch.Tensor,
-                 label_sizes: Sequence[int], classes: int, joint: bool) -> tuple[dict, dict, dict]:
-    """The label-efficiency stage: each readout of ``features`` (name -> (train, test)) probed with ``LABEL_DRAWS``
-    class-balanced draws of each size, each draw's weight decay chosen by cross-validation on its own labels.
-    Returns (mean, per draw, decays per draw), each size -> readout -> figures; ``joint``: every readout and draw
-    of a size as one L-BFGS problem (a GPU's way)."""
+                 label_sizes: Sequence[int], classes: int, joint: bool,
+                 n_draws: Optional[int] = None) -> tuple[dict, dict, dict]:
+    """The label-efficiency stage: each readout of ``features`` (name -> (train, test)) probed with ``n_draws``
+    (default ``LABEL_DRAWS``) class-balanced draws of each size, draw k from seed k, each draw's weight decay chosen
+    by cross-validation on its own labels. Returns (mean, per draw, decays per draw), each size -> readout ->
+    figures; ``joint``: every readout and draw of a size as one L-BFGS problem (a GPU's way)."""
     label_eff: dict = {}
     label_each: dict = {}
     label_decay: dict = {}
-    draws = [baselines.label_subsets(train_labels, tuple(label_sizes), seed=s) for s in range(LABEL_DRAWS)]
+    draws = [baselines.label_subsets(train_labels, tuple(label_sizes), seed=s)
+             for s in range(LABEL_DRAWS if n_draws is None else n_draws)]
     for n in draws[0]:
         names = list(features)
         trains = [(features[k][0][d[n].to(features[k][0].device)], train_labels[d[n]]) for k in names for d in draws]

@@ -14,6 +14,8 @@
                                                        # the multi-t grid (the latter: the report's own figures)
     python scripts/readout_checks.py wide RUN          # the goal's readouts (--width, default 1024): z at more
                                                        # t, z with the denoiser's pooled tokens
+    python scripts/readout_checks.py draws RUN         # the 100-label leads over the controls from --draws draws
+                                                       # (default 20): a margin told from the draws' noise
 
 "Held-out" is the probe's own split of the training images (``eval._held_out_split``: fit on 10,000, scored on
 a sixth of the split), so nothing here chooses on the test split; the test figures are printed beside the
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import statistics
 import sys
 from pathlib import Path
 
@@ -38,7 +41,7 @@ from fastsemdiff.probe import class_balanced_subset, choose_weight_decays, knn_a
 
 TS = (0.0, 0.25, 0.5, 0.75, 1.0)
 MULTI_TS = (0.0, 0.5, 1.0)
-READS_CONTROLS = ("label-decay", "full-decay", "iterations")  # the checks that probe ``feats``
+READS_CONTROLS = ("label-decay", "full-decay", "iterations", "draws")  # the checks that probe ``feats``
 SIMILARITY_PAIRS = ((0.0, 0.5), (0.5, 1.0), (0.0, 1.0), (1.0, 0.0))  # (from t, to t)
 
 
@@ -85,6 +88,26 @@ def few_label(z, ytr, yte, **_) -> None:
     for name, (a, _b) in readouts.items():
         for n in means:
             print(f"{name} ({a.shape[1]}-d), {n} labels: {means[n][name]:.2f} (decays {decays[n][name]})", flush=True)
+
+
+def draws(feats, ytr, yte, n_draws, **_) -> None:
+    """The report's 100-label probes (``eval.label_probes``) of the best t's z and the multi-t code, and of their
+    random-conv controls (128-d, 384-d), from ``n_draws`` class-balanced draws, the first ``LABEL_DRAWS`` of them the
+    report's own: each readout's lead over its control with the spread of one draw's lead, so that the report's
+    five-draw margin can be told from the draws' noise (docs/MAIN_JOB.md, fifteenth session)."""
+    if n_draws < 2:
+        raise SystemExit(f"error: --draws {n_draws}: the spread of the leads needs two draws or more")
+    _, each, _ = ev.label_probes(ev._Timer(), feats, ytr, yte, (100,), 10, joint=False, n_draws=n_draws)
+    report = min(ev.LABEL_DRAWS, n_draws)
+    ours = [k for k in feats if not k.startswith("random conv")]
+    for name, control in zip(ours, ("random conv 128-d", "random conv 384-d")):
+        a, b = each["100"][name], each["100"][control]
+        lead = [x - y for x, y in zip(a, b)]
+        sd = statistics.stdev(lead)
+        print(f"{name} against {control}, 100 labels, {n_draws} draws: {statistics.mean(a):.2f} vs "
+              f"{statistics.mean(b):.2f}, lead {statistics.mean(lead):+.2f} (sd of one draw's lead {sd:.2f}, standard "
+              f"error {sd / len(lead) ** 0.5:.2f}); the report's {report} draws: lead "
+              f"{statistics.mean(lead[:report]):+.2f}", flush=True)
 
 
 def full_decay(feats, ytr, yte, fit, val, **_) -> None:
@@ -273,13 +296,14 @@ def weights(model, run, tr, ytr, te, yte, fit, val, **_) -> None:
 def main() -> None:
     checks = {"best-t": best_t, "label-decay": label_decay, "full-decay": full_decay, "grids": grids,
               "iterations": iterations, "weights": weights, "similarity": similarity, "variance": variance,
-              "equal-width": equal_width, "wide": wide, "few-label": few_label}
+              "equal-width": equal_width, "wide": wide, "few-label": few_label, "draws": draws}
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("check", choices=list(checks))
     parser.add_argument("run", help="a run directory holding model.safetensors")
     parser.add_argument("--t", type=float, default=0.25, help="the run's best t (label-decay)")
     parser.add_argument("--width", type=int, default=None,
                         help="the widest readout (equal-width: default 128; wide: default 1024)")
+    parser.add_argument("--draws", type=int, default=20, help="class-balanced draws of 100 labels (draws)")
     parser.add_argument("--limit", type=int, default=None, help="only the first N train / test images (tests)")
     args = parser.parse_args()
     model = ev.load_run(args.run)
@@ -305,7 +329,8 @@ def main() -> None:
         for width in (128, 384):
             feats[f"random conv {width}-d"] = (baselines.random_conv_features(tr, width, model.device),
                                                baselines.random_conv_features(te, width, model.device))
-    checks[args.check](z=z, feats=feats, ytr=ytr, yte=yte, fit=fit, val=val, width=args.width or 128)
+    checks[args.check](z=z, feats=feats, ytr=ytr, yte=yte, fit=fit, val=val, width=args.width or 128,
+                       n_draws=args.draws)
 
 
 if __name__ == "__main__":

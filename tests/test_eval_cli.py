@@ -542,6 +542,52 @@ def test_readout_checks_few_label_reads_the_reports_own_figures(run_dir, monkeyp
     assert check["sizes"] == report["sizes"] == (100, 1000) and check["joint"] is report["joint"] is False
 
 
+@has_export
+def test_readout_checks_draws_reports_each_lead_with_its_spread(run_dir, monkeypatch, capsys):
+    """The draws check hands the report's label-efficiency stage the best t's z, the multi-t code and their controls
+    with --draws draws, and prints each lead over its control of the same role (128-d, 384-d) with one draw's
+    spread and the report's first LABEL_DRAWS draws' lead; one draw is refused."""
+    calls = []
+    figures = {0: [70.0, 72.0, 71.0, 69.0, 73.0, 70.0], 1: [75.0] * 6, 2: [69.0, 70.0, 71.0, 70.0, 70.0, 72.0],
+               3: [71.0] * 6}
+
+    def recording_stage(timer, features, train_labels, test_labels, label_sizes, classes, joint, n_draws=None):
+        calls.append({"names": list(features), "sizes": tuple(label_sizes), "n_draws": n_draws,
+                      "widths": [f[0].shape[1] for f in features.values()]})
+        return {}, {"100": {k: figures[i][:n_draws] for i, k in enumerate(features)}}, {}
+
+    monkeypatch.setattr(eval_mod, "label_probes", recording_stage)
+    monkeypatch.setattr(sys, "argv", ["readout_checks.py", "draws", str(run_dir), "--limit", "300", "--draws", "6"])
+    _readout_checks_module().main()
+    out = capsys.readouterr().out
+    assert calls[0]["names"] == ["z at t = 0.25", "multi-t", "random conv 128-d", "random conv 384-d"], calls
+    assert calls[0]["sizes"] == (100,) and calls[0]["n_draws"] == 6 and calls[0]["widths"][2:] == [128, 384]
+    # leads of the best t: 1, 2, 0, -1, 3, -2 (mean 0.5, sd 1.87); the report's five draws: 1.0
+    assert ("z at t = 0.25 against random conv 128-d, 100 labels, 6 draws: 70.83 vs 70.33, lead +0.50 (sd of one "
+            "draw's lead 1.87, standard error 0.76); the report's 5 draws: lead +1.00") in out, out
+    assert "multi-t against random conv 384-d, 100 labels, 6 draws: 75.00 vs 71.00, lead +4.00 (sd of one draw's " \
+           "lead 0.00" in out, out
+    monkeypatch.setattr(sys, "argv", ["readout_checks.py", "draws", str(run_dir), "--limit", "300", "--draws", "1"])
+    with pytest.raises(SystemExit, match="needs two draws"):
+        _readout_checks_module().main()
+
+
+def test_label_probes_draws_extend_the_reports_draws():
+    """``n_draws`` draws of the label-efficiency stage: draw k from seed k, so the first LABEL_DRAWS are the
+    default call's own figures and decays."""
+    g = torch.Generator().manual_seed(5)
+    y = torch.arange(400) % 10
+    x = torch.randn(400, 8, generator=g) + torch.nn.functional.one_hot(y, 10)[:, :8] * 2.0
+    feats = {"a": (x[:300], x[300:])}
+    base = eval_mod.label_probes(eval_mod._Timer(), feats, y[:300], y[300:], (30,), 10, joint=False)
+    more = eval_mod.label_probes(eval_mod._Timer(), feats, y[:300], y[300:], (30,), 10, joint=False,
+                                 n_draws=eval_mod.LABEL_DRAWS + 2)
+    assert len(more[1]["30"]["a"]) == eval_mod.LABEL_DRAWS + 2
+    assert more[1]["30"]["a"][:eval_mod.LABEL_DRAWS] == base[1]["30"]["a"]
+    assert more[2]["30"]["a"][:eval_mod.LABEL_DRAWS] == base[2]["30"]["a"]
+    assert len(set(more[1]["30"]["a"])) > 1  # the draws differ
+
+
 def _readout_checks_module():
     """scripts/readout_checks.py imported as a module (scripts/ is not a package)."""
     scripts = Path(__file__).resolve().parents[1] / "scripts"
