@@ -197,6 +197,15 @@ def _select_ddae(timer, model, train_images, train_labels, ts, batch_size, class
     return block, t, scores
 
 
+def ddae_readout(timer, model, train_images, train_labels, test_images, ts, batch_size, classes, progress):
+    """The report's DDAE readout: (block, t) chosen by ``_select_ddae`` on held-out training images, then that
+    block's pooled tokens at that t for both splits. Returns (block, t, the selection's scores, (train, test))."""
+    block, t, scores = _select_ddae(timer, model, train_images, train_labels, ts, batch_size, classes, progress)
+    with timer("DDAE features"), torch.inference_mode():
+        feats = tuple(baselines.ddae_features(model, x, t, batch_size)[block] for x in (train_images, test_images))
+    return block, t, scores, feats
+
+
 def _select_z_plus_denoiser(timer, multi_train: torch.Tensor, ddae_train: torch.Tensor, train_labels, multi_ts,
                             dim: int, classes: int) -> tuple[int, dict]:
     """The multi-t readout with one t's z replaced by the denoiser's pooled tokens (the DDAE features at the
@@ -325,11 +334,8 @@ def run_probe(model, train_images: torch.Tensor, train_labels: torch.Tensor, tes
         result_baselines["untrained_encoder"] = {"per_t": r_per_t, "best_t": r_best, "multi_t": r_multi}
         del fresh, rz_train, rz_test
 
-        block, t_ddae, scores = _select_ddae(timer, model, train_images, train_labels, ts, batch_size, classes,
-                                             progress)
-        with timer("DDAE features"), torch.inference_mode():
-            f_train = baselines.ddae_features(model, train_images, t_ddae, batch_size)[block]
-            f_test = baselines.ddae_features(model, test_images, t_ddae, batch_size)[block]
+        block, t_ddae, scores, (f_train, f_test) = ddae_readout(timer, model, train_images, train_labels,
+                                                                test_images, ts, batch_size, classes, progress)
         linear, knn = _probe(timer, f_train, train_labels, f_test, test_labels, knn_k, classes, "DDAE ")
         features["DDAE"] = (f_train, f_test)
         result_baselines["ddae"] = {

@@ -158,9 +158,9 @@ def equal_width(z, ytr, yte, fit, val, width, **_) -> None:
 def wide(model, tr, ytr, te, yte, fit, val, width, **_) -> None:
     """Issue 22's goal readouts, at most ``width`` dimensions (docs/ABLATIONS.md, "The goal's widest readouts"):
     z at the five t; z at ``width // d`` evenly spaced t; z at the five t and the midpoints 0.125, 0.375, 0.625;
-    and z at the five t with the denoiser's pooled tokens (DDAE features) appended, their (block, t) the report's
-    own DDAE choice (``eval._select_ddae`` over the five t, on held-out training rows). Linear and kNN, held-out
-    then test."""
+    and z at the five t with the denoiser's pooled tokens (DDAE features) appended: the report's own DDAE readout
+    (``eval.ddae_readout``, its block and t chosen over the five t on held-out training rows). Linear and kNN,
+    held-out then test."""
     d = model.cfg.encoder.dim
     k = width // d
     if k < len(TS):
@@ -170,9 +170,8 @@ def wide(model, tr, ytr, te, yte, fit, val, width, **_) -> None:
     between = (0.125, 0.375, 0.625)
     with torch.inference_mode():
         z = {t: (model.embed(tr, t, 256), model.embed(te, t, 256)) for t in sorted({*TS, *spaced, *between})}
-    block, t_tokens, held = ev._select_ddae(ev._Timer(), model, tr, ytr, list(TS), 256, 10, progress=False)
-    with torch.inference_mode():  # both splits' tokens at the chosen block and t only
-        chosen = tuple(baselines.ddae_features(model, x, t_tokens, 256)[block] for x in (tr, te))
+    block, t_tokens, held, chosen = ev.ddae_readout(ev._Timer(), model, tr, ytr, te, list(TS), 256, 10,
+                                                    progress=False)
     print(f"denoiser tokens chosen as the report chooses them: block {block} at t = {t_tokens} "
           f"({held[(block, t_tokens)]:.2f} on held-out training rows; "
           + ", ".join(f"{key}: {v:.2f}" for key, v in held.items()) + ")", flush=True)
