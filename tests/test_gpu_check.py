@@ -150,6 +150,17 @@ def test_a_failing_or_overrunning_stage_is_reported_and_the_next_runs(tmp_path):
     assert "budget" in late.reason
 
 
+def test_the_checks_pytest_sessions_are_not_taken_for_xdist_workers(tmp_path, monkeypatch):
+    """Run by a pytest-xdist worker (the tests run on two), the check's children must not inherit the worker's
+    PYTEST_XDIST_* variables: pytest-benchmark reads them as "xdist is on" and refuses --benchmark-only, which
+    failed both bench stages of the dry run."""
+    monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw1")
+    monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", "2")
+    monkeypatch.setenv("FASTSEMDIFF_KEPT", "1")
+    env = runner.Check(tmp_path, tmp_path, dry_run=True, budget_s=60).child_env()
+    assert not any(k.startswith("PYTEST_XDIST_") for k in env) and env["FASTSEMDIFF_KEPT"] == "1"
+
+
 def test_pytest_counts_and_bench_merge(tmp_path):
     assert runner.pytest_counts("...\n3 failed, 10 passed, 2 skipped, 1 warning in 4.0s\n") == {
         "failed": 3, "passed": 10, "skipped": 2, "warning": 1}

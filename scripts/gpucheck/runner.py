@@ -90,7 +90,10 @@ class Check:
         return dry_s if self.dry_run else gpu_s
 
     def child_env(self, interpret: Optional[bool] = None, **extra: str) -> dict:
-        env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PYTEST_ADDOPTS")}
+        # a check run by a pytest-xdist worker (the tests) starts pytest sessions of its own, not workers: with the
+        # worker's PYTEST_XDIST_* variables pytest-benchmark would take them for workers and refuse to time
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("TRITON_INTERPRET", "PYTEST_ADDOPTS") and not k.startswith("PYTEST_XDIST_")}
         env["PYTHONUNBUFFERED"] = "1"
         if self.dry_run:  # tiny ops on a shared CPU: one intra-op thread avoids OpenMP's oversubscription stalls
             env["OMP_NUM_THREADS"] = "1"
