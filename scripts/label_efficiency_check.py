@@ -3,7 +3,7 @@
     python scripts/label_efficiency_check.py [--iters 150 100 75 50] [--joint-iters 150 300] [--device cpu]
 
 For raw pixels and the random-conv controls at 128 and 384 dimensions (three of the report's readouts), with
-the report's class-balanced draws (seeds 0..LABEL_DRAWS-1) of 100 and 1,000 labels: the mean accuracy of the
+the report's first class-balanced draws (seeds 0..LABEL_DRAWS-1) of 100 and 1,000 labels: the mean accuracy of the
 per-draw ``linear_probe`` at each ``--iters`` and of the joint ``linear_probes`` at each ``--joint-iters``,
 the largest distance of any readout's mean from the per-draw probe at 150 iterations (the report's), and the
 seconds. docs/ABLATIONS.md ("The label-efficiency stage") holds a run of it.

@@ -64,7 +64,7 @@ def best_t(z, ytr, fit, val, **_) -> None:
 def label_decay(feats, ytr, yte, **_) -> None:
     grid = (1e-4, 1e-3, 1e-2, 3e-2, 1e-1)
     for n in (100, 1000):
-        draws = [baselines.label_subsets(ytr, (n,), seed=s).get(n) for s in range(ev.LABEL_DRAWS)]
+        draws = [baselines.label_subsets(ytr, (n,), seed=s).get(n) for s in range(ev.label_draws(n))]
         if draws[0] is None:
             print(f"{n} labels: the split holds too few images a class", flush=True)
             continue
@@ -79,7 +79,7 @@ def label_decay(feats, ytr, yte, **_) -> None:
 
 
 def few_label(z, ytr, yte, **_) -> None:
-    """The report's few-label probes (``eval.run_probe``'s protocol: ``LABEL_DRAWS`` class-balanced draws of 100
+    """The report's few-label probes (``eval.run_probe``'s protocol: ``label_draws`` class-balanced draws of 100
     and 1,000 labelled images, each draw's decay by cross-validation on its own labels) of z at the five t, the
     goal's widest readout (docs/ABLATIONS.md, "The goal's widest readouts"), beside the multi-t code's, which
     must read the report's own figures."""
@@ -92,13 +92,13 @@ def few_label(z, ytr, yte, **_) -> None:
 
 def draws(feats, ytr, yte, n_draws, **_) -> None:
     """The report's 100-label probes (``eval.label_probes``) of the best t's z and the multi-t code, and of their
-    random-conv controls (128-d, 384-d), from ``n_draws`` class-balanced draws, the first ``LABEL_DRAWS`` of them the
-    report's own: each readout's lead over its control with the spread of one draw's lead, so that the report's
-    five-draw margin can be told from the draws' noise (docs/MAIN_JOB.md, fifteenth session)."""
+    random-conv controls (128-d, 384-d), from ``n_draws`` class-balanced draws, the first ``label_draws(100)`` of them
+    the report's own: each readout's lead over its control with the spread of one draw's lead, so that a margin
+    can be told from the draws' noise (docs/MAIN_JOB.md, fifteenth session: the report's five draws then)."""
     if n_draws < 2:
         raise SystemExit(f"error: --draws {n_draws}: the spread of the leads needs two draws or more")
     _, each, _ = ev.label_probes(ev._Timer(), feats, ytr, yte, (100,), 10, joint=False, n_draws=n_draws)
-    report = min(ev.LABEL_DRAWS, n_draws)
+    report = min(ev.label_draws(100), n_draws)
     ours = [k for k in feats if not k.startswith("random conv")]
     for name, control in zip(ours, ("random conv 128-d", "random conv 384-d")):
         a, b = each["100"][name], each["100"][control]

@@ -76,7 +76,7 @@ def test_run_probe_embeds_a_t_blind_model_once():
     embed = fresh.embed
     fresh.embed = lambda *a, **k: calls.append(a[1]) or embed(*a, **k)
     result = run_probe(fresh, train_x, train_y, test_x, test_y, [0.0, 0.3, 0.9], batch_size=64, knn_k=5,
-                       progress=False, with_baselines=False)
+                       progress=False, with_baselines=False, label_sizes=(40,))  # 40: five draws, not 100's twenty
     assert calls == [0.0, 0.0]  # once per split
     assert result["multi_t"]["t_blind"] and result["multi_t"]["dim"] == 16
     assert len({r["linear"] for r in result["per_t"]}) == 1
@@ -217,6 +217,7 @@ def test_missing_data_is_a_clear_error(model, tmp_path):
 @has_export
 def test_eval_probe_cli(run_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(eval_mod, "LABEL_DRAWS", 2)  # the draws' bookkeeping shows with 2; 5 cost 2.5x the probes
+    monkeypatch.setattr(eval_mod, "LABEL_DRAWS_BY_SIZE", {})  # 2 of every size (the report's 20 of 100 labels)
     # two decays to cross-validate, not four: the choice itself is tested in tests/test_probe.py
     monkeypatch.setattr(eval_mod, "choose_weight_decays", functools.partial(eval_mod.choose_weight_decays,
                                                                             grid=(1e-4, 1e-2)))
@@ -431,7 +432,7 @@ def test_joint_label_probes_map_back_to_each_readout_and_draw(monkeypatch):
     result = run_probe(Model(), images, train_y, images[:n_test], test_y, [0.0], 64, 5, progress=False,
                        with_baselines=False, label_sizes=(100,), joint_labels=True)
     names = list(result["label_efficiency_draws"]["100"])  # embedding best t, multi-t, raw pixels
-    D = eval_mod.LABEL_DRAWS
+    D = eval_mod.label_draws(100)
     assert calls == [(len(names) * D, [4] * 2 * D + [784] * D, eval_mod.LABEL_MAX_ITER)]
     for i, name in enumerate(names):
         assert result["label_efficiency_draws"]["100"][name] == [float(i * D + d) for d in range(D)]
@@ -557,6 +558,7 @@ def test_readout_checks_draws_reports_each_lead_with_its_spread(run_dir, monkeyp
         return {}, {"100": {k: figures[i][:n_draws] for i, k in enumerate(features)}}, {}
 
     monkeypatch.setattr(eval_mod, "label_probes", recording_stage)
+    monkeypatch.setattr(eval_mod, "LABEL_DRAWS_BY_SIZE", {100: 5})  # a report of five draws, as the check was built on
     monkeypatch.setattr(sys, "argv", ["readout_checks.py", "draws", str(run_dir), "--limit", "300", "--draws", "6"])
     _readout_checks_module().main()
     out = capsys.readouterr().out
@@ -586,6 +588,25 @@ def test_label_probes_draws_extend_the_reports_draws():
     assert more[1]["30"]["a"][:eval_mod.LABEL_DRAWS] == base[1]["30"]["a"]
     assert more[2]["30"]["a"][:eval_mod.LABEL_DRAWS] == base[2]["30"]["a"]
     assert len(set(more[1]["30"]["a"])) > 1  # the draws differ
+
+
+def test_label_probes_draw_twenty_of_100_labels_and_five_of_other_sizes():
+    """The report's draws go by size (``label_draws``): twenty of 100 labels, whose lead over a control one draw
+    moves by more than a point, five of the others; draw k is seed k at every size, so the first five of 100 labels
+    are what five draws gave."""
+    g = torch.Generator().manual_seed(6)
+    y = torch.arange(400) % 10
+    x = torch.randn(400, 8, generator=g) + torch.nn.functional.one_hot(y, 10)[:, :8] * 2.0
+    feats = {"a": (x[:300], x[300:])}
+    mean, each, decays = eval_mod.label_probes(eval_mod._Timer(), feats, y[:300], y[300:], (30, 100), 10, joint=False)
+    assert eval_mod.label_draws(100) == 20 and eval_mod.label_draws(30) == eval_mod.LABEL_DRAWS == 5
+    assert len(each["100"]["a"]) == len(decays["100"]["a"]) == 20 and len(each["30"]["a"]) == 5
+    assert mean["100"]["a"] == pytest.approx(sum(each["100"]["a"]) / 20)
+    five = eval_mod.label_probes(eval_mod._Timer(), feats, y[:300], y[300:], (100,), 10, joint=False, n_draws=5)
+    assert five[1]["100"]["a"] == each["100"]["a"][:5]
+    # the report's text counts a result's own draws (an older report's five too), not today's constants
+    assert eval_mod._draw_count({"label_efficiency_draws": each}, "100") == 20
+    assert eval_mod._draw_count({"label_efficiency_draws": five[1]}, "100") == 5
 
 
 def _readout_checks_module():
