@@ -17,7 +17,7 @@ import json
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Collection, Optional, Sequence
 
 import torch
 from tqdm import tqdm
@@ -231,35 +231,42 @@ def _z_plus_denoiser(multi: torch.Tensor, ddae: torch.Tensor, drop: int, dim: in
 
 
 def label_probes(timer: _Timer, features: dict, train_labels: torch.Tensor, test_labels: torch.Tensor,
-                 label_sizes: Sequence[int], classes: int, joint: bool,
-                 n_draws: Optional[int] = None) -> tuple[dict, dict, dict]:
-    """The label-efficiency stage: each readout of ``features`` (name -> (train, test)) probed with ``n_draws``
-    (default: ``label_draws`` of each size) class-balanced draws of each size, draw k from seed k, each draw's
-    weight decay chosen by cross-validation on its own labels. Returns (mean, per draw, decays per draw), each
-    size -> readout -> figures; ``joint``: every readout and draw of a size as one L-BFGS problem (a GPU's way)."""
+                 label_sizes: Sequence[int], classes: int, joint: bool, n_draws: Optional[int] = None,
+                 judged: Optional[Collection[str]] = None) -> tuple[dict, dict, dict]:
+    """The label-efficiency stage: each readout of ``features`` (name -> (train, test)) probed with class-balanced
+    draws of each size, draw k from seed k, each draw's weight decay chosen by cross-validation on its own labels:
+    ``n_draws`` draws of every readout, or by default ``label_draws`` of the size for the readouts in ``judged``
+    (those a margin compares; None: every readout) and ``LABEL_DRAWS`` for the rest. Returns (mean, per draw,
+    decays per draw), each size -> readout -> figures; ``joint``: every readout and draw of a size as one L-BFGS
+    problem (a GPU's way)."""
     label_eff: dict = {}
     label_each: dict = {}
     label_decay: dict = {}
     for n in label_sizes:
-        draws = [baselines.label_subsets(train_labels, (n,), seed=s).get(n)
-                 for s in range(label_draws(n) if n_draws is None else n_draws)]
-        if not draws or draws[0] is None:  # a split with fewer than n // classes images of some class
+        count = {k: n_draws if n_draws is not None else label_draws(n) if judged is None or k in judged
+                 else LABEL_DRAWS for k in features}
+        subsets = [baselines.label_subsets(train_labels, (n,), seed=s).get(n)
+                   for s in range(max(count.values(), default=0))]
+        if not subsets or subsets[0] is None:  # a split with fewer than n // classes images of some class
             continue
-        names = list(features)
-        trains = [(features[k][0][d.to(features[k][0].device)], train_labels[d]) for k in names for d in draws]
+        problems = [(k, d) for k in features for d in subsets[:count[k]]]  # (readout, draw), readout by readout
+        trains = [(features[k][0][d.to(features[k][0].device)], train_labels[d]) for k, d in problems]
         with timer("label efficiency, weight decay"):  # by cross-validation on each draw's own labels
             decays = choose_weight_decays(trains, classes, joint=joint)
         with timer("label efficiency"):
             if joint:  # every readout and draw of this size as one L-BFGS problem
-                accs = linear_probes(trains, [(features[k][1], test_labels) for k in names for _ in draws], classes,
+                accs = linear_probes(trains, [(features[k][1], test_labels) for k, _ in problems], classes,
                                      weight_decay=decays, max_iter=LABEL_MAX_ITER)
             else:
                 accs = [linear_probe(x, y, features[k][1], test_labels, num_classes=classes, weight_decay=wd)["top1"]
-                        for (x, y), k, wd in zip(trains, [k for k in names for _ in draws], decays)]
-        per_readout = lambda values: {k: values[i * len(draws):(i + 1) * len(draws)]  # noqa: E731
-                                      for i, k in enumerate(names)}
-        label_each[str(n)], label_decay[str(n)] = per_readout(accs), per_readout(decays)
-        label_eff[str(n)] = {k: sum(a) / len(a) for k, a in label_each[str(n)].items()}
+                        for (x, y), (k, _), wd in zip(trains, problems, decays)]
+        each: dict = {}
+        decay: dict = {}
+        for (k, _), acc, wd in zip(problems, accs, decays):
+            each.setdefault(k, []).append(acc)
+            decay.setdefault(k, []).append(wd)
+        label_each[str(n)], label_decay[str(n)] = each, decay
+        label_eff[str(n)] = {k: sum(a) / len(a) for k, a in each.items()}
     return label_eff, label_each, label_decay
 
 
@@ -361,8 +368,10 @@ def run_probe(model, train_images: torch.Tensor, train_labels: torch.Tensor, tes
             features.update(_readout(name, oz_train, oz_test, ts, o_multi))
             result_baselines[name] = {"per_t": o_per_t, "best_t": o_best, "multi_t": o_multi}
 
+    judged = {k for k in features if k in JUDGED_READOUTS or k.startswith("random conv, ")}  # what a margin reads
     label_eff, label_each, label_decay = label_probes(timer, features, train_labels, test_labels, label_sizes, classes,
-                                                      dev.type == "cuda" if joint_labels is None else joint_labels)
+                                                      dev.type == "cuda" if joint_labels is None else joint_labels,
+                                                      judged=judged)
 
     if features_out is not None:
         features_out.update(features)
@@ -399,6 +408,10 @@ LABEL_DRAWS = 5
 # control by 1.2-1.6 points (sd, twenty draws, docs/MAIN_JOB.md), so five draws knew the lead to about +-0.6 and
 # favoured our code on both runs measured; twenty know it to +-0.3. With 1,000 labels the lead moves 0.55-0.9.
 LABEL_DRAWS_BY_SIZE = {100: 20}
+# The readouts whose few-label figures a margin compares (``against_controls``), with their random-conv controls:
+# these get ``label_draws`` of each size; the other baselines' figures are context and keep ``LABEL_DRAWS``, so the
+# fifteen more draws of 100 labels cost four or five readouts' probes, not every baseline's (docs/MAIN_JOB.md).
+JUDGED_READOUTS = ("embedding, best t", "embedding, multi-t", "embedding + denoiser")
 
 
 def label_draws(n: int) -> int:

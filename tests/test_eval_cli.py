@@ -431,13 +431,18 @@ def test_joint_label_probes_map_back_to_each_readout_and_draw(monkeypatch):
     images = torch.zeros(n_train, 1, 28, 28, dtype=torch.uint8)
     result = run_probe(Model(), images, train_y, images[:n_test], test_y, [0.0], 64, 5, progress=False,
                        with_baselines=False, label_sizes=(100,), joint_labels=True)
-    names = list(result["label_efficiency_draws"]["100"])  # embedding best t, multi-t, raw pixels
-    D = eval_mod.label_draws(100)
-    assert calls == [(len(names) * D, [4] * 2 * D + [784] * D, eval_mod.LABEL_MAX_ITER)]
-    for i, name in enumerate(names):
-        assert result["label_efficiency_draws"]["100"][name] == [float(i * D + d) for d in range(D)]
-        assert result["label_efficiency_weight_decay"]["100"][name] == [0.5 * (i * D + d) for d in range(D)]
-        assert result["label_efficiency"]["100"][name] == pytest.approx(i * D + (D - 1) / 2)
+    names = list(result["label_efficiency_draws"]["100"])
+    assert names == ["embedding, best t", "embedding, multi-t", "raw pixels"]
+    # the judged readouts (a margin compares them) get label_draws(100) draws, the context baseline LABEL_DRAWS
+    counts = [eval_mod.label_draws(100)] * 2 + [eval_mod.LABEL_DRAWS]
+    assert counts == [20, 20, 5]
+    assert calls == [(sum(counts), [4] * 40 + [784] * 5, eval_mod.LABEL_MAX_ITER)]
+    first = 0
+    for name, D in zip(names, counts):
+        assert result["label_efficiency_draws"]["100"][name] == [float(first + d) for d in range(D)]
+        assert result["label_efficiency_weight_decay"]["100"][name] == [0.5 * (first + d) for d in range(D)]
+        assert result["label_efficiency"]["100"][name] == pytest.approx(first + (D - 1) / 2)
+        first += D
 
 
 @has_export
@@ -511,9 +516,9 @@ def test_readout_checks_few_label_reads_the_reports_own_figures(run_dir, monkeyp
     recording stand-in for the stage shows both, without fitting the stage's 120 probes twice."""
     calls = []
 
-    def recording_stage(timer, features, train_labels, test_labels, label_sizes, classes, joint):
+    def recording_stage(timer, features, train_labels, test_labels, label_sizes, classes, joint, judged=None):
         calls.append({"features": features, "labels": (train_labels, test_labels), "sizes": tuple(label_sizes),
-                      "joint": joint})
+                      "joint": joint, "judged": judged})
         means = {str(n): {k: 10.0 + 7 * i + n / 1e3 + len(calls) for i, k in enumerate(features)}
                  for n in label_sizes}
         decays = {str(n): {k: [1e-3] for k in features} for n in label_sizes}
@@ -541,6 +546,8 @@ def test_readout_checks_few_label_reads_the_reports_own_figures(run_dir, monkeyp
     assert mine[0].shape[1] < 80 and all(torch.equal(a, b) for a, b in zip(mine, theirs))
     assert all(torch.equal(a, b) for a, b in zip(check["labels"], report["labels"]))
     assert check["sizes"] == report["sizes"] == (100, 1000) and check["joint"] is report["joint"] is False
+    # the report's multi-t code gets the judged readouts' draws, as every readout of the check does
+    assert check["judged"] is None and "embedding, multi-t" in report["judged"]
 
 
 @has_export
