@@ -51,6 +51,7 @@ if ! .venv/bin/python -m pip install -v --disable-pip-version-check --no-build-i
 fi
 sed -n 's/^[[:space:]]*\(fastsemdiff: .*\)$/\1/p' "$build_log" | awk '!seen[$0]++'  # the build's own lines
 rm -f "$build_log"
+echo "setup: .venv ready after ${SECONDS} s"  # the seconds since setup began: where a slow CI's minutes went
 
 # The GPU machines' stack (../.library/device/KINDS.md: torch 2.11.0+cu130, triton 3.6.0, no DALI), in a second
 # environment for the tests. The package is installed there as a regular (not editable) copy, so its
@@ -76,7 +77,7 @@ if [ -n "$extras" ] && [ "${GPU_IMAGE_STACK:-1}" != 0 ]; then
     fi
     sed -n 's/^[[:space:]]*\(fastsemdiff: .*\)$/\1/p' "$gpu_log" | awk '!seen[$0]++' | sed "s|^|$gpu: |"
     rm -f "$gpu_log"
-    echo "setup: $gpu ready ($("$gpu/bin/python" -P -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'))"
+    echo "setup: $gpu ready after ${SECONDS} s ($("$gpu/bin/python" -P -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'))"
 fi
 
 # System packages the main job needs: the data, and a C++ compiler because the main job compiles its CPU step
@@ -104,4 +105,4 @@ if [ ${#missing[@]} -gt 0 ]; then
         done
     fi
 fi
-echo "setup: done ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"
+echo "setup: done after ${SECONDS} s ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"
