@@ -16,6 +16,8 @@
                                                        # t, z with the denoiser's pooled tokens
     python scripts/readout_checks.py draws RUN         # the 100-label leads over the controls from --draws draws
                                                        # (default 20): a margin told from the draws' noise
+    python scripts/readout_checks.py narrow RUN        # readouts of z's width with 100 labels: z per t, z averaged
+                                                       # over t, the pooled map; and features at one scale
 
 "Held-out" is the probe's own split of the training images (``eval._held_out_split``: fit on 10,000, scored on
 a sixth of the split), so nothing here chooses on the test split; the test figures are printed beside the
@@ -185,6 +187,82 @@ def wide(model, tr, ytr, te, yte, fit, val, width, **_) -> None:
     _print_readouts(feats, ytr, yte, fit, val)
 
 
+NARROW_MEANS = (TS, MULTI_TS, (0.25, 0.5))  # the grids whose codes the narrow check averages
+ONE_SCALE_READOUTS = ("z at t = 0.25", "z at t = 0.0", f"mean of z over {TS}", "pooled map at t = 0.25")
+
+
+@torch.no_grad()
+def pooled_map(model, images: torch.Tensor, t: float, batch_size: int = 256) -> torch.Tensor:
+    """A CNN encoder's last feature map at ``t``, averaged over space (its last stage's channels), before the
+    encoder's LayerNorm and head: a readout of z's width that the KL bottleneck on z does not reach."""
+    enc, x = model.encoder, model._prepare(images)
+    out = []
+    for i in range(0, x.shape[0], batch_size):
+        h = x[i:i + batch_size]
+        c = enc._cond(h, torch.full((h.shape[0],), float(t), device=h.device))
+        for stage in enc.blocks:
+            h = stage(h, c)
+        out.append(h.float().mean(dim=(2, 3)))
+    return torch.cat(out)
+
+
+def one_scale(train: torch.Tensor, test: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Centred by the train mean and divided by one scale for every feature (the train rows' RMS), so features keep
+    their relative variance: the alternative to ``probe.standardize``, which gives every feature unit variance."""
+    train, test = train.float(), test.float()
+    mean = train.mean(0)
+    scale = (train - mean).pow(2).mean().sqrt().clamp_min(1e-6)
+    return (train - mean) / scale, (test - mean) / scale
+
+
+def _hundred_label_leads(feats, ytr, yte, n_draws, control, label) -> None:
+    """The report's 100-label stage (``eval.label_probes``) on ``feats``: each readout's mean and its lead over
+    ``control`` with the lead's standard error over the ``n_draws`` draws."""
+    _, each, _ = ev.label_probes(ev._Timer(), feats, ytr, yte, (100,), 10, joint=False, n_draws=n_draws)
+    ref = each["100"][control]
+    for name, accs in each["100"].items():
+        lead = [x - y for x, y in zip(accs, ref)]
+        se = statistics.stdev(lead) / len(lead) ** 0.5 if len(lead) > 1 else float("nan")
+        print(f"{label}, {name}: {statistics.mean(accs):.2f}, lead {statistics.mean(lead):+.2f} (se {se:.2f})",
+              flush=True)
+
+
+def narrow(model, tr, ytr, te, yte, fit, val, n_draws, **_) -> None:
+    """Readouts of z's width with 100 labels (docs/ABLATIONS.md, sixteenth session): z at each t, z averaged over
+    the t of ``NARROW_MEANS``, and a CNN encoder's pooled last map at t = 0, 0.25, 0.5, against the random-conv
+    control of that width. Linear and kNN held-out then test; the 100-label stage held-out (draws of the fit rows,
+    scored on the val rows, ``n_draws // 2`` draws) then on the test split (``n_draws``); then the test stage again
+    for ``ONE_SCALE_READOUTS`` and the control with every probe's features scaled by ``one_scale`` instead of
+    standardised feature by feature."""
+    from fastsemdiff import probe
+
+    with torch.inference_mode():
+        z = {t: (model.embed(tr, t, 256), model.embed(te, t, 256)) for t in TS}
+        feats = {f"z at t = {t}": z[t] for t in TS}
+        for grid in NARROW_MEANS:
+            feats[f"mean of z over {grid}"] = tuple(torch.stack([z[t][i] for t in grid]).mean(0) for i in (0, 1))
+        if model.cfg.encoder.arch == "cnn":
+            for t in (0.0, 0.25, 0.5):
+                feats[f"pooled map at t = {t}"] = (pooled_map(model, tr, t), pooled_map(model, te, t))
+        else:
+            print(f"no pooled map: the encoder is a {model.cfg.encoder.arch}, not a cnn", flush=True)
+        width = z[TS[0]][0].shape[1]
+        control = f"random conv {width}-d"
+        feats[control] = (baselines.random_conv_features(tr, width, model.device),
+                          baselines.random_conv_features(te, width, model.device))
+    _print_readouts({k: (v, None) for k, v in feats.items()}, ytr, yte, fit, val)
+    _hundred_label_leads({k: (a[fit], a[val]) for k, (a, _b) in feats.items()}, ytr[fit], ytr[val],
+                         max(2, n_draws // 2), control, "held-out, 100 labels")
+    _hundred_label_leads(feats, ytr, yte, n_draws, control, "test, 100 labels")
+    keep = probe.standardize
+    probe.standardize = one_scale  # what linear_probe (and the decay's cross-validation) scale features with
+    try:
+        _hundred_label_leads({k: feats[k] for k in (*ONE_SCALE_READOUTS, control) if k in feats}, ytr, yte, n_draws,
+                             control, "test, 100 labels, one scale")
+    finally:
+        probe.standardize = keep
+
+
 def _print_readouts(feats, ytr, yte, fit, val) -> None:
     """One line per readout, name -> ((train, test), PCA width or None): linear and kNN, held-out then test."""
     for name, ((a, b), project) in feats.items():
@@ -295,14 +373,14 @@ def weights(model, run, tr, ytr, te, yte, fit, val, **_) -> None:
 def main() -> None:
     checks = {"best-t": best_t, "label-decay": label_decay, "full-decay": full_decay, "grids": grids,
               "iterations": iterations, "weights": weights, "similarity": similarity, "variance": variance,
-              "equal-width": equal_width, "wide": wide, "few-label": few_label, "draws": draws}
+              "equal-width": equal_width, "wide": wide, "few-label": few_label, "draws": draws, "narrow": narrow}
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("check", choices=list(checks))
     parser.add_argument("run", help="a run directory holding model.safetensors")
     parser.add_argument("--t", type=float, default=0.25, help="the run's best t (label-decay)")
     parser.add_argument("--width", type=int, default=None,
                         help="the widest readout (equal-width: default 128; wide: default 1024)")
-    parser.add_argument("--draws", type=int, default=20, help="class-balanced draws of 100 labels (draws)")
+    parser.add_argument("--draws", type=int, default=20, help="class-balanced draws of 100 labels (draws, narrow)")
     parser.add_argument("--limit", type=int, default=None, help="only the first N train / test images (tests)")
     args = parser.parse_args()
     model = ev.load_run(args.run)
@@ -320,6 +398,8 @@ def main() -> None:
         return weights(model=model, run=args.run, tr=tr, ytr=ytr, te=te, yte=yte, fit=fit, val=val)
     if args.check == "wide":  # embeds at more t than TS, and runs the denoiser
         return wide(model=model, tr=tr, ytr=ytr, te=te, yte=yte, fit=fit, val=val, width=args.width or 1024)
+    if args.check == "narrow":  # embeds the encoder's pooled map too
+        return narrow(model=model, tr=tr, ytr=ytr, te=te, yte=yte, fit=fit, val=val, n_draws=args.draws)
     with torch.inference_mode():
         z = {t: (model.embed(tr, t, 256), model.embed(te, t, 256)) for t in TS}
     feats = {}

@@ -581,6 +581,67 @@ def test_readout_checks_draws_reports_each_lead_with_its_spread(run_dir, monkeyp
         _readout_checks_module().main()
 
 
+@has_export
+def test_readout_checks_narrow_probes_every_readout_then_some_at_one_scale(run_dir, monkeypatch, capsys):
+    """The narrow check hands the report's 100-label stage every readout of z's width with the control of that
+    width: on held-out rows (draws of the fit rows, scored on the val rows), then on the test split, then a few
+    readouts with the probe's standardisation swapped for ``one_scale`` (and put back). A recording stand-in shows
+    the rows, draws and scaling of each call; a ViT encoder has no pooled map, and the check says so."""
+    from fastsemdiff import probe
+
+    own_scaling = probe.standardize
+    calls = []
+
+    def recording_stage(timer, features, train_labels, test_labels, label_sizes, classes, joint, n_draws=None):
+        calls.append({"names": list(features), "rows": {f[0].shape[0] for f in features.values()},
+                      "widths": {f[0].shape[1] for f in features.values()}, "n_draws": n_draws,
+                      "scaling": probe.standardize, "labels": train_labels.shape[0]})
+        return {}, {"100": {k: [60.0 + i + d for d in range(n_draws)] for i, k in enumerate(features)}}, {}
+
+    monkeypatch.setattr(eval_mod, "label_probes", recording_stage)
+    monkeypatch.setattr(sys, "argv", ["readout_checks.py", "narrow", str(run_dir), "--limit", "300", "--draws", "4"])
+    checks = _readout_checks_module()
+    checks.main()
+    out = capsys.readouterr().out
+    assert "no pooled map: the encoder is a vit" in out, out
+    held, test, scaled = calls
+    names = [f"z at t = {t}" for t in checks.TS] + [f"mean of z over {g}" for g in checks.NARROW_MEANS]
+    assert held["names"] == test["names"] == names + ["random conv 16-d"]
+    assert held["widths"] == test["widths"] == {16}
+    fit, val = eval_mod._held_out_split(300)
+    assert held["rows"] == {len(fit)} and held["labels"] == len(fit) and held["n_draws"] == 2
+    assert test["rows"] == {300} and test["n_draws"] == 4
+    assert held["scaling"] is test["scaling"] is own_scaling
+    assert scaled["names"] == ["z at t = 0.25", "z at t = 0.0", f"mean of z over {checks.TS}", "random conv 16-d"]
+    assert scaled["scaling"] is checks.one_scale and probe.standardize is own_scaling
+    # the stand-in's readout i reads 60 + i + d at draw d: each lead over the control is constant
+    assert "test, 100 labels, z at t = 0.0: 61.50, lead -8.00 (se 0.00)" in out, out
+    assert "test, 100 labels, one scale, z at t = 0.25: 61.50, lead -3.00 (se 0.00)" in out, out
+    assert sum(" held-out linear " in line for line in out.splitlines()) == len(names) + 1
+
+
+def test_one_scale_keeps_the_features_relative_variance_and_the_pooled_map_is_the_last_stage_averaged():
+    """``one_scale`` centres and divides every feature by one number (a feature 10x as spread stays so), unlike the
+    probe's standardisation; ``pooled_map`` is the CNN encoder's last stage output, as ``embed`` computes it,
+    averaged over space."""
+    checks = _readout_checks_module()
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(200, 3, generator=g) * torch.tensor([1.0, 10.0, 0.1]) + 5.0
+    a, b = checks.one_scale(x, x[:50])
+    assert torch.allclose(a.mean(0), torch.zeros(3), atol=1e-4) and a.pow(2).mean().item() == pytest.approx(1.0)
+    ratio = a.std(0) / x.std(0)
+    assert torch.allclose(ratio, ratio[0].expand(3)) and torch.allclose(b, a[:50])
+    cnn = SemanticDiffusion(load_config(None, FAST + ["encoder.arch=cnn", "encoder.conv_channels=[8,16]",
+                                                      "encoder.conv_strides=[2,2]"])).eval()
+    images = (torch.rand(6, 1, 28, 28, generator=g) * 255).to(torch.uint8)
+    seen = []
+    hook = cnn.encoder.blocks[-1].register_forward_hook(lambda m, i, o: seen.append(o.mean(dim=(2, 3))))
+    cnn.embed(images, 0.5)
+    hook.remove()
+    pooled = checks.pooled_map(cnn, images, 0.5)
+    assert pooled.shape == (6, 16) and torch.allclose(pooled, seen[0], atol=1e-6)
+
+
 def test_label_probes_draws_extend_the_reports_draws():
     """``n_draws`` draws of the label-efficiency stage: draw k from seed k, so the first LABEL_DRAWS are the
     default call's own figures and decays."""
