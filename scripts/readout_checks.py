@@ -231,8 +231,8 @@ def narrow(model, tr, ytr, te, yte, fit, val, n_draws, **_) -> None:
     """Readouts of z's width with 100 labels (docs/ABLATIONS.md, sixteenth session): z at each t, z averaged over
     the t of ``NARROW_MEANS``, and a CNN encoder's pooled last map at t = 0, 0.25, 0.5, against the random-conv
     control of that width. Linear and kNN held-out then test; the 100-label stage held-out (draws of the fit rows,
-    scored on the val rows, ``n_draws // 2`` draws) then on the test split (``n_draws``); then the test stage again
-    for ``ONE_SCALE_READOUTS`` and the control with every probe's features scaled by ``one_scale`` instead of
+    scored on the val rows, ``n_draws // 2`` draws) then on the test split (``n_draws``); then both again for
+    ``ONE_SCALE_READOUTS`` and the control with every probe's features scaled by ``one_scale`` instead of
     standardised feature by feature."""
     from fastsemdiff import probe
 
@@ -254,11 +254,13 @@ def narrow(model, tr, ytr, te, yte, fit, val, n_draws, **_) -> None:
     _hundred_label_leads({k: (a[fit], a[val]) for k, (a, _b) in feats.items()}, ytr[fit], ytr[val],
                          max(2, n_draws // 2), control, "held-out, 100 labels")
     _hundred_label_leads(feats, ytr, yte, n_draws, control, "test, 100 labels")
+    scaled = {k: feats[k] for k in (*ONE_SCALE_READOUTS, control) if k in feats}
     keep = probe.standardize
     probe.standardize = one_scale  # what linear_probe (and the decay's cross-validation) scale features with
     try:
-        _hundred_label_leads({k: feats[k] for k in (*ONE_SCALE_READOUTS, control) if k in feats}, ytr, yte, n_draws,
-                             control, "test, 100 labels, one scale")
+        _hundred_label_leads({k: (a[fit], a[val]) for k, (a, _b) in scaled.items()}, ytr[fit], ytr[val],
+                             max(2, n_draws // 2), control, "held-out, 100 labels, one scale")
+        _hundred_label_leads(scaled, ytr, yte, n_draws, control, "test, 100 labels, one scale")
     finally:
         probe.standardize = keep
 

@@ -584,8 +584,8 @@ def test_readout_checks_draws_reports_each_lead_with_its_spread(run_dir, monkeyp
 @has_export
 def test_readout_checks_narrow_probes_every_readout_then_some_at_one_scale(run_dir, monkeypatch, capsys):
     """The narrow check hands the report's 100-label stage every readout of z's width with the control of that
-    width: on held-out rows (draws of the fit rows, scored on the val rows), then on the test split, then a few
-    readouts with the probe's standardisation swapped for ``one_scale`` (and put back). A recording stand-in shows
+    width: on held-out rows (draws of the fit rows, scored on the val rows), then on the test split, then both for
+    a few readouts with the probe's standardisation swapped for ``one_scale`` (and put back). A recording stand-in shows
     the rows, draws and scaling of each call; a ViT encoder has no pooled map, and the check says so."""
     from fastsemdiff import probe
 
@@ -604,7 +604,7 @@ def test_readout_checks_narrow_probes_every_readout_then_some_at_one_scale(run_d
     checks.main()
     out = capsys.readouterr().out
     assert "no pooled map: the encoder is a vit" in out, out
-    held, test, scaled = calls
+    held, test, scaled_held, scaled = calls
     names = [f"z at t = {t}" for t in checks.TS] + [f"mean of z over {g}" for g in checks.NARROW_MEANS]
     assert held["names"] == test["names"] == names + ["random conv 16-d"]
     assert held["widths"] == test["widths"] == {16}
@@ -613,7 +613,8 @@ def test_readout_checks_narrow_probes_every_readout_then_some_at_one_scale(run_d
     assert test["rows"] == {300} and test["n_draws"] == 4
     assert held["scaling"] is test["scaling"] is own_scaling
     assert scaled["names"] == ["z at t = 0.25", "z at t = 0.0", f"mean of z over {checks.TS}", "random conv 16-d"]
-    assert scaled["scaling"] is checks.one_scale and probe.standardize is own_scaling
+    assert scaled["scaling"] is scaled_held["scaling"] is checks.one_scale and probe.standardize is own_scaling
+    assert scaled_held["names"] == scaled["names"] and scaled_held["rows"] == {len(fit)} and scaled["rows"] == {300}
     # the stand-in's readout i reads 60 + i + d at draw d: each lead over the control is constant
     assert "test, 100 labels, z at t = 0.0: 61.50, lead -8.00 (se 0.00)" in out, out
     assert "test, 100 labels, one scale, z at t = 0.25: 61.50, lead -3.00 (se 0.00)" in out, out
