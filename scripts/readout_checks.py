@@ -227,13 +227,51 @@ def _hundred_label_leads(feats, ytr, yte, n_draws, control, label) -> None:
               flush=True)
 
 
+def cv_scaled_probe(x, y, xt, yt) -> tuple[float, str, float]:
+    """One draw's few-label probe with its scaling chosen as its weight decay is (``probe.choose_weight_decays``'s
+    folds, grid and iterations, on the draw's own labels): per-feature standardisation or ``one_scale``, whichever
+    cross-validates better with its best decay (ties keep the standardisation). Returns (test top-1, the scaling,
+    the decay)."""
+    from fastsemdiff import probe
+
+    folds = probe._folds(x.shape[0], probe.LABEL_CV_FOLDS)
+    keep, best = probe.standardize, None
+    try:
+        for name, scaling in (("standardised", keep), ("one scale", one_scale)):
+            probe.standardize = scaling
+            for wd in probe.LABEL_WEIGHT_DECAYS:
+                score = sum(linear_probe(x[f], y[f], x[v], y[v], num_classes=10, weight_decay=wd,
+                                         max_iter=probe.LABEL_CV_ITER)["top1"] for f, v in folds) / len(folds)
+                if best is None or score > best[0]:
+                    best = (score, name, scaling, wd)
+        _, name, scaling, wd = best
+        probe.standardize = scaling
+        return linear_probe(x, y, xt, yt, num_classes=10, weight_decay=wd)["top1"], name, wd
+    finally:
+        probe.standardize = keep
+
+
+def _cv_scaled_leads(feats, ytr, yte, n_draws, control, label) -> None:
+    """``cv_scaled_probe`` of every readout on the report's draws of 100 labels (draw k from seed k): each readout's
+    mean, its lead over ``control`` and how many draws chose one scale."""
+    draws = [baselines.label_subsets(ytr, (100,), seed=s)[100] for s in range(n_draws)]
+    runs = {k: [cv_scaled_probe(a[d], ytr[d], b, yte) for d in draws] for k, (a, b) in feats.items()}
+    ref = [acc for acc, _, _ in runs[control]]
+    for name, rows in runs.items():
+        accs = [acc for acc, _, _ in rows]
+        lead = [x - y for x, y in zip(accs, ref)]
+        print(f"{label}, {name}: {statistics.mean(accs):.2f}, lead {statistics.mean(lead):+.2f}; one scale chosen in "
+              f"{sum(s == 'one scale' for _, s, _ in rows)} of {len(rows)} draws", flush=True)
+
+
 def narrow(model, tr, ytr, te, yte, fit, val, n_draws, **_) -> None:
     """Readouts of z's width with 100 labels (docs/ABLATIONS.md, sixteenth session): z at each t, z averaged over
     the t of ``NARROW_MEANS``, and a CNN encoder's pooled last map at t = 0, 0.25, 0.5, against the random-conv
     control of that width. Linear and kNN held-out then test; the 100-label stage held-out (draws of the fit rows,
     scored on the val rows, ``n_draws // 2`` draws) then on the test split (``n_draws``); then both again for
     ``ONE_SCALE_READOUTS`` and the control with every probe's features scaled by ``one_scale`` instead of
-    standardised feature by feature."""
+    standardised feature by feature, and with each draw's scaling chosen by its cross-validation
+    (``cv_scaled_probe``)."""
     from fastsemdiff import probe
 
     with torch.inference_mode():
@@ -263,6 +301,9 @@ def narrow(model, tr, ytr, te, yte, fit, val, n_draws, **_) -> None:
         _hundred_label_leads(scaled, ytr, yte, n_draws, control, "test, 100 labels, one scale")
     finally:
         probe.standardize = keep
+    _cv_scaled_leads({k: (a[fit], a[val]) for k, (a, _b) in scaled.items()}, ytr[fit], ytr[val],
+                     max(2, n_draws // 2), control, "held-out, 100 labels, scaling by cross-validation")
+    _cv_scaled_leads(scaled, ytr, yte, n_draws, control, "test, 100 labels, scaling by cross-validation")
 
 
 def _print_readouts(feats, ytr, yte, fit, val) -> None:

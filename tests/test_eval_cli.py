@@ -601,6 +601,9 @@ def test_readout_checks_narrow_probes_every_readout_then_some_at_one_scale(run_d
     monkeypatch.setattr(eval_mod, "label_probes", recording_stage)
     monkeypatch.setattr(sys, "argv", ["readout_checks.py", "narrow", str(run_dir), "--limit", "300", "--draws", "4"])
     checks = _readout_checks_module()
+    chosen = []  # the cross-validated scaling's stand-in: one scale on odd calls
+    monkeypatch.setattr(checks, "cv_scaled_probe", lambda x, y, xt, yt: chosen.append((x.shape[0], xt.shape[0]))
+                        or (50.0 + x.shape[1], "one scale" if len(chosen) % 2 else "standardised", 1e-3))
     checks.main()
     out = capsys.readouterr().out
     assert "no pooled map: the encoder is a vit" in out, out
@@ -619,6 +622,30 @@ def test_readout_checks_narrow_probes_every_readout_then_some_at_one_scale(run_d
     assert "test, 100 labels, z at t = 0.0: 61.50, lead -8.00 (se 0.00)" in out, out
     assert "test, 100 labels, one scale, z at t = 0.25: 61.50, lead -3.00 (se 0.00)" in out, out
     assert sum(" held-out linear " in line for line in out.splitlines()) == len(names) + 1
+    # the scaling chosen by cross-validation: the same readouts, 2 held-out draws then 4 test draws each
+    assert chosen == [(100, len(val))] * 8 + [(100, 300)] * 16
+    assert "held-out, 100 labels, scaling by cross-validation, z at t = 0.25: 66.00, lead +0.00; one scale chosen " \
+           "in 1 of 2 draws" in out, out
+    assert out.count("test, 100 labels, scaling by cross-validation, ") == 4
+
+
+def test_the_cross_validated_scaling_follows_where_the_class_signal_lies():
+    """``cv_scaled_probe`` keeps one scale when the classes live in a widely spread feature beside many narrow noisy
+    ones (standardising would blow the noise up to the signal's size), and the standardisation when they live in a
+    narrow feature beside widely spread noise; its test figure is the chosen probe's."""
+    from fastsemdiff.probe import LABEL_WEIGHT_DECAYS
+
+    checks = _readout_checks_module()
+    g = torch.Generator().manual_seed(8)
+    y = torch.arange(400) % 10
+    signal = torch.nn.functional.one_hot(y, 10).float() + 0.3 * torch.randn(400, 10, generator=g)
+    noise = torch.randn(400, 60, generator=g)
+    wide_signal = torch.cat([signal * 10.0, noise * 0.05], 1)
+    narrow_signal = torch.cat([signal * 0.05, noise * 10.0], 1)
+    for x, expected in ((wide_signal, "one scale"), (narrow_signal, "standardised")):
+        acc, scaling, wd = checks.cv_scaled_probe(x[:100], y[:100], x[100:], y[100:])
+        assert scaling == expected, (expected, scaling, acc)
+        assert 0.0 <= acc <= 100.0 and wd in LABEL_WEIGHT_DECAYS
 
 
 def test_one_scale_keeps_the_features_relative_variance_and_the_pooled_map_is_the_last_stage_averaged():
