@@ -417,6 +417,8 @@ JUDGED_READOUTS = ("embedding, best t", "embedding, multi-t", "embedding + denoi
 def label_draws(n: int) -> int:
     """How many class-balanced draws of ``n`` labelled images the report averages."""
     return LABEL_DRAWS_BY_SIZE.get(int(n), LABEL_DRAWS)
+
+
 # L-BFGS iterations of the label-efficiency stage's joint problem (probe.linear_probes: every readout and draw of
 # one size solved at once, so a GPU runs a few hundred launches for the stage, not tens of thousands): one
 # step size serves every problem, so it needs more than one probe's 150 to land within 0.1 point of the
@@ -560,16 +562,28 @@ def format_table(result: dict) -> str:
         lines.append(f"\ntime-conditioned ({st['readout']}) against static ({st['static_run']}) at {st['dim']}-d "
                      f"(linear): {st['ours']:.2f} vs {st['static']:.2f}, lead {st['lead']:+.2f} "
                      f"({'>=' if st['leads_by_required'] else 'short of'} +{st['required_lead']:g})")
-    for n, accs in result.get("label_efficiency", {}).items():
-        lines.append(f"\nlinear probe with {n} labelled images (mean of {_draw_count(result, n)} draws): "
-                     + ", ".join(f"{name} {acc:.2f}" for name, acc in accs.items()))
+    for n in result.get("label_efficiency", {}):
+        lines.append("\n" + _label_efficiency_line(result, n))
     return "\n".join(lines)
 
 
-def _draw_count(result: dict, n: str) -> int:
-    """How many draws of ``n`` labels a report's means average (reports written before the draws went by size: 5)."""
-    each = result.get("label_efficiency_draws", {}).get(n)
-    return len(next(iter(each.values()))) if each else label_draws(int(n))
+def _draw_counts(result: dict, n: str) -> dict[str, int]:
+    """How many draws of ``n`` labels each readout's mean in a report averages: its own recorded draws, or for a
+    report that recorded none (written before the draws were kept) ``LABEL_DRAWS``, the count of that time."""
+    each = result.get("label_efficiency_draws", {}).get(n, {})
+    return {name: len(each[name]) if name in each else LABEL_DRAWS for name in result["label_efficiency"][n]}
+
+
+def _label_efficiency_line(result: dict, n: str) -> str:
+    """The report's line for ``n`` labels: one draw count when every readout has it, else each readout's own
+    (the readouts a margin compares get more draws of 100 labels than the other baselines)."""
+    counts = _draw_counts(result, n)
+    accs = result["label_efficiency"][n]
+    if len(set(counts.values())) == 1:
+        return (f"linear probe with {n} labelled images (mean of {next(iter(counts.values()))} draws): "
+                + ", ".join(f"{name} {acc:.2f}" for name, acc in accs.items()))
+    return (f"linear probe with {n} labelled images (mean of each readout's draws): "
+            + ", ".join(f"{name} {acc:.2f} ({counts[name]} draws)" for name, acc in accs.items()))
 
 
 def training_speed(run_dir: Path) -> Optional[float]:

@@ -701,8 +701,16 @@ def test_label_probes_draw_twenty_of_100_labels_and_five_of_other_sizes():
     five = eval_mod.label_probes(eval_mod._Timer(), feats, y[:300], y[300:], (100,), 10, joint=False, n_draws=5)
     assert five[1]["100"]["a"] == each["100"]["a"][:5]
     # the report's text counts a result's own draws (an older report's five too), not today's constants
-    assert eval_mod._draw_count({"label_efficiency_draws": each}, "100") == 20
-    assert eval_mod._draw_count({"label_efficiency_draws": five[1]}, "100") == 5
+    assert eval_mod._draw_counts({"label_efficiency": mean, "label_efficiency_draws": each}, "100") == {"a": 20}
+    assert eval_mod._draw_counts({"label_efficiency": five[0], "label_efficiency_draws": five[1]}, "100") == {"a": 5}
+    assert eval_mod._draw_counts({"label_efficiency": mean}, "100") == {"a": 5}  # a report that kept no draws
+    line = eval_mod._label_efficiency_line({"label_efficiency": mean, "label_efficiency_draws": each}, "100")
+    assert "(mean of 20 draws): a " in line
+    # readouts with different counts (the judged ones and the context baselines): each says its own
+    mixed = {"label_efficiency": {"100": {"ours": 71.0, "pixels": 68.0}},
+             "label_efficiency_draws": {"100": {"ours": [71.0] * 20, "pixels": [68.0] * 5}}}
+    line = eval_mod._label_efficiency_line(mixed, "100")
+    assert "ours 71.00 (20 draws), pixels 68.00 (5 draws)" in line and "mean of 20 draws" not in line
 
 
 def _readout_checks_module():
