@@ -30,6 +30,7 @@ import argparse
 import itertools
 import statistics
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -195,15 +196,22 @@ ONE_SCALE_READOUTS = ("z at t = 0.25", "z at t = 0.0", f"mean of z over {TS}", "
 def pooled_map(model, images: torch.Tensor, t: float, batch_size: int = 256) -> torch.Tensor:
     """A CNN encoder's last feature map at ``t``, averaged over space (its last stage's channels), before the
     encoder's LayerNorm and head: a readout of z's width that the KL bottleneck on z does not reach."""
-    enc, x = model.encoder, model._prepare(images)
-    out = []
-    for i in range(0, x.shape[0], batch_size):
-        h = x[i:i + batch_size]
-        c = enc._cond(h, torch.full((h.shape[0],), float(t), device=h.device))
-        for stage in enc.blocks:
-            h = stage(h, c)
-        out.append(h.float().mean(dim=(2, 3)))
-    return torch.cat(out)
+    x = model._prepare(images)
+    return torch.cat([model.encoder.last_map(xb, torch.full((xb.shape[0],), float(t), device=xb.device))
+                      .float().mean(dim=(2, 3)) for xb in x.split(batch_size)])
+
+
+@contextmanager
+def scaled_by(scaling):
+    """``probe.linear_probe`` (and so the decays' cross-validation) scales features with ``scaling`` inside, instead
+    of ``probe.standardize``, which is put back after."""
+    from fastsemdiff import probe
+
+    keep, probe.standardize = probe.standardize, scaling
+    try:
+        yield
+    finally:
+        probe.standardize = keep
 
 
 def one_scale(train: torch.Tensor, test: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -235,20 +243,17 @@ def cv_scaled_probe(x, y, xt, yt) -> tuple[float, str, float]:
     from fastsemdiff import probe
 
     folds = probe._folds(x.shape[0], probe.LABEL_CV_FOLDS)
-    keep, best = probe.standardize, None
-    try:
-        for name, scaling in (("standardised", keep), ("one scale", one_scale)):
-            probe.standardize = scaling
+    best = None
+    for name, scaling in (("standardised", probe.standardize), ("one scale", one_scale)):
+        with scaled_by(scaling):
             for wd in probe.LABEL_WEIGHT_DECAYS:
                 score = sum(linear_probe(x[f], y[f], x[v], y[v], num_classes=10, weight_decay=wd,
                                          max_iter=probe.LABEL_CV_ITER)["top1"] for f, v in folds) / len(folds)
                 if best is None or score > best[0]:
                     best = (score, name, scaling, wd)
-        _, name, scaling, wd = best
-        probe.standardize = scaling
+    _, name, scaling, wd = best
+    with scaled_by(scaling):
         return linear_probe(x, y, xt, yt, num_classes=10, weight_decay=wd)["top1"], name, wd
-    finally:
-        probe.standardize = keep
 
 
 def _cv_scaled_leads(feats, ytr, yte, n_draws, control, label) -> None:
@@ -272,8 +277,6 @@ def narrow(model, tr, ytr, te, yte, fit, val, n_draws, **_) -> None:
     ``ONE_SCALE_READOUTS`` and the control with every probe's features scaled by ``one_scale`` instead of
     standardised feature by feature, and with each draw's scaling chosen by its cross-validation
     (``cv_scaled_probe``)."""
-    from fastsemdiff import probe
-
     with torch.inference_mode():
         z = {t: (model.embed(tr, t, 256), model.embed(te, t, 256)) for t in TS}
         feats = {f"z at t = {t}": z[t] for t in TS}
@@ -289,21 +292,19 @@ def narrow(model, tr, ytr, te, yte, fit, val, n_draws, **_) -> None:
         feats[control] = (baselines.random_conv_features(tr, width, model.device),
                           baselines.random_conv_features(te, width, model.device))
     _print_readouts({k: (v, None) for k, v in feats.items()}, ytr, yte, fit, val)
-    _hundred_label_leads({k: (a[fit], a[val]) for k, (a, _b) in feats.items()}, ytr[fit], ytr[val],
-                         max(2, n_draws // 2), control, "held-out, 100 labels")
+    held = {k: (a[fit], a[val]) for k, (a, _b) in feats.items()}  # draws of the fit rows, scored on the val rows
+    few = max(2, n_draws // 2)
+    _hundred_label_leads(held, ytr[fit], ytr[val], few, control, "held-out, 100 labels")
     _hundred_label_leads(feats, ytr, yte, n_draws, control, "test, 100 labels")
-    scaled = {k: feats[k] for k in (*ONE_SCALE_READOUTS, control) if k in feats}
-    keep = probe.standardize
-    probe.standardize = one_scale  # what linear_probe (and the decay's cross-validation) scale features with
-    try:
-        _hundred_label_leads({k: (a[fit], a[val]) for k, (a, _b) in scaled.items()}, ytr[fit], ytr[val],
-                             max(2, n_draws // 2), control, "held-out, 100 labels, one scale")
-        _hundred_label_leads(scaled, ytr, yte, n_draws, control, "test, 100 labels, one scale")
-    finally:
-        probe.standardize = keep
-    _cv_scaled_leads({k: (a[fit], a[val]) for k, (a, _b) in scaled.items()}, ytr[fit], ytr[val],
-                     max(2, n_draws // 2), control, "held-out, 100 labels, scaling by cross-validation")
-    _cv_scaled_leads(scaled, ytr, yte, n_draws, control, "test, 100 labels, scaling by cross-validation")
+    some = [k for k in (*ONE_SCALE_READOUTS, control) if k in feats]
+    with scaled_by(one_scale):
+        _hundred_label_leads({k: held[k] for k in some}, ytr[fit], ytr[val], few, control,
+                             "held-out, 100 labels, one scale")
+        _hundred_label_leads({k: feats[k] for k in some}, ytr, yte, n_draws, control, "test, 100 labels, one scale")
+    _cv_scaled_leads({k: held[k] for k in some}, ytr[fit], ytr[val], few, control,
+                     "held-out, 100 labels, scaling by cross-validation")
+    _cv_scaled_leads({k: feats[k] for k in some}, ytr, yte, n_draws, control,
+                     "test, 100 labels, scaling by cross-validation")
 
 
 def _print_readouts(feats, ytr, yte, fit, val) -> None:

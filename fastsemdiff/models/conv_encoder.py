@@ -132,10 +132,19 @@ class ConvTimeEncoder(nn.Module):
         """The pooled grid [B, channels[-1] * grid^2], LayerNorm-ed, before the head."""
         return self._features(x, self._cond(x, t))
 
-    def _features(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def last_map(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The last stage's map [B, channels[-1], H, W] at ``t``, before the pooling, LayerNorm and head (a readout
+        of the trunk, scripts/readout_checks.py ``narrow``)."""
+        return self._stages(x, self._cond(x, t))
+
+    def _stages(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         h = x
         for stage in self.blocks:
             h = stage(h, c)
+        return h
+
+    def _features(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        h = self._stages(x, c)
         if h.shape[-2:] != (self.grid, self.grid):  # the main job's grid is the map itself: no pooling to run
             h = F.adaptive_avg_pool2d(h, self.grid)
         return self.norm(h.flatten(1))
