@@ -27,7 +27,7 @@ from .data import DatasetError, load_split
 from .errors import CheckpointError
 from .export import resolve_model_path, write_readout
 from .plots import plot_embedding_2d, plot_reconstructions
-from .probe import choose_weight_decays, knn_accuracy, linear_probe, linear_probes, plot_accuracy_vs_t
+from .probe import choose_probe_settings, knn_accuracy, linear_probe, linear_probes, plot_accuracy_vs_t
 
 MODEL_FILE = "model.safetensors"
 
@@ -232,16 +232,18 @@ def _z_plus_denoiser(multi: torch.Tensor, ddae: torch.Tensor, drop: int, dim: in
 
 def label_probes(timer: _Timer, features: dict, train_labels: torch.Tensor, test_labels: torch.Tensor,
                  label_sizes: Sequence[int], classes: int, joint: bool, n_draws: Optional[int] = None,
-                 judged: Optional[Collection[str]] = None) -> tuple[dict, dict, dict]:
+                 judged: Optional[Collection[str]] = None) -> tuple[dict, dict, dict, dict]:
     """The label-efficiency stage: each readout of ``features`` (name -> (train, test)) probed with class-balanced
-    draws of each size, draw k from seed k, each draw's weight decay chosen by cross-validation on its own labels:
+    draws of each size, draw k from seed k, each draw's feature scaling and weight decay chosen by
+    cross-validation on its own labels (``probe.choose_probe_settings``):
     ``n_draws`` draws of every readout, or by default ``label_draws`` of the size for the readouts in ``judged``
     (those a margin compares; None: every readout) and ``LABEL_DRAWS`` for the rest. Returns (mean, per draw,
-    decays per draw), each size -> readout -> figures; ``joint``: every readout and draw of a size as one L-BFGS
-    problem (a GPU's way)."""
+    decays per draw, scalings per draw), each size -> readout -> figures; ``joint``: every readout and draw of a
+    size as one L-BFGS problem (a GPU's way)."""
     label_eff: dict = {}
     label_each: dict = {}
     label_decay: dict = {}
+    label_scaling: dict = {}
     for n in label_sizes:
         count = {k: n_draws if n_draws is not None else label_draws(n) if judged is None or k in judged
                  else LABEL_DRAWS for k in features}
@@ -251,23 +253,27 @@ def label_probes(timer: _Timer, features: dict, train_labels: torch.Tensor, test
             continue
         problems = [(k, d) for k in features for d in subsets[:count[k]]]  # (readout, draw), readout by readout
         trains = [(features[k][0][d.to(features[k][0].device)], train_labels[d]) for k, d in problems]
-        with timer("label efficiency, weight decay"):  # by cross-validation on each draw's own labels
-            decays = choose_weight_decays(trains, classes, joint=joint)
+        with timer("label efficiency, weight decay"):  # and scaling, by cross-validation on each draw's own labels
+            settings = choose_probe_settings(trains, classes, joint=joint)
+        scalings, decays = [sc for sc, _ in settings], [wd for _, wd in settings]
         with timer("label efficiency"):
             if joint:  # every readout and draw of this size as one L-BFGS problem
                 accs = linear_probes(trains, [(features[k][1], test_labels) for k, _ in problems], classes,
-                                     weight_decay=decays, max_iter=LABEL_MAX_ITER)
+                                     weight_decay=decays, max_iter=LABEL_MAX_ITER, scaling=scalings)
             else:
-                accs = [linear_probe(x, y, features[k][1], test_labels, num_classes=classes, weight_decay=wd)["top1"]
-                        for (x, y), (k, _), wd in zip(trains, problems, decays)]
+                accs = [linear_probe(x, y, features[k][1], test_labels, num_classes=classes, weight_decay=wd,
+                                     scaling=sc)["top1"]
+                        for (x, y), (k, _), (sc, wd) in zip(trains, problems, settings)]
         each: dict = {}
         decay: dict = {}
-        for (k, _), acc, wd in zip(problems, accs, decays):
+        scaling: dict = {}
+        for (k, _), acc, (sc, wd) in zip(problems, accs, settings):
             each.setdefault(k, []).append(acc)
             decay.setdefault(k, []).append(wd)
-        label_each[str(n)], label_decay[str(n)] = each, decay
+            scaling.setdefault(k, []).append(sc)
+        label_each[str(n)], label_decay[str(n)], label_scaling[str(n)] = each, decay, scaling
         label_eff[str(n)] = {k: sum(a) / len(a) for k, a in each.items()}
-    return label_eff, label_each, label_decay
+    return label_eff, label_each, label_decay, label_scaling
 
 
 def run_probe(model, train_images: torch.Tensor, train_labels: torch.Tensor, test_images: torch.Tensor,
@@ -369,9 +375,9 @@ def run_probe(model, train_images: torch.Tensor, train_labels: torch.Tensor, tes
             result_baselines[name] = {"per_t": o_per_t, "best_t": o_best, "multi_t": o_multi}
 
     judged = {k for k in features if k in JUDGED_READOUTS or k.startswith("random conv, ")}  # what a margin reads
-    label_eff, label_each, label_decay = label_probes(timer, features, train_labels, test_labels, label_sizes, classes,
-                                                      dev.type == "cuda" if joint_labels is None else joint_labels,
-                                                      judged=judged)
+    label_eff, label_each, label_decay, label_scaling = label_probes(
+        timer, features, train_labels, test_labels, label_sizes, classes,
+        dev.type == "cuda" if joint_labels is None else joint_labels, judged=judged)
 
     if features_out is not None:
         features_out.update(features)
@@ -384,6 +390,7 @@ def run_probe(model, train_images: torch.Tensor, train_labels: torch.Tensor, tes
         "label_efficiency": label_eff,  # the mean over label_draws(n) class-balanced draws of n labelled images
         "label_efficiency_draws": label_each,
         "label_efficiency_weight_decay": label_decay,  # each draw's, chosen by cross-validation on its labels
+        "label_efficiency_scaling": label_scaling,  # each draw's feature scaling, chosen with its decay
         "embedding_dim": dim,
         "n_train": int(train_images.shape[0]),
         "n_test": int(test_images.shape[0]),
@@ -580,10 +587,17 @@ def _label_efficiency_line(result: dict, n: str) -> str:
     counts = _draw_counts(result, n)
     accs = result["label_efficiency"][n]
     if len(set(counts.values())) == 1:
-        return (f"linear probe with {n} labelled images (mean of {next(iter(counts.values()))} draws): "
+        line = (f"linear probe with {n} labelled images (mean of {next(iter(counts.values()))} draws): "
                 + ", ".join(f"{name} {acc:.2f}" for name, acc in accs.items()))
-    return (f"linear probe with {n} labelled images (mean of each readout's draws): "
-            + ", ".join(f"{name} {acc:.2f} ({counts[name]} draws)" for name, acc in accs.items()))
+    else:
+        line = (f"linear probe with {n} labelled images (mean of each readout's draws): "
+                + ", ".join(f"{name} {acc:.2f} ({counts[name]} draws)" for name, acc in accs.items()))
+    scalings = result.get("label_efficiency_scaling", {}).get(n)
+    if scalings:  # reports before the scaling was chosen standardised every draw, and say nothing
+        line += (". Each draw's scaling chosen with its decay by cross-validation on its labels; one scale in: "
+                 + ", ".join(f"{name} {sum(s == 'one scale' for s in chosen)}/{len(chosen)}"
+                             for name, chosen in scalings.items()))
+    return line
 
 
 def training_speed(run_dir: Path) -> Optional[float]:

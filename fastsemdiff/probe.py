@@ -25,6 +25,27 @@ def standardize(train: torch.Tensor, test: torch.Tensor) -> tuple[torch.Tensor, 
     return (train - mean) / std, (test - mean) / std
 
 
+def one_scale(train: torch.Tensor, test: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Centre by the train mean and divide every feature by one number, the train rows' RMS: the features keep their
+    relative variances (a code's strong and weak directions), where ``standardize`` gives each unit variance. With
+    100 labels this reads a trained code 1.2-1.7 points better and a random one 1.2-2.1 worse (docs/ABLATIONS.md)."""
+    train, test = train.float(), test.float()
+    mean = train.mean(0)
+    scale = (train - mean).pow(2).mean().sqrt().clamp_min(1e-6)
+    return (train - mean) / scale, (test - mean) / scale
+
+
+# How a probe may scale its features, by name. The full-label probe always standardises; the few-label probes
+# choose one of ``LABEL_SCALINGS`` by cross-validation on each draw's own labels, as they choose the weight decay.
+SCALINGS = {"standardised": standardize, "one scale": one_scale}
+
+
+def _scaling(name: str):
+    if name not in SCALINGS:
+        raise ValueError(f"unknown feature scaling {name!r}: use one of {sorted(SCALINGS)}")
+    return SCALINGS[name]
+
+
 def _num_classes(*labels: torch.Tensor) -> int:
     return int(max(int(y.max()) for y in labels if y.numel())) + 1
 
@@ -34,8 +55,10 @@ def _top1(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
-                 num_classes: Optional[int] = None, weight_decay: float = 1e-4, max_iter: int = 150) -> dict:
-    """Top-1 (%) of multinomial logistic regression on standardised features.
+                 num_classes: Optional[int] = None, weight_decay: float = 1e-4, max_iter: int = 150,
+                 scaling: str = "standardised") -> dict:
+    """Top-1 (%) of multinomial logistic regression on features scaled by the train rows (``scaling``, a name in
+    ``SCALINGS``: each feature standardised, or all by ``one_scale``).
 
     Full-batch L-BFGS with a strong-Wolfe line search from a zero init: no learning rate, batch size or
     seed to tune, and the same features always give the same number. The loss is the mean cross-entropy
@@ -44,10 +67,11 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
     if train_x.shape[0] != train_y.shape[0] or test_x.shape[0] != test_y.shape[0]:
         raise ValueError("features and labels must have the same number of rows")
     classes = num_classes or _num_classes(train_y, test_y)
-    # Inference tensors cannot be saved for backward; outside inference mode, standardize's out-of-place
+    scale = _scaling(scaling)
+    # Inference tensors cannot be saved for backward; outside inference mode, the scaling's out-of-place
     # ops give normal tensors, and the labels (saved by cross_entropy) are cloned into normal ones.
     with torch.inference_mode(False), torch.enable_grad():
-        x, xt = standardize(train_x, test_x)
+        x, xt = scale(train_x, test_x)
         y, yt = train_y.long().clone().to(x.device), test_y.long().clone().to(xt.device)
         layer = torch.nn.Linear(x.shape[1], classes, device=x.device)
         torch.nn.init.zeros_(layer.weight)
@@ -139,7 +163,7 @@ def plot_accuracy_vs_t(rows: list[dict], path: Union[str, Path], baselines: Opti
 
 def linear_probes(train_sets: list[tuple[torch.Tensor, torch.Tensor]], test_sets: list[tuple[torch.Tensor, torch.Tensor]],
                   num_classes: int, weight_decay: Union[float, Sequence[float]] = 1e-4,
-                  max_iter: int = 300) -> list[float]:
+                  max_iter: int = 300, scaling: Union[str, Sequence[str]] = "standardised") -> list[float]:
     """Top-1 (%) of many independent linear probes solved as one problem: ``linear_probe`` for each
     (train_sets[i], test_sets[i]), with the same loss, standardisation (each by its own train rows) and
     zero init, but every problem's weights in one tensor and one L-BFGS run over the sum of their losses.
@@ -150,7 +174,7 @@ def linear_probes(train_sets: list[tuple[torch.Tensor, torch.Tensor]], test_sets
     differ: features are zero-padded to the widest (a zero column stays zero after standardisation and its
     weight only decays) and rows to the longest, padded rows weighing nothing, so each problem's loss is its
     own mean. ``max_iter`` is higher than ``linear_probe``'s because one step size serves every problem.
-    ``weight_decay``: one for all problems, or one per problem.
+    ``weight_decay`` and ``scaling``: one for all problems, or one per problem.
     """
     if len(train_sets) != len(test_sets) or not train_sets:
         raise ValueError("linear_probes needs one test set per train set, and at least one of each")
@@ -160,6 +184,11 @@ def linear_probes(train_sets: list[tuple[torch.Tensor, torch.Tensor]], test_sets
                              "same width")
     dev = train_sets[0][0].device
     P = len(train_sets)
+    scalings = [scaling] * P if isinstance(scaling, str) else list(scaling)
+    if len(scalings) != P:
+        raise ValueError(f"linear_probes got {len(scalings)} scalings for {P} problems")
+    for name in set(scalings):
+        _scaling(name)
     width = max(x.shape[1] for x, _ in train_sets)
     rows = max(x.shape[0] for x, _ in train_sets)
     with torch.inference_mode(False), torch.enable_grad():
@@ -170,6 +199,8 @@ def linear_probes(train_sets: list[tuple[torch.Tensor, torch.Tensor]], test_sets
         for p, (x, y) in enumerate(train_sets):
             n, d = x.shape
             std, mean = torch.std_mean(x.float().to(dev), dim=0, correction=0)
+            if scalings[p] == "one scale":  # one_scale's divisor, the RMS of the centred train rows, for every feature
+                std = (x.float().to(dev) - mean).pow(2).mean().sqrt().expand(d)
             means[p, :d], stds[p, :d] = mean, std.clamp_min(1e-6)
             xs[p, :n, :d] = (x.float().to(dev) - mean) / stds[p, :d]
             ys[p, :n] = y.long().to(dev)
@@ -203,6 +234,9 @@ def linear_probes(train_sets: list[tuple[torch.Tensor, torch.Tensor]], test_sets
 LABEL_WEIGHT_DECAYS = (1e-4, 1e-3, 1e-2, 1e-1)
 LABEL_CV_FOLDS = 3
 LABEL_CV_ITER = 100  # within 0.04 point of 150 iterations on these problems (docs/ABLATIONS.md, label efficiency)
+# ... and their feature scaling, chosen the same way: one scale keeps a code's relative variances, which the
+# standardisation erases (docs/ABLATIONS.md, "Readouts of z's width with 100 labels, and the probe's feature scaling").
+LABEL_SCALINGS = ("standardised", "one scale")
 
 
 def _folds(n: int, folds: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -211,25 +245,30 @@ def _folds(n: int, folds: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.
     return [(torch.cat([q for j, q in enumerate(parts) if j != k]), parts[k]) for k in range(len(parts))]
 
 
-def choose_weight_decays(train_sets: list[tuple[torch.Tensor, torch.Tensor]], num_classes: int,
-                         grid: Sequence[float] = LABEL_WEIGHT_DECAYS, folds: int = LABEL_CV_FOLDS,
-                         max_iter: int = LABEL_CV_ITER, joint: bool = False) -> list[float]:
-    """For each (features, labels) problem, the weight decay of ``grid`` whose probe scores the best mean top-1
-    over ``folds``-fold cross-validation on that problem's own rows (the first of equals, so the smallest
-    decay wins ties). No other labels are read. ``joint``: every problem and fold of one decay as one
-    ``linear_probes`` solve (a GPU's way); otherwise one ``linear_probe`` each (a CPU's)."""
+def choose_probe_settings(train_sets: list[tuple[torch.Tensor, torch.Tensor]], num_classes: int,
+                          scalings: Sequence[str] = LABEL_SCALINGS, grid: Sequence[float] = LABEL_WEIGHT_DECAYS,
+                          folds: int = LABEL_CV_FOLDS, max_iter: int = LABEL_CV_ITER,
+                          joint: bool = False) -> list[tuple[str, float]]:
+    """For each (features, labels) problem, the (scaling, weight decay) of ``scalings`` x ``grid`` whose probe scores
+    the best mean top-1 over ``folds``-fold cross-validation on that problem's own rows (the first of equals, so
+    the first scaling and the smallest decay win ties). No other labels are read. ``joint``: every problem and
+    fold of one setting as one ``linear_probes`` solve (a GPU's way); otherwise one ``linear_probe`` each (a
+    CPU's)."""
     splits = [_folds(x.shape[0], folds) for x, _ in train_sets]
-    scores = [[0.0] * len(grid) for _ in train_sets]
-    for g, wd in enumerate(grid):
+    settings = [(scaling, wd) for scaling in scalings for wd in grid]
+    for scaling in scalings:
+        _scaling(scaling)
+    scores = [[0.0] * len(settings) for _ in train_sets]
+    for g, (scaling, wd) in enumerate(settings):
         fits = [((x[f], y[f]), (x[v], y[v])) for (x, y), split in zip(train_sets, splits) for f, v in split]
         if joint:  # one step size serves every problem: twice the iterations (as LABEL_MAX_ITER is to 150)
             accs = linear_probes([a for a, _ in fits], [b for _, b in fits], num_classes, weight_decay=wd,
-                                 max_iter=2 * max_iter)
+                                 max_iter=2 * max_iter, scaling=scaling)
         else:
-            accs = [linear_probe(*a, *b, num_classes=num_classes, weight_decay=wd, max_iter=max_iter)["top1"]
-                    for a, b in fits]
+            accs = [linear_probe(*a, *b, num_classes=num_classes, weight_decay=wd, max_iter=max_iter,
+                                 scaling=scaling)["top1"] for a, b in fits]
         k = 0
         for p, split in enumerate(splits):
             scores[p][g] = sum(accs[k:k + len(split)]) / len(split)
             k += len(split)
-    return [grid[max(range(len(grid)), key=lambda g: row[g])] for row in scores]
+    return [settings[max(range(len(settings)), key=lambda g: row[g])] for row in scores]

@@ -17,7 +17,7 @@
     python scripts/readout_checks.py draws RUN         # the 100-label leads over the controls from --draws draws
                                                        # (default 20): a margin told from the draws' noise
     python scripts/readout_checks.py narrow RUN        # readouts of z's width with 100 labels: z per t, z averaged
-                                                       # over t, the pooled map; and features at one scale
+                                                       # over t, the pooled map
 
 "Held-out" is the probe's own split of the training images (``eval._held_out_split``: fit on 10,000, scored on
 a sixth of the split), so nothing here chooses on the test split; the test figures are printed beside the
@@ -30,7 +30,6 @@ import argparse
 import itertools
 import statistics
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -40,7 +39,7 @@ import torch  # noqa: E402
 from fastsemdiff import baselines  # noqa: E402
 from fastsemdiff import eval as ev  # noqa: E402
 from fastsemdiff.models.code_head import kl_to_standard_normal  # noqa: E402
-from fastsemdiff.probe import class_balanced_subset, choose_weight_decays, knn_accuracy, linear_probe  # noqa: E402
+from fastsemdiff.probe import class_balanced_subset, choose_probe_settings, knn_accuracy, linear_probe  # noqa: E402
 
 TS = (0.0, 0.25, 0.5, 0.75, 1.0)
 MULTI_TS = (0.0, 0.5, 1.0)
@@ -74,7 +73,8 @@ def label_decay(feats, ytr, yte, **_) -> None:
         for name, (a, b) in feats.items():
             fixed = [linear_probe(a[d], ytr[d], b, yte, num_classes=10)["top1"] for d in draws]
             # 5 folds, five decays, the probe's 150 iterations: the protocol of the table's CV column
-            wds = choose_weight_decays([(a[d], ytr[d]) for d in draws], 10, grid=grid, folds=5, max_iter=150)
+            wds = [wd for _, wd in choose_probe_settings([(a[d], ytr[d]) for d in draws], 10, scalings=("standardised",),
+                                                         grid=grid, folds=5, max_iter=150)]
             cv = [linear_probe(a[d], ytr[d], b, yte, num_classes=10, weight_decay=w)["top1"]
                   for d, w in zip(draws, wds)]
             print(f"{n} labels, {name}: decay 1e-4 {sum(fixed) / len(fixed):.2f}, CV {sum(cv) / len(cv):.2f} "
@@ -87,7 +87,7 @@ def few_label(z, ytr, yte, **_) -> None:
     goal's widest readout (docs/ABLATIONS.md, "The goal's widest readouts"), beside the multi-t code's, which
     must read the report's own figures."""
     readouts = {f"z at {TS}": concat(z, TS), f"z at {MULTI_TS} (the report's multi-t)": concat(z, MULTI_TS)}
-    means, _, decays = ev.label_probes(ev._Timer(), readouts, ytr, yte, (100, 1000), 10, joint=False)
+    means, _, decays, _ = ev.label_probes(ev._Timer(), readouts, ytr, yte, (100, 1000), 10, joint=False)
     for name, (a, _b) in readouts.items():
         for n in means:
             print(f"{name} ({a.shape[1]}-d), {n} labels: {means[n][name]:.2f} (decays {decays[n][name]})", flush=True)
@@ -100,7 +100,7 @@ def draws(feats, ytr, yte, n_draws, **_) -> None:
     can be told from the draws' noise (docs/MAIN_JOB.md, fifteenth session: the report's five draws then)."""
     if n_draws < 2:
         raise SystemExit(f"error: --draws {n_draws}: the spread of the leads needs two draws or more")
-    _, each, _ = ev.label_probes(ev._Timer(), feats, ytr, yte, (100,), 10, joint=False, n_draws=n_draws)
+    _, each, *_ = ev.label_probes(ev._Timer(), feats, ytr, yte, (100,), 10, joint=False, n_draws=n_draws)
     report = min(ev.label_draws(100), n_draws)
     ours = [k for k in feats if not k.startswith("random conv")]
     for name, control in zip(ours, ("random conv 128-d", "random conv 384-d")):
@@ -189,7 +189,6 @@ def wide(model, tr, ytr, te, yte, fit, val, width, **_) -> None:
 
 
 NARROW_MEANS = (TS, MULTI_TS, (0.25, 0.5))  # the grids whose codes the narrow check averages
-ONE_SCALE_READOUTS = ("z at t = 0.25", "z at t = 0.0", f"mean of z over {TS}", "pooled map at t = 0.25")
 
 
 @torch.no_grad()
@@ -201,82 +200,26 @@ def pooled_map(model, images: torch.Tensor, t: float, batch_size: int = 256) -> 
                       .float().mean(dim=(2, 3)) for xb in x.split(batch_size)])
 
 
-@contextmanager
-def scaled_by(scaling):
-    """``probe.linear_probe`` (and so the decays' cross-validation) scales features with ``scaling`` inside, instead
-    of ``probe.standardize``, which is put back after."""
-    from fastsemdiff import probe
-
-    keep, probe.standardize = probe.standardize, scaling
-    try:
-        yield
-    finally:
-        probe.standardize = keep
-
-
-def one_scale(train: torch.Tensor, test: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Centred by the train mean and divided by one scale for every feature (the train rows' RMS), so features keep
-    their relative variance: the alternative to ``probe.standardize``, which gives every feature unit variance."""
-    train, test = train.float(), test.float()
-    mean = train.mean(0)
-    scale = (train - mean).pow(2).mean().sqrt().clamp_min(1e-6)
-    return (train - mean) / scale, (test - mean) / scale
-
-
 def _hundred_label_leads(feats, ytr, yte, n_draws, control, label) -> None:
     """The report's 100-label stage (``eval.label_probes``) on ``feats``: each readout's mean and its lead over
-    ``control`` with the lead's standard error over the ``n_draws`` draws."""
-    _, each, _ = ev.label_probes(ev._Timer(), feats, ytr, yte, (100,), 10, joint=False, n_draws=n_draws)
+    ``control`` with the lead's standard error over the ``n_draws`` draws, and in how many draws the
+    cross-validation chose one scale for the features."""
+    _, each, _, scalings = ev.label_probes(ev._Timer(), feats, ytr, yte, (100,), 10, joint=False, n_draws=n_draws)
     ref = each["100"][control]
     for name, accs in each["100"].items():
         lead = [x - y for x, y in zip(accs, ref)]
         se = statistics.stdev(lead) / len(lead) ** 0.5 if len(lead) > 1 else float("nan")
-        print(f"{label}, {name}: {statistics.mean(accs):.2f}, lead {statistics.mean(lead):+.2f} (se {se:.2f})",
-              flush=True)
-
-
-def cv_scaled_probe(x, y, xt, yt) -> tuple[float, str, float]:
-    """One draw's few-label probe with its scaling chosen as its weight decay is (``probe.choose_weight_decays``'s
-    folds, grid and iterations, on the draw's own labels): per-feature standardisation or ``one_scale``, whichever
-    cross-validates better with its best decay (ties keep the standardisation). Returns (test top-1, the scaling,
-    the decay)."""
-    from fastsemdiff import probe
-
-    folds = probe._folds(x.shape[0], probe.LABEL_CV_FOLDS)
-    best = None
-    for name, scaling in (("standardised", probe.standardize), ("one scale", one_scale)):
-        with scaled_by(scaling):
-            for wd in probe.LABEL_WEIGHT_DECAYS:
-                score = sum(linear_probe(x[f], y[f], x[v], y[v], num_classes=10, weight_decay=wd,
-                                         max_iter=probe.LABEL_CV_ITER)["top1"] for f, v in folds) / len(folds)
-                if best is None or score > best[0]:
-                    best = (score, name, scaling, wd)
-    _, name, scaling, wd = best
-    with scaled_by(scaling):
-        return linear_probe(x, y, xt, yt, num_classes=10, weight_decay=wd)["top1"], name, wd
-
-
-def _cv_scaled_leads(feats, ytr, yte, n_draws, control, label) -> None:
-    """``cv_scaled_probe`` of every readout on the report's draws of 100 labels (draw k from seed k): each readout's
-    mean, its lead over ``control`` and how many draws chose one scale."""
-    draws = [baselines.label_subsets(ytr, (100,), seed=s)[100] for s in range(n_draws)]
-    runs = {k: [cv_scaled_probe(a[d], ytr[d], b, yte) for d in draws] for k, (a, b) in feats.items()}
-    ref = [acc for acc, _, _ in runs[control]]
-    for name, rows in runs.items():
-        accs = [acc for acc, _, _ in rows]
-        lead = [x - y for x, y in zip(accs, ref)]
-        print(f"{label}, {name}: {statistics.mean(accs):.2f}, lead {statistics.mean(lead):+.2f}; one scale chosen in "
-              f"{sum(s == 'one scale' for _, s, _ in rows)} of {len(rows)} draws", flush=True)
+        print(f"{label}, {name}: {statistics.mean(accs):.2f}, lead {statistics.mean(lead):+.2f} (se {se:.2f}); one "
+              f"scale in {sum(s == 'one scale' for s in scalings['100'][name])} of {len(accs)} draws", flush=True)
 
 
 def narrow(model, tr, ytr, te, yte, fit, val, n_draws, **_) -> None:
     """Readouts of z's width with 100 labels (docs/ABLATIONS.md, sixteenth session): z at each t, z averaged over
     the t of ``NARROW_MEANS``, and a CNN encoder's pooled last map at t = 0, 0.25, 0.5, against the random-conv
     control of that width. Linear and kNN held-out then test; the 100-label stage held-out (draws of the fit rows,
-    scored on the val rows, ``n_draws // 2`` draws) then on the test split (``n_draws``); then both again for
-    ``ONE_SCALE_READOUTS`` and the control with every probe's features scaled by ``one_scale`` instead of
-    standardised feature by feature, and with each draw's scaling chosen by its cross-validation
-    (``cv_scaled_probe``)."""
+    scored on the val rows, ``n_draws // 2`` draws) then on the test split (``n_draws``), each draw's scaling and
+    decay chosen by its cross-validation as in the report (at 43ddbe3, before the report chose the scaling, this
+    check also probed a few readouts at one scale and with the scaling chosen by a copy of that rule)."""
     with torch.inference_mode():
         z = {t: (model.embed(tr, t, 256), model.embed(te, t, 256)) for t in TS}
         feats = {f"z at t = {t}": z[t] for t in TS}
@@ -296,15 +239,6 @@ def narrow(model, tr, ytr, te, yte, fit, val, n_draws, **_) -> None:
     few = max(2, n_draws // 2)
     _hundred_label_leads(held, ytr[fit], ytr[val], few, control, "held-out, 100 labels")
     _hundred_label_leads(feats, ytr, yte, n_draws, control, "test, 100 labels")
-    some = [k for k in (*ONE_SCALE_READOUTS, control) if k in feats]
-    with scaled_by(one_scale):
-        _hundred_label_leads({k: held[k] for k in some}, ytr[fit], ytr[val], few, control,
-                             "held-out, 100 labels, one scale")
-        _hundred_label_leads({k: feats[k] for k in some}, ytr, yte, n_draws, control, "test, 100 labels, one scale")
-    _cv_scaled_leads({k: held[k] for k in some}, ytr[fit], ytr[val], few, control,
-                     "held-out, 100 labels, scaling by cross-validation")
-    _cv_scaled_leads({k: feats[k] for k in some}, ytr, yte, n_draws, control,
-                     "test, 100 labels, scaling by cross-validation")
 
 
 def _print_readouts(feats, ytr, yte, fit, val) -> None:

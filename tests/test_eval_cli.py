@@ -219,8 +219,8 @@ def test_eval_probe_cli(run_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(eval_mod, "LABEL_DRAWS", 2)  # the draws' bookkeeping shows with 2; 5 cost 2.5x the probes
     monkeypatch.setattr(eval_mod, "LABEL_DRAWS_BY_SIZE", {})  # 2 of every size (the report's 20 of 100 labels)
     # two decays to cross-validate, not four: the choice itself is tested in tests/test_probe.py
-    monkeypatch.setattr(eval_mod, "choose_weight_decays", functools.partial(eval_mod.choose_weight_decays,
-                                                                            grid=(1e-4, 1e-2)))
+    monkeypatch.setattr(eval_mod, "choose_probe_settings", functools.partial(eval_mod.choose_probe_settings,
+                                                                             grid=(1e-4, 1e-2)))
     eval_main(["probe", "--run", str(run_dir), "--ts", "0", "0.5", "--device", "cpu", "--batch-size", "64",
                "--out", str(tmp_path), "--limit-train", "200", "--limit-test", "100", "--recon-steps", "2",
                "--baseline-run", f"static={run_dir}", "--z-plus-denoiser"])
@@ -274,6 +274,9 @@ def test_eval_probe_cli(run_dir, tmp_path, capsys, monkeypatch):
     assert set(decays) == set(each) and all(len(d) == eval_mod.LABEL_DRAWS for d in decays.values())
     from fastsemdiff.probe import LABEL_WEIGHT_DECAYS
     assert {wd for d in decays.values() for wd in d} <= set(LABEL_WEIGHT_DECAYS)
+    scalings = result["label_efficiency_scaling"]["100"]  # chosen with the decay, draw by draw
+    assert set(scalings) == set(each) and all(len(d) == eval_mod.LABEL_DRAWS for d in scalings.values())
+    assert {sc for d in scalings.values() for sc in d} <= {"standardised", "one scale"}
     pick = baselines_mod.label_subsets(ytr[:200], (100,), seed=0)[100]  # draw 0 of raw pixels, by hand
     px_tr, px_te = baselines_mod.pixel_features(tr[:200], "cpu"), baselines_mod.pixel_features(te[:100], "cpu")
     assert each["raw pixels"][0] == linear_probe(px_tr[pick], ytr[:200][pick], px_te, yte[:100], num_classes=10,
@@ -408,12 +411,13 @@ def test_joint_label_probes_map_back_to_each_readout_and_draw(monkeypatch):
     feats = {"a": (torch.randn(n_train, 4, generator=gen), torch.randn(n_test, 4, generator=gen))}
     calls = []
 
-    def fake_decays(trains, classes, joint):  # the i-th problem's decay, so the mapping back shows
+    def fake_settings(trains, classes, joint):  # the i-th problem's decay (and a scaling by parity), so the mapping shows
         assert joint
-        return [0.5 * i for i in range(len(trains))]
+        return [("one scale" if i % 2 else "standardised", 0.5 * i) for i in range(len(trains))]
 
-    def fake_probes(trains, tests, classes, weight_decay, max_iter):
-        assert weight_decay == fake_decays(trains, classes, True)  # each problem's own decay, in order
+    def fake_probes(trains, tests, classes, weight_decay, max_iter, scaling):
+        settings = fake_settings(trains, classes, True)  # each problem's own decay and scaling, in order
+        assert weight_decay == [wd for _, wd in settings] and scaling == [sc for sc, _ in settings]
         calls.append((len(trains), [x.shape[1] for x, _ in trains], max_iter))
         assert all(xt.shape == (n_test, x.shape[1]) and torch.equal(yt, test_y) for (x, _), (xt, yt) in zip(trains, tests))
         assert all(x.shape[0] == 100 for x, _ in trains)  # 10 labelled images a class
@@ -427,7 +431,7 @@ def test_joint_label_probes_map_back_to_each_readout_and_draw(monkeypatch):
             return feats["a"][0] if images.shape[0] == n_train else feats["a"][1]
 
     monkeypatch.setattr(eval_mod, "linear_probes", fake_probes)
-    monkeypatch.setattr(eval_mod, "choose_weight_decays", fake_decays)
+    monkeypatch.setattr(eval_mod, "choose_probe_settings", fake_settings)
     images = torch.zeros(n_train, 1, 28, 28, dtype=torch.uint8)
     result = run_probe(Model(), images, train_y, images[:n_test], test_y, [0.0], 64, 5, progress=False,
                        with_baselines=False, label_sizes=(100,), joint_labels=True)
@@ -441,6 +445,8 @@ def test_joint_label_probes_map_back_to_each_readout_and_draw(monkeypatch):
     for name, D in zip(names, counts):
         assert result["label_efficiency_draws"]["100"][name] == [float(first + d) for d in range(D)]
         assert result["label_efficiency_weight_decay"]["100"][name] == [0.5 * (first + d) for d in range(D)]
+        assert result["label_efficiency_scaling"]["100"][name] == [
+            "one scale" if (first + d) % 2 else "standardised" for d in range(D)]
         assert result["label_efficiency"]["100"][name] == pytest.approx(first + (D - 1) / 2)
         first += D
 
@@ -522,7 +528,7 @@ def test_readout_checks_few_label_reads_the_reports_own_figures(run_dir, monkeyp
         means = {str(n): {k: 10.0 + 7 * i + n / 1e3 + len(calls) for i, k in enumerate(features)}
                  for n in label_sizes}
         decays = {str(n): {k: [1e-3] for k in features} for n in label_sizes}
-        return means, {}, decays
+        return means, {}, decays, {}
 
     monkeypatch.setattr(eval_mod, "label_probes", recording_stage)
     monkeypatch.setattr(sys, "argv", ["readout_checks.py", "few-label", str(run_dir), "--limit", "1200"])
@@ -562,7 +568,7 @@ def test_readout_checks_draws_reports_each_lead_with_its_spread(run_dir, monkeyp
     def recording_stage(timer, features, train_labels, test_labels, label_sizes, classes, joint, n_draws=None):
         calls.append({"names": list(features), "sizes": tuple(label_sizes), "n_draws": n_draws,
                       "widths": [f[0].shape[1] for f in features.values()]})
-        return {}, {"100": {k: figures[i][:n_draws] for i, k in enumerate(features)}}, {}
+        return {}, {"100": {k: figures[i][:n_draws] for i, k in enumerate(features)}}, {}, {}
 
     monkeypatch.setattr(eval_mod, "label_probes", recording_stage)
     monkeypatch.setattr(eval_mod, "LABEL_DRAWS_BY_SIZE", {100: 5})  # a report of five draws, as the check was built on
@@ -582,83 +588,44 @@ def test_readout_checks_draws_reports_each_lead_with_its_spread(run_dir, monkeyp
 
 
 @has_export
-def test_readout_checks_narrow_probes_every_readout_then_some_at_one_scale(run_dir, monkeypatch, capsys):
+def test_readout_checks_narrow_probes_every_readout_held_out_then_on_test(run_dir, monkeypatch, capsys):
     """The narrow check hands the report's 100-label stage every readout of z's width with the control of that
-    width: on held-out rows (draws of the fit rows, scored on the val rows), then on the test split, then both for
-    a few readouts with the probe's standardisation swapped for ``one_scale`` (and put back). A recording stand-in shows
-    the rows, draws and scaling of each call; a ViT encoder has no pooled map, and the check says so."""
-    from fastsemdiff import probe
-
-    own_scaling = probe.standardize
+    width: on held-out rows (draws of the fit rows, scored on the val rows), then on the test split, and prints each
+    lead with how many draws chose one scale. A recording stand-in shows the rows and draws of each call; a ViT
+    encoder has no pooled map, and the check says so."""
     calls = []
 
     def recording_stage(timer, features, train_labels, test_labels, label_sizes, classes, joint, n_draws=None):
         calls.append({"names": list(features), "rows": {f[0].shape[0] for f in features.values()},
                       "widths": {f[0].shape[1] for f in features.values()}, "n_draws": n_draws,
-                      "scaling": probe.standardize, "labels": train_labels.shape[0]})
-        return {}, {"100": {k: [60.0 + i + d for d in range(n_draws)] for i, k in enumerate(features)}}, {}
+                      "labels": train_labels.shape[0]})
+        each = {"100": {k: [60.0 + i + d for d in range(n_draws)] for i, k in enumerate(features)}}
+        scalings = {"100": {k: ["one scale" if d % 2 else "standardised" for d in range(n_draws)] for k in features}}
+        return {}, each, {}, scalings
 
     monkeypatch.setattr(eval_mod, "label_probes", recording_stage)
     monkeypatch.setattr(sys, "argv", ["readout_checks.py", "narrow", str(run_dir), "--limit", "300", "--draws", "4"])
     checks = _readout_checks_module()
-    chosen = []  # the cross-validated scaling's stand-in: one scale on odd calls
-    monkeypatch.setattr(checks, "cv_scaled_probe", lambda x, y, xt, yt: chosen.append((x.shape[0], xt.shape[0]))
-                        or (50.0 + x.shape[1], "one scale" if len(chosen) % 2 else "standardised", 1e-3))
     checks.main()
     out = capsys.readouterr().out
     assert "no pooled map: the encoder is a vit" in out, out
-    held, test, scaled_held, scaled = calls
+    held, test = calls
     names = [f"z at t = {t}" for t in checks.TS] + [f"mean of z over {g}" for g in checks.NARROW_MEANS]
     assert held["names"] == test["names"] == names + ["random conv 16-d"]
     assert held["widths"] == test["widths"] == {16}
     fit, val = eval_mod._held_out_split(300)
     assert held["rows"] == {len(fit)} and held["labels"] == len(fit) and held["n_draws"] == 2
     assert test["rows"] == {300} and test["n_draws"] == 4
-    assert held["scaling"] is test["scaling"] is own_scaling
-    assert scaled["names"] == ["z at t = 0.25", "z at t = 0.0", f"mean of z over {checks.TS}", "random conv 16-d"]
-    assert scaled["scaling"] is scaled_held["scaling"] is checks.one_scale and probe.standardize is own_scaling
-    assert scaled_held["names"] == scaled["names"] and scaled_held["rows"] == {len(fit)} and scaled["rows"] == {300}
     # the stand-in's readout i reads 60 + i + d at draw d: each lead over the control is constant
-    assert "test, 100 labels, z at t = 0.0: 61.50, lead -8.00 (se 0.00)" in out, out
-    assert "test, 100 labels, one scale, z at t = 0.25: 61.50, lead -3.00 (se 0.00)" in out, out
+    assert "test, 100 labels, z at t = 0.0: 61.50, lead -8.00 (se 0.00); one scale in 2 of 4 draws" in out, out
+    assert "held-out, 100 labels, z at t = 0.25: 61.50, lead -7.00 (se 0.00); one scale in 1 of 2 draws" in out, out
     assert sum(" held-out linear " in line for line in out.splitlines()) == len(names) + 1
-    # the scaling chosen by cross-validation: the same readouts, 2 held-out draws then 4 test draws each
-    assert chosen == [(100, len(val))] * 8 + [(100, 300)] * 16
-    assert "held-out, 100 labels, scaling by cross-validation, z at t = 0.25: 66.00, lead +0.00; one scale chosen " \
-           "in 1 of 2 draws" in out, out
-    assert out.count("test, 100 labels, scaling by cross-validation, ") == 4
 
 
-def test_the_cross_validated_scaling_follows_where_the_class_signal_lies():
-    """``cv_scaled_probe`` keeps one scale when the classes live in a widely spread feature beside many narrow noisy
-    ones (standardising would blow the noise up to the signal's size), and the standardisation when they live in a
-    narrow feature beside widely spread noise; its test figure is the chosen probe's."""
-    from fastsemdiff.probe import LABEL_WEIGHT_DECAYS
-
-    checks = _readout_checks_module()
-    g = torch.Generator().manual_seed(8)
-    y = torch.arange(400) % 10
-    signal = torch.nn.functional.one_hot(y, 10).float() + 0.3 * torch.randn(400, 10, generator=g)
-    noise = torch.randn(400, 60, generator=g)
-    wide_signal = torch.cat([signal * 10.0, noise * 0.05], 1)
-    narrow_signal = torch.cat([signal * 0.05, noise * 10.0], 1)
-    for x, expected in ((wide_signal, "one scale"), (narrow_signal, "standardised")):
-        acc, scaling, wd = checks.cv_scaled_probe(x[:100], y[:100], x[100:], y[100:])
-        assert scaling == expected, (expected, scaling, acc)
-        assert 0.0 <= acc <= 100.0 and wd in LABEL_WEIGHT_DECAYS
-
-
-def test_one_scale_keeps_the_features_relative_variance_and_the_pooled_map_is_the_last_stage_averaged():
-    """``one_scale`` centres and divides every feature by one number (a feature 10x as spread stays so), unlike the
-    probe's standardisation; ``pooled_map`` is the CNN encoder's last stage output, as ``embed`` computes it,
-    averaged over space."""
+def test_the_pooled_map_is_the_last_stage_averaged():
+    """``pooled_map`` is the CNN encoder's last stage output, as ``embed`` computes it, averaged over space."""
     checks = _readout_checks_module()
     g = torch.Generator().manual_seed(7)
-    x = torch.randn(200, 3, generator=g) * torch.tensor([1.0, 10.0, 0.1]) + 5.0
-    a, b = checks.one_scale(x, x[:50])
-    assert torch.allclose(a.mean(0), torch.zeros(3), atol=1e-4) and a.pow(2).mean().item() == pytest.approx(1.0)
-    ratio = a.std(0) / x.std(0)
-    assert torch.allclose(ratio, ratio[0].expand(3)) and torch.allclose(b, a[:50])
     cnn = SemanticDiffusion(load_config(None, FAST + ["encoder.arch=cnn", "encoder.conv_channels=[8,16]",
                                                       "encoder.conv_strides=[2,2]"])).eval()
     images = (torch.rand(6, 1, 28, 28, generator=g) * 255).to(torch.uint8)
@@ -694,7 +661,7 @@ def test_label_probes_draw_twenty_of_100_labels_and_five_of_other_sizes():
     y = torch.arange(400) % 10
     x = torch.randn(400, 8, generator=g) + torch.nn.functional.one_hot(y, 10)[:, :8] * 2.0
     feats = {"a": (x[:300], x[300:])}
-    mean, each, decays = eval_mod.label_probes(eval_mod._Timer(), feats, y[:300], y[300:], (30, 100), 10, joint=False)
+    mean, each, decays, _ = eval_mod.label_probes(eval_mod._Timer(), feats, y[:300], y[300:], (30, 100), 10, joint=False)
     assert eval_mod.label_draws(100) == 20 and eval_mod.label_draws(30) == eval_mod.LABEL_DRAWS == 5
     assert len(each["100"]["a"]) == len(decays["100"]["a"]) == 20 and len(each["30"]["a"]) == 5
     assert mean["100"]["a"] == pytest.approx(sum(each["100"]["a"]) / 20)
@@ -711,6 +678,11 @@ def test_label_probes_draw_twenty_of_100_labels_and_five_of_other_sizes():
              "label_efficiency_draws": {"100": {"ours": [71.0] * 20, "pixels": [68.0] * 5}}}
     line = eval_mod._label_efficiency_line(mixed, "100")
     assert "ours 71.00 (20 draws), pixels 68.00 (5 draws)" in line and "mean of 20 draws" not in line
+    assert "scaling" not in line  # a report from before the scaling was chosen says nothing of it
+    mixed["label_efficiency_scaling"] = {"100": {"ours": ["one scale"] * 17 + ["standardised"] * 3,
+                                                 "pixels": ["standardised"] * 5}}
+    line = eval_mod._label_efficiency_line(mixed, "100")
+    assert line.endswith("by cross-validation on its labels; one scale in: ours 17/20, pixels 0/5"), line
 
 
 def _readout_checks_module():

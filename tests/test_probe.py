@@ -146,7 +146,8 @@ def test_linear_probes_work_in_inference_mode_and_refuse_mismatches():
 
 
 # ----------------------------------------------------------- the few-label probes' weight decay
-from fastsemdiff.probe import LABEL_WEIGHT_DECAYS, _folds, choose_weight_decays  # noqa: E402
+from fastsemdiff.probe import (LABEL_SCALINGS, LABEL_WEIGHT_DECAYS, _folds, choose_probe_settings,  # noqa: E402
+                               one_scale)
 
 
 def test_linear_probes_take_one_weight_decay_per_problem():
@@ -180,7 +181,7 @@ def _noisy_problem(seed: int, d: int = 60, n: int = 60, signal: float = 1.0, fli
 def test_the_chosen_decay_is_the_best_mean_over_the_folds_of_the_problems_own_rows(joint):
     grid = (1e-4, 1e-2, 1.0, 10.0)
     problems = [_noisy_problem(s) for s in range(3)]
-    chosen = choose_weight_decays(problems, 2, grid=grid, joint=joint)
+    chosen = [wd for _, wd in choose_probe_settings(problems, 2, scalings=("standardised",), grid=grid, joint=joint)]
     by_hand = []
     for x, y in problems:  # 3-fold cross-validation written out with the per-problem probe
         means = [sum(linear_probe(x[f], y[f], x[v], y[v], num_classes=2, weight_decay=wd, max_iter=100)["top1"]
@@ -189,3 +190,65 @@ def test_the_chosen_decay_is_the_best_mean_over_the_folds_of_the_problems_own_ro
     assert chosen == by_hand
     assert len(set(chosen)) > 1 and max(chosen) > grid[0], f"{chosen}: the problems must not all pick one decay"
     assert LABEL_WEIGHT_DECAYS == tuple(sorted(LABEL_WEIGHT_DECAYS))  # ascending: ties go to the weakest decay
+
+
+# ----------------------------------------------------------- the few-label probes' feature scaling
+def test_one_scale_keeps_the_features_relative_variance():
+    """``one_scale`` centres by the train mean and divides every feature by one number, the train rows' RMS (a feature
+    10x as spread stays so), where the standardisation gives each unit variance; the test rows get the train's."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(200, 3, generator=g) * torch.tensor([1.0, 10.0, 0.1]) + 5.0
+    a, b = one_scale(x, x[:50] + 1.0)
+    assert torch.allclose(a.mean(0), torch.zeros(3), atol=1e-4) and a.pow(2).mean().item() == pytest.approx(1.0)
+    ratio = a.std(0) / x.std(0)
+    assert torch.allclose(ratio, ratio[0].expand(3))
+    assert torch.allclose(b, a[:50] + 1.0 / (x - x.mean(0)).pow(2).mean().sqrt(), atol=1e-5)
+
+
+def _signal_beside_noise(signal_spread: float, noise_spread: float, seed: int = 8):
+    """Ten classes in ten features of one spread beside sixty features of noise of another."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(400) % 10
+    signal = torch.nn.functional.one_hot(y, 10).float() + 0.3 * torch.randn(400, 10, generator=g)
+    return torch.cat([signal * signal_spread, torch.randn(400, 60, generator=g) * noise_spread], 1), y
+
+
+def test_a_probe_at_one_scale_is_the_probe_of_the_features_so_scaled():
+    """``scaling="one scale"`` probes what ``one_scale`` gives (standardising that again would undo it, so the
+    comparison is with the same probe's standardised figure, which differs on features of unequal spread), in
+    ``linear_probe`` and per problem in ``linear_probes``."""
+    x, y = _signal_beside_noise(10.0, 0.05)
+    tr, te = (x[:100], y[:100]), (x[100:], y[100:])
+    one = linear_probe(*tr, *te, num_classes=10, weight_decay=1e-2, max_iter=2000, scaling="one scale")["top1"]
+    std = linear_probe(*tr, *te, num_classes=10, weight_decay=1e-2, max_iter=2000)["top1"]
+    assert one > std + 5, "the scalings read these features alike: the test shows nothing"
+    a, b = one_scale(tr[0], te[0])  # at one scale already, so one_scale leaves them as they are
+    assert linear_probe(a, tr[1], b, te[1], num_classes=10, weight_decay=1e-2, max_iter=2000,
+                        scaling="one scale")["top1"] == pytest.approx(one, abs=1e-6)
+    joint = linear_probes([tr, tr], [te, te], 10, weight_decay=1e-2, max_iter=2000,
+                          scaling=["one scale", "standardised"])
+    assert joint == pytest.approx([one, std], abs=1e-6)
+    with pytest.raises(ValueError, match="unknown feature scaling 'whitened'"):
+        linear_probe(*tr, *te, num_classes=10, scaling="whitened")
+    with pytest.raises(ValueError, match="2 scalings for 1 problems"):
+        linear_probes([tr], [te], 10, scaling=["one scale", "standardised"])
+
+
+@pytest.mark.parametrize("joint", [False, True])
+def test_the_chosen_scaling_follows_where_the_class_signal_lies(joint):
+    """Cross-validation keeps one scale when the classes live in widely spread features beside many narrow noisy
+    ones (standardising would blow the noise up to the signal's size), and the standardisation when they live in
+    narrow features beside widely spread noise; the choice is the best (scaling, decay) over the folds, as written
+    out by hand, and ties go to the first scaling, the standardisation."""
+    assert LABEL_SCALINGS[0] == "standardised"
+    wide, narrow = _signal_beside_noise(10.0, 0.05), _signal_beside_noise(0.05, 10.0)
+    problems = [(x[:100], y[:100]) for x, y in (wide, narrow)]
+    chosen = choose_probe_settings(problems, 10, joint=joint)
+    assert [sc for sc, _ in chosen] == ["one scale", "standardised"], chosen
+    assert all(wd in LABEL_WEIGHT_DECAYS for _, wd in chosen)
+    if not joint:
+        for (x, y), pick in zip(problems, chosen):
+            means = {(sc, wd): sum(linear_probe(x[f], y[f], x[v], y[v], num_classes=10, weight_decay=wd,
+                                                max_iter=100, scaling=sc)["top1"] for f, v in _folds(100, 3)) / 3
+                     for sc in LABEL_SCALINGS for wd in LABEL_WEIGHT_DECAYS}
+            assert pick == max(means, key=means.get)
