@@ -14,36 +14,44 @@ import torch.nn.functional as F
 KNN_TEMPERATURE = 0.07  # InstDisc's temperature for turning cosine similarities into vote weights
 
 
-def standardize(train: torch.Tensor, test: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale every feature by the train statistics only, so the test set leaks nothing into the probe.
+# How a probe may scale its features by the train rows: "standardised", each feature to unit variance (the full-label
+# probe's, always), or "one scale", every feature divided by one number, so the features keep their relative
+# variances (a code's strong and weak directions). The few-label probes choose one of them by cross-validation on
+# each draw's own labels, as they choose the weight decay: with 100 labels one scale reads a trained code 1.2-1.7
+# points better and a random one 1.2-2.1 worse (docs/ABLATIONS.md, sixteenth session).
+SCALINGS = ("standardised", "one scale")
 
-    The std is clamped at 1e-6 so constant features (e.g. always-black border pixels) stay finite.
-    """
-    train, test = train.float(), test.float()
-    std, mean = torch.std_mean(train, dim=0, correction=0)
-    std = std.clamp_min(1e-6)
-    return (train - mean) / std, (test - mean) / std
+
+def _check_scaling(name: str) -> str:
+    if name not in SCALINGS:
+        raise ValueError(f"unknown feature scaling {name!r}: use one of {list(SCALINGS)}")
+    return name
+
+
+def _train_statistics(train: torch.Tensor, scaling: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, divisor) of every feature of the train rows under ``scaling``. The divisor is clamped at 1e-6 so
+    constant features (e.g. always-black border pixels) stay finite; one scale's is the RMS of the centred rows."""
+    std, mean = torch.std_mean(train.float(), dim=0, correction=0)
+    if _check_scaling(scaling) == "one scale":
+        std = std.pow(2).mean().sqrt().expand_as(std)
+    return mean, std.clamp_min(1e-6)
+
+
+def scale_features(train: torch.Tensor, test: torch.Tensor,
+                   scaling: str = "standardised") -> tuple[torch.Tensor, torch.Tensor]:
+    """Both splits scaled by the train statistics only, so the test set leaks nothing into the probe."""
+    mean, divisor = _train_statistics(train, scaling)
+    return (train.float() - mean) / divisor, (test.float() - mean) / divisor
+
+
+def standardize(train: torch.Tensor, test: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every feature to zero mean and unit variance by the train rows."""
+    return scale_features(train, test, "standardised")
 
 
 def one_scale(train: torch.Tensor, test: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Centre by the train mean and divide every feature by one number, the train rows' RMS: the features keep their
-    relative variances (a code's strong and weak directions), where ``standardize`` gives each unit variance. With
-    100 labels this reads a trained code 1.2-1.7 points better and a random one 1.2-2.1 worse (docs/ABLATIONS.md)."""
-    train, test = train.float(), test.float()
-    mean = train.mean(0)
-    scale = (train - mean).pow(2).mean().sqrt().clamp_min(1e-6)
-    return (train - mean) / scale, (test - mean) / scale
-
-
-# How a probe may scale its features, by name. The full-label probe always standardises; the few-label probes
-# choose one of ``LABEL_SCALINGS`` by cross-validation on each draw's own labels, as they choose the weight decay.
-SCALINGS = {"standardised": standardize, "one scale": one_scale}
-
-
-def _scaling(name: str):
-    if name not in SCALINGS:
-        raise ValueError(f"unknown feature scaling {name!r}: use one of {sorted(SCALINGS)}")
-    return SCALINGS[name]
+    """Centred by the train mean, every feature divided by the train rows' RMS: relative variances kept."""
+    return scale_features(train, test, "one scale")
 
 
 def _num_classes(*labels: torch.Tensor) -> int:
@@ -67,11 +75,11 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
     if train_x.shape[0] != train_y.shape[0] or test_x.shape[0] != test_y.shape[0]:
         raise ValueError("features and labels must have the same number of rows")
     classes = num_classes or _num_classes(train_y, test_y)
-    scale = _scaling(scaling)
+    _check_scaling(scaling)
     # Inference tensors cannot be saved for backward; outside inference mode, the scaling's out-of-place
     # ops give normal tensors, and the labels (saved by cross_entropy) are cloned into normal ones.
     with torch.inference_mode(False), torch.enable_grad():
-        x, xt = scale(train_x, test_x)
+        x, xt = scale_features(train_x, test_x, scaling)
         y, yt = train_y.long().clone().to(x.device), test_y.long().clone().to(xt.device)
         layer = torch.nn.Linear(x.shape[1], classes, device=x.device)
         torch.nn.init.zeros_(layer.weight)
@@ -188,7 +196,7 @@ def linear_probes(train_sets: list[tuple[torch.Tensor, torch.Tensor]], test_sets
     if len(scalings) != P:
         raise ValueError(f"linear_probes got {len(scalings)} scalings for {P} problems")
     for name in set(scalings):
-        _scaling(name)
+        _check_scaling(name)
     width = max(x.shape[1] for x, _ in train_sets)
     rows = max(x.shape[0] for x, _ in train_sets)
     with torch.inference_mode(False), torch.enable_grad():
@@ -198,10 +206,8 @@ def linear_probes(train_sets: list[tuple[torch.Tensor, torch.Tensor]], test_sets
         means, stds = torch.zeros(P, width, device=dev), torch.ones(P, width, device=dev)
         for p, (x, y) in enumerate(train_sets):
             n, d = x.shape
-            std, mean = torch.std_mean(x.float().to(dev), dim=0, correction=0)
-            if scalings[p] == "one scale":  # one_scale's divisor, the RMS of the centred train rows, for every feature
-                std = (x.float().to(dev) - mean).pow(2).mean().sqrt().expand(d)
-            means[p, :d], stds[p, :d] = mean, std.clamp_min(1e-6)
+            mean, divisor = _train_statistics(x.to(dev), scalings[p])
+            means[p, :d], stds[p, :d] = mean, divisor
             xs[p, :n, :d] = (x.float().to(dev) - mean) / stds[p, :d]
             ys[p, :n] = y.long().to(dev)
             weights[p, :n] = 1.0 / n
@@ -234,9 +240,7 @@ def linear_probes(train_sets: list[tuple[torch.Tensor, torch.Tensor]], test_sets
 LABEL_WEIGHT_DECAYS = (1e-4, 1e-3, 1e-2, 1e-1)
 LABEL_CV_FOLDS = 3
 LABEL_CV_ITER = 100  # within 0.04 point of 150 iterations on these problems (docs/ABLATIONS.md, label efficiency)
-# ... and their feature scaling, chosen the same way: one scale keeps a code's relative variances, which the
-# standardisation erases (docs/ABLATIONS.md, "Readouts of z's width with 100 labels, and the probe's feature scaling").
-LABEL_SCALINGS = ("standardised", "one scale")
+LABEL_SCALINGS = SCALINGS  # ... and their feature scaling, chosen the same way (ties: the standardisation)
 
 
 def _folds(n: int, folds: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -257,7 +261,7 @@ def choose_probe_settings(train_sets: list[tuple[torch.Tensor, torch.Tensor]], n
     splits = [_folds(x.shape[0], folds) for x, _ in train_sets]
     settings = [(scaling, wd) for scaling in scalings for wd in grid]
     for scaling in scalings:
-        _scaling(scaling)
+        _check_scaling(scaling)
     scores = [[0.0] * len(settings) for _ in train_sets]
     for g, (scaling, wd) in enumerate(settings):
         fits = [((x[f], y[f]), (x[v], y[v])) for (x, y), split in zip(train_sets, splits) for f, v in split]
