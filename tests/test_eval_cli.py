@@ -65,7 +65,15 @@ def test_embedding_depends_on_t_is_exact(overrides, depends):
     assert same is not depends
 
 
-def test_run_probe_embeds_a_t_blind_model_once():
+def _cheap_label_settings(monkeypatch):
+    """The label stage's cross-validation over one scaling and two decays, for tests of its draws' bookkeeping (the
+    choice itself is tested in tests/test_probe.py, and both scalings end to end in ``test_eval_probe_cli``)."""
+    monkeypatch.setattr(eval_mod, "choose_probe_settings", functools.partial(
+        eval_mod.choose_probe_settings, scalings=("standardised",), grid=(1e-4, 1e-2)))
+
+
+def test_run_probe_embeds_a_t_blind_model_once(monkeypatch):
+    _cheap_label_settings(monkeypatch)
     torch.manual_seed(0)
     fresh = SemanticDiffusion(load_config(None, FAST)).eval()
     gen = torch.Generator().manual_seed(3)
@@ -637,9 +645,10 @@ def test_the_pooled_map_is_the_last_stage_averaged():
     assert pooled.shape == (6, 16) and torch.allclose(pooled, seen[0], atol=1e-6)
 
 
-def test_label_probes_draws_extend_the_reports_draws():
+def test_label_probes_draws_extend_the_reports_draws(monkeypatch):
     """``n_draws`` draws of the label-efficiency stage: draw k from seed k, so the first LABEL_DRAWS are the
     default call's own figures and decays."""
+    _cheap_label_settings(monkeypatch)
     g = torch.Generator().manual_seed(5)
     y = torch.arange(400) % 10
     x = torch.randn(400, 8, generator=g) + torch.nn.functional.one_hot(y, 10)[:, :8] * 2.0
@@ -653,10 +662,11 @@ def test_label_probes_draws_extend_the_reports_draws():
     assert len(set(more[1]["30"]["a"])) > 1  # the draws differ
 
 
-def test_label_probes_draw_twenty_of_100_labels_and_five_of_other_sizes():
+def test_label_probes_draw_twenty_of_100_labels_and_five_of_other_sizes(monkeypatch):
     """The report's draws go by size (``label_draws``): twenty of 100 labels, whose lead over a control one draw
     moves by more than a point, five of the others; draw k is seed k at every size, so the first five of 100 labels
     are what five draws gave."""
+    _cheap_label_settings(monkeypatch)
     g = torch.Generator().manual_seed(6)
     y = torch.arange(400) % 10
     x = torch.randn(400, 8, generator=g) + torch.nn.functional.one_hot(y, 10)[:, :8] * 2.0
