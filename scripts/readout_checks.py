@@ -73,8 +73,9 @@ def label_decay(feats, ytr, yte, **_) -> None:
         for name, (a, b) in feats.items():
             fixed = [linear_probe(a[d], ytr[d], b, yte, num_classes=10)["top1"] for d in draws]
             # 5 folds, five decays, the probe's 150 iterations: the protocol of the table's CV column
-            wds = [wd for _, wd in choose_probe_settings([(a[d], ytr[d]) for d in draws], 10, scalings=("standardised",),
-                                                         grid=grid, folds=5, max_iter=150)]
+            chosen = choose_probe_settings([(a[d], ytr[d]) for d in draws], 10, scalings=("standardised",), grid=grid,
+                                           folds=5, max_iter=150)
+            wds = [wd for _, wd in chosen]
             cv = [linear_probe(a[d], ytr[d], b, yte, num_classes=10, weight_decay=w)["top1"]
                   for d, w in zip(draws, wds)]
             print(f"{n} labels, {name}: decay 1e-4 {sum(fixed) / len(fixed):.2f}, CV {sum(cv) / len(cv):.2f} "
