@@ -288,7 +288,8 @@ def test_eval_probe_cli(run_dir, tmp_path, capsys, monkeypatch):
     pick = baselines_mod.label_subsets(ytr[:200], (100,), seed=0)[100]  # draw 0 of raw pixels, by hand
     px_tr, px_te = baselines_mod.pixel_features(tr[:200], "cpu"), baselines_mod.pixel_features(te[:100], "cpu")
     assert each["raw pixels"][0] == linear_probe(px_tr[pick], ytr[:200][pick], px_te, yte[:100], num_classes=10,
-                                                 weight_decay=decays["raw pixels"][0])["top1"]
+                                                 weight_decay=decays["raw pixels"][0],
+                                                 scaling=scalings["raw pixels"][0])["top1"]
     assert b["untrained_encoder"]["multi_t"]["t_blind"] and b["untrained_encoder"]["multi_t"]["dim"] == 16
     assert not b["static"]["multi_t"].get("t_blind")  # this "static" run is the t-dependent test model
     out = capsys.readouterr().out
