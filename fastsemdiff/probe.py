@@ -75,7 +75,6 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
     if train_x.shape[0] != train_y.shape[0] or test_x.shape[0] != test_y.shape[0]:
         raise ValueError("features and labels must have the same number of rows")
     classes = num_classes or _num_classes(train_y, test_y)
-    _check_scaling(scaling)
     # Inference tensors cannot be saved for backward; outside inference mode, the scaling's out-of-place
     # ops give normal tensors, and the labels (saved by cross_entropy) are cloned into normal ones.
     with torch.inference_mode(False), torch.enable_grad():
@@ -206,9 +205,9 @@ def linear_probes(train_sets: list[tuple[torch.Tensor, torch.Tensor]], test_sets
         means, stds = torch.zeros(P, width, device=dev), torch.ones(P, width, device=dev)
         for p, (x, y) in enumerate(train_sets):
             n, d = x.shape
-            mean, divisor = _train_statistics(x.to(dev), scalings[p])
-            means[p, :d], stds[p, :d] = mean, divisor
-            xs[p, :n, :d] = (x.float().to(dev) - mean) / stds[p, :d]
+            x = x.float().to(dev)
+            means[p, :d], stds[p, :d] = _train_statistics(x, scalings[p])
+            xs[p, :n, :d] = (x - means[p, :d]) / stds[p, :d]
             ys[p, :n] = y.long().to(dev)
             weights[p, :n] = 1.0 / n
         decay = torch.as_tensor(weight_decay, dtype=torch.float32, device=dev).expand(P).reshape(P, 1, 1)
