@@ -65,6 +65,22 @@ def write_fake_fmnist(folder: Path, n_train: int = N_TRAIN, n_test: int = N_TEST
     return folder
 
 
+# The README's test command runs the suite on two stacks and splits it by two marks, so that no test runs twice
+# for nothing: ``stack_independent`` tests (docs, research scripts: nothing that depends on the torch or Triton
+# version) run on .venv only (`-m "not stack_independent"` on .venv-gpu-image), and ``device_tool`` tests (tools
+# that run on the GPU machines) run on .venv-gpu-image, the GPU machines' stack, only (`-m "not device_tool"` on
+# .venv). Everything else runs on both. A plain `pytest tests` runs everything.
+STACK_MARKS = ("stack_independent", "device_tool")
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test with both stack marks would run under neither of the README's commands: refuse to collect it."""
+    for item in items:
+        if all(item.get_closest_marker(mark) for mark in STACK_MARKS):
+            raise pytest.UsageError(f"{item.nodeid} is marked both {' and '.join(STACK_MARKS)}: the README's test "
+                                    "command would run it on neither stack; keep one mark")
+
+
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """Small ops on 2 shared cores: one intra-op thread avoids oversubscription stalls (~100x on tiny models)."""

@@ -8,6 +8,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+pytestmark = pytest.mark.stack_independent  # a research script's config edits (see conftest.py)
+
 
 @pytest.fixture(scope="module")
 def ablate():

@@ -21,6 +21,10 @@ sys.path.insert(0, str(REPO / "scripts"))  # the gpucheck package (scripts/gpu_c
 from gpucheck import runner  # noqa: E402
 from gpucheck.stages import fp8_curve, train_curves  # noqa: E402
 
+# gpu_check runs on the GPU machines, whose stack .venv-gpu-image mirrors: the README's test command runs this module
+# there and not on .venv (see conftest.py).
+pytestmark = pytest.mark.device_tool
+
 STAGES = ["environment", "install", "build-cuda", "kernel-tests", "model-check", "train-curves", "csrc-tests",
           "memcheck", "fuzz", "bench-adaln", "tune-adaln", "bench-train-tiny", "profile", "switch-matrix", "fp8-curve", "report"]
 SKIPPED_IN_A_DRY_RUN = {"build-cuda", "memcheck"}  # no GPU: nothing to build for, nothing for the sanitizer to watch

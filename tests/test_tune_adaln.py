@@ -17,6 +17,9 @@ from conftest import PYTHON, child_env  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# bench/tune_adaln.py runs on the GPU machines: tested on their stack, .venv-gpu-image (see conftest.py).
+pytestmark = pytest.mark.device_tool
+
 
 def test_dry_run_writes_a_table_the_launchers_read(tmp_path):
     from fastsemdiff.kernels import adaln_config as AC
