@@ -15,8 +15,8 @@ extras=""
 # disk used to end setup with a bare exit status from pip; say so first, where the fix is obvious.
 # FASTSEMDIFF_SETUP_MIN_GB (default 6: less than what an environment takes, so only a certain failure is refused)
 # sets the free space asked for per environment (0: no check).
-new_env() {  # new_env DIR: make the virtual environment DIR unless it exists, on a disk with room for it
-    local need_gb=${FASTSEMDIFF_SETUP_MIN_GB:-6} free_kb mount
+new_env() {  # new_env DIR [N]: make the virtual environment DIR unless it exists, on a disk with room for N (1) of them
+    local need_gb=$((${FASTSEMDIFF_SETUP_MIN_GB:-6} * ${2:-1})) free_kb mount
     [ -x "$1/bin/python" ] && return 0  # an existing environment is only updated
     read -r free_kb mount < <(df -Pk . | awk 'NR == 2 {print $4, $6}')
     if [ "$need_gb" != 0 ] && [ -n "$free_kb" ] && [ "$free_kb" -lt $((need_gb * 1024 * 1024)) ]; then
@@ -28,7 +28,24 @@ new_env() {  # new_env DIR: make the virtual environment DIR unless it exists, o
     "$python" -m venv "$1"
 }
 
+room=1; [ -x .venv/bin/python ] || room=2  # a fresh .venv installs beside the second environment
 new_env .venv
+
+# The GPU machines' stack (../.library/device/KINDS.md: torch 2.11.0+cu130, triton 3.6.0, no DALI), in a second
+# environment for the tests (--dev only; GPU_IMAGE_STACK=0 skips it). Its torch downloads and unpacks in the
+# background while .venv installs and builds its extension (network and disk beside the compiler), so the second
+# environment costs CI less than its own sum; the rest of it is set up after .venv, below.
+gpu=.venv-gpu-image
+gpu_torch_pid=""
+if [ -n "$extras" ] && [ "${GPU_IMAGE_STACK:-1}" != 0 ]; then
+    new_env "$gpu" "$room"
+    gpu_log=$(mktemp)
+    "$gpu/bin/python" -m pip install --quiet --disable-pip-version-check torch==2.11.0 triton==3.6.0 \
+        "setuptools>=64" wheel ninja >"$gpu_log" 2>&1 &
+    gpu_torch_pid=$!
+    trap '[ -n "$gpu_torch_pid" ] && kill "$gpu_torch_pid" 2>/dev/null; true' EXIT  # setup failed: stop it too
+fi
+
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".${extras}"
 
 # The CUDA C++ extension (csrc/ -> fastsemdiff._C) builds against the installed torch, so the package is
@@ -53,22 +70,25 @@ sed -n 's/^[[:space:]]*\(fastsemdiff: .*\)$/\1/p' "$build_log" | awk '!seen[$0]+
 rm -f "$build_log"
 echo "setup: .venv ready after ${SECONDS} s"  # the seconds since setup began: where a slow CI's minutes went
 
-# The GPU machines' stack (../.library/device/KINDS.md: torch 2.11.0+cu130, triton 3.6.0, no DALI), in a second
-# environment for the tests. The package is installed there as a regular (not editable) copy, so its
-# fastsemdiff._C is built against torch 2.11 and sits beside that copy instead of replacing the one of .venv in
-# the source tree (both have one file name); the tests run it with PYTHONSAFEPATH=1 so the source tree does not
-# shadow it. Re-run setup after changing the code to refresh the copy. DALI is left out (the image has none; its
+# The rest of the GPU machines' stack, once its torch is in. The package is installed there as a regular (not
+# editable) copy, so its fastsemdiff._C is built against torch 2.11 and sits beside that copy instead of replacing
+# the one of .venv in the source tree (both have one file name); the tests run it with PYTHONSAFEPATH=1 so the
+# source tree does not shadow it. Re-run setup after changing the code to refresh the copy. DALI is left out (the image has none; its
 # tests skip, saying so). The extension is built for sm_90 (the H200) only, to keep CI short:
 # the build and registration tests need it built, and both stacks use the same nvcc, so the machine code of
-# both architectures is read from .venv's build. GPU_IMAGE_STACK=0 skips this environment.
-if [ -n "$extras" ] && [ "${GPU_IMAGE_STACK:-1}" != 0 ]; then
-    gpu=.venv-gpu-image
-    new_env "$gpu"
-    "$gpu/bin/python" -m pip install --quiet --disable-pip-version-check torch==2.11.0 triton==3.6.0 \
-        "setuptools>=64" wheel ninja
-    gpu_log=$(mktemp)
+# both architectures is read from .venv's build.
+if [ -n "$gpu_torch_pid" ]; then
+    torch_ok=1
+    wait "$gpu_torch_pid" || torch_ok=0
+    gpu_torch_pid=""
+    if [ "$torch_ok" = 0 ]; then
+        tail -n 80 "$gpu_log" >&2
+        echo "setup: installing torch 2.11.0 and triton 3.6.0 into $gpu failed; the end of its log is above" >&2
+        exit 1
+    fi
+    echo "setup: $gpu has torch 2.11.0 after ${SECONDS} s (installed beside .venv)"
     # the dependencies (and a first copy without the extension), then the copy with it, built against torch 2.11
-    if ! "$gpu/bin/python" -m pip install --quiet --disable-pip-version-check ".[dev]" >"$gpu_log" 2>&1 ||
+    if ! "$gpu/bin/python" -m pip install --quiet --disable-pip-version-check ".[dev]" >>"$gpu_log" 2>&1 ||
        ! TORCH_CUDA_ARCH_LIST="${GPU_IMAGE_ARCH_LIST:-9.0}" "$gpu/bin/python" -m pip install -v \
             --disable-pip-version-check --no-build-isolation --force-reinstall --no-deps . >>"$gpu_log" 2>&1; then
         tail -n 80 "$gpu_log" >&2

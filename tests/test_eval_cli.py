@@ -406,7 +406,7 @@ def test_joint_label_probes_map_back_to_each_readout_and_draw(monkeypatch):
     feats = {"a": (torch.randn(n_train, 4, generator=gen), torch.randn(n_test, 4, generator=gen))}
     calls = []
 
-    def fake_settings(trains, classes, joint):  # the i-th problem's decay (and a scaling by parity), so the mapping shows
+    def fake_settings(trains, classes, joint, workers=1):  # the i-th problem's decay (a scaling by parity): the mapping shows
         assert joint
         return [("one scale" if i % 2 else "standardised", 0.5 * i) for i in range(len(trains))]
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fastsemdiff import probe as probe_mod
 from fastsemdiff.probe import class_balanced_subset, knn_accuracy, linear_probe, plot_accuracy_vs_t, standardize
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -190,6 +191,33 @@ def test_the_chosen_decay_is_the_best_mean_over_the_folds_of_the_problems_own_ro
     assert chosen == by_hand
     assert len(set(chosen)) > 1 and max(chosen) > grid[0], f"{chosen}: the problems must not all pick one decay"
     assert LABEL_WEIGHT_DECAYS == tuple(sorted(LABEL_WEIGHT_DECAYS))  # ascending: ties go to the weakest decay
+
+
+def test_the_cross_validation_probes_run_on_one_thread_and_choose_alike_in_worker_processes(monkeypatch):
+    """On a CPU the cross-validation's probes run on one thread each (two threads move a 100-row probe's accuracy
+    by up to 0.3 point, enough to flip a choice, so the choice would depend on the machine), and the caller's thread
+    count comes back; in ``workers`` processes every problem gets the choice it gets in one."""
+    problems = [_noisy_problem(s, d=24, n=36) for s in range(4)]
+    grid = (1e-4, 1.0)
+    in_process = choose_probe_settings(problems, 2, grid=grid)
+    assert len(set(in_process)) > 1, f"{in_process}: the problems must not all pick one setting"
+    assert choose_probe_settings(problems, 2, grid=grid, workers=2) == in_process
+
+    seen = []
+
+    def counting_probe(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return linear_probe(*args, **kwargs)
+
+    monkeypatch.setattr(probe_mod, "linear_probe", counting_probe)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert choose_probe_settings(problems, 2, grid=grid) == in_process
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    assert len(seen) == 4 * 2 * len(grid) * 3 and set(seen) == {1}, set(seen)
 
 
 # ----------------------------------------------------------- the few-label probes' feature scaling

@@ -25,4 +25,4 @@ def test_every_environment_is_made_by_the_space_checking_helper():
     ``python -m venv``, so neither can start without the check."""
     text = (REPO / "scripts" / "setup.sh").read_text()
     assert text.count("-m venv") == 1 and '"$python" -m venv "$1"' in text
-    assert "\nnew_env .venv\n" in text and '\n    new_env "$gpu"\n' in text
+    assert "\nnew_env .venv\n" in text and '\n    new_env "$gpu" "$room"\n' in text
