@@ -73,10 +73,10 @@ echo "setup: .venv ready after ${SECONDS} s"  # the seconds since setup began: w
 # The rest of the GPU machines' stack, once its torch is in. The package is installed there as a regular (not
 # editable) copy, so its fastsemdiff._C is built against torch 2.11 and sits beside that copy instead of replacing
 # the one of .venv in the source tree (both have one file name); the tests run it with PYTHONSAFEPATH=1 so the
-# source tree does not shadow it. Re-run setup after changing the code to refresh the copy. DALI is left out (the image has none; its
-# tests skip, saying so). The extension is built for sm_90 (the H200) only, to keep CI short:
-# the build and registration tests need it built, and both stacks use the same nvcc, so the machine code of
-# both architectures is read from .venv's build.
+# source tree does not shadow it. Re-run setup after changing the code to refresh the copy. DALI is left out (the
+# image has none; its tests skip, saying so). The extension is built for sm_90 (the H200) only, to keep CI short:
+# the build and registration tests need it built, and both stacks use the same nvcc, so the machine code of both
+# architectures is read from .venv's build.
 if [ -n "$gpu_torch_pid" ]; then
     torch_ok=1
     wait "$gpu_torch_pid" || torch_ok=0
