@@ -254,8 +254,7 @@ def label_probes(timer: _Timer, features: dict, train_labels: torch.Tensor, test
         problems = [(k, d) for k in features for d in subsets[:count[k]]]  # (readout, draw), readout by readout
         trains = [(features[k][0][d.to(features[k][0].device)], train_labels[d]) for k, d in problems]
         with timer("label efficiency, weight decay"):  # and scaling, by cross-validation on each draw's own labels
-            # on a CPU, as many single-threaded processes as torch would use threads (OMP_NUM_THREADS and
-            # train.threads included)
+            # on a CPU, as many single-threaded processes as torch would use threads (OMP_NUM_THREADS included)
             settings = choose_probe_settings(trains, classes, joint=joint, workers=torch.get_num_threads())
         scalings, decays = [sc for sc, _ in settings], [wd for _, wd in settings]
         with timer("label efficiency"):

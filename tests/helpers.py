@@ -1,5 +1,12 @@
 """Small helpers shared by the test modules."""
+import importlib.util
+
+import pytest
 import torch
+
+has_export = pytest.mark.skipif(
+    importlib.util.find_spec("fastsemdiff.export") is None, reason="fastsemdiff.export (save_model) not there yet"
+)
 
 
 def gen(seed: int) -> torch.Generator:

@@ -12,9 +12,9 @@ import pytest
 
 from conftest import REPO
 
-README_MAX_LINES = 250
-
 pytestmark = pytest.mark.stack_independent  # text and links: the same on any torch (see conftest.py)
+
+README_MAX_LINES = 250
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 
 _FENCE = re.compile(r"^(```|~~~).*?^\1", re.S | re.M)

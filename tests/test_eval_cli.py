@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import functools
-import importlib.util
 import json
 from pathlib import Path
 
@@ -17,16 +16,13 @@ from fastsemdiff.data import DEFAULT_PATH, load_split
 from fastsemdiff.eval import format_table, main as eval_main, run_probe
 from fastsemdiff.models.semantic import SemanticDiffusion
 from fastsemdiff.sample import grid_size, save_image_grid
-from helpers import EVAL_FAST, exported_run, give_t_a_say, untrained_eval_model
+from helpers import EVAL_FAST, exported_run, give_t_a_say, has_export, untrained_eval_model
 
 FAST = EVAL_FAST
 TS = [0.0, 0.5]
 
 has_fmnist = pytest.mark.skipif(
     not Path(DEFAULT_PATH).is_dir(), reason=f"Fashion-MNIST not installed at {DEFAULT_PATH} (dataset-fashion-mnist)"
-)
-has_export = pytest.mark.skipif(
-    importlib.util.find_spec("fastsemdiff.export") is None, reason="fastsemdiff.export (save_model) not there yet"
 )
 
 

@@ -9,7 +9,6 @@ machines' stack), where every test whose subject depends on the torch or Triton 
 """
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -20,13 +19,9 @@ from fastsemdiff import eval as eval_mod
 from fastsemdiff.config import load_config
 from fastsemdiff.eval import run_probe
 from fastsemdiff.models.semantic import SemanticDiffusion
-from helpers import EVAL_FAST as FAST, exported_run, give_t_a_say, untrained_eval_model
+from helpers import EVAL_FAST as FAST, exported_run, has_export, untrained_eval_model
 
 pytestmark = pytest.mark.stack_independent
-
-has_export = pytest.mark.skipif(
-    importlib.util.find_spec("fastsemdiff.export") is None, reason="fastsemdiff.export (save_model) not there yet"
-)
 
 
 @pytest.fixture(scope="module")
@@ -284,15 +279,12 @@ def test_readout_checks_variance_reads_a_kl_run(kl_variance, shares_zero, tmp_pa
     """The variance check (docs/ABLATIONS.md, "The bottleneck's variance per t"), run in this process: one line per
     t; a t-only log-variance changes with no image (share 0), a per-image head's does; a run without the KL is
     refused."""
-    from fastsemdiff.export import save_model
-
-    torch.manual_seed(0)
     extra = [] if kl_variance is None else ["encoder.regularizer=kl", f"encoder.kl_variance={kl_variance}"]
-    model = give_t_a_say(SemanticDiffusion(load_config(None, [*FAST, *extra]))).eval()
+    model = untrained_eval_model(*extra)
     if kl_variance == "time":
         with torch.no_grad():
             model.encoder.logvar.proj.weight.normal_(std=0.5)
-    save_model(model, model.cfg, tmp_path / "model.safetensors")
+    exported_run(model, tmp_path)
     monkeypatch.setattr(sys, "argv", ["readout_checks.py", "variance", str(tmp_path), "--limit", "300"])
     if kl_variance is None:
         with pytest.raises(SystemExit, match="encoder.regularizer=kl"):
